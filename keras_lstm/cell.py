@@ -1,0 +1,269 @@
+"""`GatedLSTMCell`: one LSTM time step, written as the gate equations."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import keras
+from keras import ops
+
+# Keras's own cells inherit this mixin; `keras.layers.RNN` recognises it and
+# draws each dropout mask once per sequence, outside the time loop.
+from keras.src.layers.rnn.dropout_rnn_cell import DropoutRNNCell
+
+from keras_lstm import _checks
+
+
+class LSTMGates(NamedTuple):
+    """The values one LSTM step computes, each of shape `(batch, units)`.
+
+    `GatedLSTMCell.call(..., return_gates=True)` returns them, and
+    `keras_lstm.trace_gates` stacks them over time.
+    """
+
+    forget: object
+    input: object
+    candidate: object
+    output: object
+    cell: object
+    hidden: object
+
+
+@keras.saving.register_keras_serializable(package="keras_lstm")
+class GatedLSTMCell(keras.layers.Layer, DropoutRNNCell):
+    r"""One step of a Long Short-Term Memory network, gate by gate.
+
+    A drop-in for `keras.layers.LSTMCell`: the same arguments, defaults,
+    weights (`kernel` (D, 4H), `recurrent_kernel` (H, 4H), `bias` (4H,), gates
+    in the order input, forget, candidate, output) and outputs, so
+    `set_weights(get_weights())` moves weights either way. What it adds is a
+    `call` that reads like the equations it computes:
+
+    $$
+    \begin{aligned}
+    z_t &= x_t W + h_{t-1} U + b \quad \text{(one fused matmul, split in four)}\\
+    f_t &= \sigma(z^f_t) &&\text{forget gate}\\
+    i_t &= \sigma(z^i_t) &&\text{input gate}\\
+    \tilde C_t &= \tanh(z^c_t) &&\text{candidate}\\
+    C_t &= f_t \odot C_{t-1} + i_t \odot \tilde C_t &&\text{new cell state}\\
+    o_t &= \sigma(z^o_t) &&\text{output gate}\\
+    h_t &= o_t \odot \tanh(C_t) &&\text{new hidden state}
+    \end{aligned}
+    $$
+
+    with the logistic sigmoid $\sigma(x) = 1 / (1 + e^{-x})$ (`recurrent_activation`)
+    and $\tanh$ (`activation`).
+
+    Args:
+        units: Positive integer, the size H of the hidden and cell states.
+        activation: Activation for the candidate and for the cell state on its
+            way out. Default: `"tanh"`. `None` means linear.
+        recurrent_activation: Activation of the three gates. Default:
+            `"sigmoid"`. `None` means linear.
+        use_bias: Whether the gates have a bias `b`. Default: `True`.
+        kernel_initializer: Initializer for `kernel` (W). Default:
+            `"glorot_uniform"`.
+        recurrent_initializer: Initializer for `recurrent_kernel` (U).
+            Default: `"orthogonal"`.
+        bias_initializer: Initializer for `bias`. Default: `"zeros"`.
+        unit_forget_bias: If `True`, the forget gate's bias starts at 1
+            (Jozefowicz et al., 2015) and the others from
+            `bias_initializer`. Default: `True`.
+        kernel_regularizer: Regularizer for `kernel`. Default: `None`.
+        recurrent_regularizer: Regularizer for `recurrent_kernel`.
+            Default: `None`.
+        bias_regularizer: Regularizer for `bias`. Default: `None`.
+        kernel_constraint: Constraint for `kernel`. Default: `None`.
+        recurrent_constraint: Constraint for `recurrent_kernel`.
+            Default: `None`.
+        bias_constraint: Constraint for `bias`. Default: `None`.
+        dropout: Float in [0, 1), fraction of the inputs dropped. One mask is
+            drawn per sequence and used at every step. Default: `0.0`.
+        recurrent_dropout: Float in [0, 1), fraction of `h_{t-1}` dropped
+            before the recurrent matmul, one mask per sequence. Default: `0.0`.
+        seed: Integer seed for the dropout masks. Default: `None`.
+        **kwargs: Base `keras.layers.Layer` arguments (`name`, `dtype`, ...).
+
+    Call arguments:
+        inputs: `(batch, features)`, the step's input $x_t$.
+        states: `[h, c]`, each `(batch, units)`.
+        training: Whether dropout applies. Default: `False`.
+        return_gates: If `True`, return an `LSTMGates` tuple instead of `h` as
+            the first element. Default: `False`.
+
+    Returns:
+        `(h, [h, c])`, or `(LSTMGates, [h, c])` with `return_gates=True`.
+
+    Example:
+
+    >>> import numpy as np, keras
+    >>> from keras_lstm import GatedLSTMCell
+    >>> rnn = keras.layers.RNN(GatedLSTMCell(4), return_sequences=True)
+    >>> rnn(np.zeros((2, 10, 3), "float32")).shape
+    (2, 10, 4)
+    """
+
+    def __init__(
+        self,
+        units: int,
+        activation="tanh",
+        recurrent_activation="sigmoid",
+        use_bias: bool = True,
+        kernel_initializer="glorot_uniform",
+        recurrent_initializer="orthogonal",
+        bias_initializer="zeros",
+        unit_forget_bias: bool = True,
+        kernel_regularizer=None,
+        recurrent_regularizer=None,
+        bias_regularizer=None,
+        kernel_constraint=None,
+        recurrent_constraint=None,
+        bias_constraint=None,
+        dropout: float = 0.0,
+        recurrent_dropout: float = 0.0,
+        seed: int | None = None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.units = _checks.positive_int("units", units)
+        self.activation = _checks.activation("activation", activation)
+        self.recurrent_activation = _checks.activation(
+            "recurrent_activation", recurrent_activation
+        )
+        self.use_bias = bool(use_bias)
+        self.kernel_initializer = _checks.initializer("kernel_initializer", kernel_initializer)
+        self.recurrent_initializer = _checks.initializer(
+            "recurrent_initializer", recurrent_initializer
+        )
+        self.bias_initializer = _checks.initializer("bias_initializer", bias_initializer)
+        self.unit_forget_bias = bool(unit_forget_bias)
+        self.kernel_regularizer = _checks.regularizer("kernel_regularizer", kernel_regularizer)
+        self.recurrent_regularizer = _checks.regularizer(
+            "recurrent_regularizer", recurrent_regularizer
+        )
+        self.bias_regularizer = _checks.regularizer("bias_regularizer", bias_regularizer)
+        self.kernel_constraint = _checks.constraint("kernel_constraint", kernel_constraint)
+        self.recurrent_constraint = _checks.constraint(
+            "recurrent_constraint", recurrent_constraint
+        )
+        self.bias_constraint = _checks.constraint("bias_constraint", bias_constraint)
+        self.dropout = _checks.rate("dropout", dropout)
+        self.recurrent_dropout = _checks.rate("recurrent_dropout", recurrent_dropout)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed=seed)
+        self.state_size = [self.units, self.units]
+        self.output_size = self.units
+
+    def build(self, input_shape):
+        input_dim = input_shape[-1]
+        if input_dim is None:
+            raise ValueError(
+                f"`inputs` must have a known feature size (last axis), got shape {input_shape}."
+            )
+        self.kernel = self.add_weight(
+            shape=(input_dim, 4 * self.units),
+            name="kernel",
+            initializer=self.kernel_initializer,
+            regularizer=self.kernel_regularizer,
+            constraint=self.kernel_constraint,
+        )
+        self.recurrent_kernel = self.add_weight(
+            shape=(self.units, 4 * self.units),
+            name="recurrent_kernel",
+            initializer=self.recurrent_initializer,
+            regularizer=self.recurrent_regularizer,
+            constraint=self.recurrent_constraint,
+        )
+        self.bias = None
+        if self.use_bias:
+            self.bias = self.add_weight(
+                shape=(4 * self.units,),
+                name="bias",
+                initializer=self._bias_initializer,
+                regularizer=self.bias_regularizer,
+                constraint=self.bias_constraint,
+            )
+
+    def _bias_initializer(self, shape, dtype=None):
+        if not self.unit_forget_bias:
+            return self.bias_initializer(shape, dtype=dtype)
+        # Gate order i, f, c, o: the forget slice starts at one.
+        h = self.units
+        return ops.concatenate(
+            [
+                self.bias_initializer((h,), dtype=dtype),
+                ops.ones((h,), dtype=dtype),
+                self.bias_initializer((2 * h,), dtype=dtype),
+            ]
+        )
+
+    def call(self, inputs, states, training=False, return_gates=False):
+        self._check_step_input(inputs)
+        h_prev, c_prev = states[0], states[1]
+        x, h_in = self._apply_dropout(inputs, h_prev, training)
+        sigmoid, tanh = self.recurrent_activation, self.activation
+
+        # One fused matmul gives the pre-activations of all four gates.
+        z = ops.matmul(x, self.kernel) + ops.matmul(h_in, self.recurrent_kernel)
+        if self.use_bias:
+            z = z + self.bias
+        z_input, z_forget, z_candidate, z_output = ops.split(z, 4, axis=-1)
+
+        forget_gate = sigmoid(z_forget)  # what to keep of C_{t-1}
+        input_gate = sigmoid(z_input)  # how much of the candidate to let in
+        candidate = tanh(z_candidate)  # new information, C~_t
+        c = forget_gate * c_prev + input_gate * candidate  # C_t
+        output_gate = sigmoid(z_output)  # what part of the memory to show
+        h = output_gate * tanh(c)  # h_t
+
+        if return_gates:
+            return LSTMGates(forget_gate, input_gate, candidate, output_gate, c, h), [h, c]
+        return h, [h, c]
+
+    def _apply_dropout(self, inputs, h_prev, training):
+        if training and self.dropout > 0:
+            inputs = inputs * self.get_dropout_mask(inputs)
+        if training and self.recurrent_dropout > 0:
+            h_prev = h_prev * self.get_recurrent_dropout_mask(h_prev)
+        return inputs, h_prev
+
+    def _check_step_input(self, inputs):
+        expected = self.kernel.shape[0]
+        got = inputs.shape[-1]
+        if len(inputs.shape) != 2:
+            raise ValueError(
+                "`inputs` of a cell step must be 2D (batch, features), got shape "
+                f"{tuple(inputs.shape)}."
+            )
+        if got is not None and got != expected:
+            raise ValueError(
+                f"`inputs` has {got} features (last axis of shape {tuple(inputs.shape)}), "
+                f"but the cell was built for {expected}."
+            )
+
+    def get_initial_state(self, batch_size=None):
+        return [ops.zeros((batch_size, self.units), dtype=self.compute_dtype) for _ in range(2)]
+
+    def get_config(self):
+        activation, initializer = keras.activations.serialize, keras.initializers.serialize
+        regularizer, constraint = keras.regularizers.serialize, keras.constraints.serialize
+        config = {
+            "units": self.units,
+            "activation": activation(self.activation),
+            "recurrent_activation": activation(self.recurrent_activation),
+            "use_bias": self.use_bias,
+            "kernel_initializer": initializer(self.kernel_initializer),
+            "recurrent_initializer": initializer(self.recurrent_initializer),
+            "bias_initializer": initializer(self.bias_initializer),
+            "unit_forget_bias": self.unit_forget_bias,
+            "kernel_regularizer": regularizer(self.kernel_regularizer),
+            "recurrent_regularizer": regularizer(self.recurrent_regularizer),
+            "bias_regularizer": regularizer(self.bias_regularizer),
+            "kernel_constraint": constraint(self.kernel_constraint),
+            "recurrent_constraint": constraint(self.recurrent_constraint),
+            "bias_constraint": constraint(self.bias_constraint),
+            "dropout": self.dropout,
+            "recurrent_dropout": self.recurrent_dropout,
+            "seed": self.seed,
+        }
+        return {**super().get_config(), **config}

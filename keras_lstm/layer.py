@@ -1,0 +1,229 @@
+"""`GatedLSTM`: the recurrent layer around `GatedLSTMCell`."""
+
+from __future__ import annotations
+
+import keras
+
+from keras_lstm import _checks
+from keras_lstm.cell import GatedLSTMCell
+
+# The constructor arguments that belong to the cell. Each is also readable on
+# the layer (`layer.units`, `layer.dropout`, ...), forwarded below, once.
+CELL_ARGUMENTS = (
+    "units",
+    "activation",
+    "recurrent_activation",
+    "use_bias",
+    "kernel_initializer",
+    "recurrent_initializer",
+    "bias_initializer",
+    "unit_forget_bias",
+    "kernel_regularizer",
+    "recurrent_regularizer",
+    "bias_regularizer",
+    "kernel_constraint",
+    "recurrent_constraint",
+    "bias_constraint",
+    "dropout",
+    "recurrent_dropout",
+    "seed",
+)
+
+
+@keras.saving.register_keras_serializable(package="keras_lstm")
+class GatedLSTM(keras.layers.RNN):
+    """Long Short-Term Memory layer whose cell is `GatedLSTMCell`.
+
+    A drop-in for `keras.layers.LSTM`: the same arguments, defaults, weights
+    and outputs. It runs the cell's readable gate equations in Keras's
+    recurrent loop, and never turns XLA off for the model around it (where
+    `keras.layers.LSTM` on a GPU switches to cuDNN and disables
+    `jit_compile`).
+
+    Args:
+        units: Positive integer, the size of the hidden and cell states.
+        activation, recurrent_activation, use_bias, kernel_initializer,
+        recurrent_initializer, bias_initializer, unit_forget_bias,
+        kernel_regularizer, recurrent_regularizer, bias_regularizer,
+        kernel_constraint, recurrent_constraint, bias_constraint, dropout,
+        recurrent_dropout, seed: As in `GatedLSTMCell`, with the same
+            defaults as `keras.layers.LSTM`.
+        activity_regularizer: Regularizer for the layer's output.
+            Default: `None`.
+        return_sequences: Return the whole output sequence `(batch, time,
+            units)` rather than the last output. Default: `False`.
+        return_state: Also return the final `h` and `c`. Default: `False`.
+        go_backwards: Read the sequence backwards (and return the reversed
+            output sequence). Default: `False`.
+        stateful: Carry each sample's last state to the same sample of the
+            next batch; needs a fixed batch size. Default: `False`.
+        unroll: Unroll the time loop (short sequences only). Default: `False`.
+        use_cudnn: `"auto"` or `False` (the cell always runs as written).
+            `True` raises a `ValueError`, since this layer has no cuDNN
+            kernel. Default: `"auto"`.
+        **kwargs: Base layer arguments (`name`, `dtype`, `trainable`, ...) and
+            `zero_output_for_mask`.
+
+    Call arguments:
+        inputs: `(batch, timesteps, features)`.
+        mask: Optional boolean `(batch, timesteps)`; `False` steps are skipped
+            and carry the previous state through.
+        training: Whether dropout applies.
+        initial_state: Optional `[h, c]`, each `(batch, units)`.
+
+    Example:
+
+    >>> import numpy as np, keras
+    >>> from keras_lstm import GatedLSTM
+    >>> model = keras.Sequential([keras.Input((24, 1)), GatedLSTM(16), keras.layers.Dense(1)])
+    >>> model(np.zeros((8, 24, 1), "float32")).shape
+    (8, 1)
+    >>> seq, h, c = GatedLSTM(4, return_sequences=True, return_state=True)(
+    ...     np.zeros((2, 5, 3), "float32"))
+    >>> seq.shape, h.shape, c.shape
+    ((2, 5, 4), (2, 4), (2, 4))
+    """
+
+    def __init__(
+        self,
+        units: int,
+        activation="tanh",
+        recurrent_activation="sigmoid",
+        use_bias: bool = True,
+        kernel_initializer="glorot_uniform",
+        recurrent_initializer="orthogonal",
+        bias_initializer="zeros",
+        unit_forget_bias: bool = True,
+        kernel_regularizer=None,
+        recurrent_regularizer=None,
+        bias_regularizer=None,
+        activity_regularizer=None,
+        kernel_constraint=None,
+        recurrent_constraint=None,
+        bias_constraint=None,
+        dropout: float = 0.0,
+        recurrent_dropout: float = 0.0,
+        seed: int | None = None,
+        return_sequences: bool = False,
+        return_state: bool = False,
+        go_backwards: bool = False,
+        stateful: bool = False,
+        unroll: bool = False,
+        use_cudnn="auto",
+        **kwargs,
+    ):
+        if use_cudnn is True:
+            raise ValueError(
+                "`use_cudnn=True` is not supported: GatedLSTM always runs its own gate "
+                "equations and has no cuDNN kernel (which keeps XLA on). "
+                "Pass use_cudnn='auto' or False."
+            )
+        if use_cudnn not in ("auto", False):
+            raise ValueError(f"`use_cudnn` must be 'auto' or False, got {use_cudnn!r}.")
+        cell = GatedLSTMCell(
+            units,
+            activation=activation,
+            recurrent_activation=recurrent_activation,
+            use_bias=use_bias,
+            kernel_initializer=kernel_initializer,
+            recurrent_initializer=recurrent_initializer,
+            bias_initializer=bias_initializer,
+            unit_forget_bias=unit_forget_bias,
+            kernel_regularizer=kernel_regularizer,
+            recurrent_regularizer=recurrent_regularizer,
+            bias_regularizer=bias_regularizer,
+            kernel_constraint=kernel_constraint,
+            recurrent_constraint=recurrent_constraint,
+            bias_constraint=bias_constraint,
+            dropout=dropout,
+            recurrent_dropout=recurrent_dropout,
+            seed=seed,
+            dtype=kwargs.get("dtype"),
+            trainable=kwargs.get("trainable", True),
+            name="gated_lstm_cell",
+        )
+        super().__init__(
+            cell,
+            return_sequences=return_sequences,
+            return_state=return_state,
+            go_backwards=go_backwards,
+            stateful=stateful,
+            unroll=unroll,
+            activity_regularizer=activity_regularizer,
+            **kwargs,
+        )
+        self.use_cudnn = use_cudnn
+        self.input_spec = keras.layers.InputSpec(ndim=3)
+
+    def build(self, sequences_shape, initial_state_shape=None):
+        _checks.sequence_shape("inputs", sequences_shape)
+        if self.stateful and sequences_shape[0] is None:
+            raise ValueError(
+                "`stateful=True` needs a fixed batch size, got input shape "
+                f"{tuple(sequences_shape)}. Give it with "
+                "`keras.Input(shape=..., batch_size=N)` or `batch_shape=(N, T, D)`."
+            )
+        super().build(sequences_shape, initial_state_shape)
+        self.input_spec = keras.layers.InputSpec(ndim=3, axes={-1: sequences_shape[-1]})
+
+    def call(self, sequences, initial_state=None, mask=None, training=False):
+        self._check_call(sequences, initial_state, mask)
+        return super().call(sequences, initial_state=initial_state, mask=mask, training=training)
+
+    def _check_call(self, sequences, initial_state, mask):
+        shape = tuple(sequences.shape)
+        _checks.sequence_shape("inputs", shape, self.cell.kernel.shape[0])
+        batch, time = shape[0], shape[1]
+        if initial_state is not None:
+            states = list(initial_state) if isinstance(initial_state, (list, tuple)) else None
+            if states is None or len(states) != 2:
+                got = len(states) if states is not None else "a single tensor"
+                raise ValueError(
+                    "`initial_state` must be a list of 2 tensors [h, c], each of shape "
+                    f"(batch, {self.units}), got {got}."
+                )
+            for name, state in zip(("h", "c"), states):
+                state_shape = tuple(state.shape)
+                if (
+                    len(state_shape) != 2
+                    or state_shape[1] != self.units
+                    or None not in (batch, state_shape[0])
+                    and state_shape[0] != batch
+                ):
+                    raise ValueError(
+                        f"`initial_state` {name} must have shape ({batch}, {self.units}), "
+                        f"got {state_shape}."
+                    )
+        if mask is not None:
+            mask = keras.tree.flatten(mask)[0]
+            mask_shape = tuple(mask.shape)
+            if len(mask_shape) != 2 or any(
+                m is not None and s is not None and m != s
+                for m, s in zip(mask_shape, (batch, time))
+            ):
+                raise ValueError(
+                    f"`mask` must have shape (batch, timesteps) = ({batch}, {time}), "
+                    f"got {mask_shape}."
+                )
+
+    def get_config(self):
+        cell_config = self.cell.get_config()
+        config = {name: cell_config[name] for name in CELL_ARGUMENTS}
+        config["activity_regularizer"] = keras.regularizers.serialize(self.activity_regularizer)
+        config["use_cudnn"] = self.use_cudnn
+        base_config = super().get_config()
+        del base_config["cell"]
+        return {**base_config, **config}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+
+def _forward_to_cell(name):
+    return property(lambda self: getattr(self.cell, name), doc=f"The cell's `{name}`.")
+
+
+for _name in CELL_ARGUMENTS:
+    setattr(GatedLSTM, _name, _forward_to_cell(_name))
+del _name
