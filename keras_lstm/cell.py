@@ -241,6 +241,19 @@ class GatedLSTMCell(keras.layers.Layer, DropoutRNNCell):
                 f"but the cell was built for {expected}."
             )
 
+    @property
+    def is_standard_lstm(self) -> bool:
+        """Whether this cell computes exactly `keras.layers.LSTMCell`'s maths.
+
+        A fused whole-sequence kernel may replace the step-by-step loop only
+        then: tanh and sigmoid activations and no option that changes the
+        equations. Options added to the cell must turn this off.
+        """
+        return (
+            keras.activations.serialize(self.activation) == "tanh"
+            and keras.activations.serialize(self.recurrent_activation) == "sigmoid"
+        )
+
     def get_initial_state(self, batch_size=None):
         return [ops.zeros((batch_size, self.units), dtype=self.compute_dtype) for _ in range(2)]
 
