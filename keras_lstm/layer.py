@@ -153,7 +153,8 @@ class GatedLSTM(keras.layers.RNN):
             **kwargs,
         )
         self.use_cudnn = use_cudnn
-        self.input_spec = keras.layers.InputSpec(ndim=3)
+        # Shapes are checked in build() and call(), with messages that name the argument.
+        self.input_spec = None
 
     def build(self, sequences_shape, initial_state_shape=None):
         _checks.sequence_shape("inputs", sequences_shape)
@@ -164,7 +165,6 @@ class GatedLSTM(keras.layers.RNN):
                 "`keras.Input(shape=..., batch_size=N)` or `batch_shape=(N, T, D)`."
             )
         super().build(sequences_shape, initial_state_shape)
-        self.input_spec = keras.layers.InputSpec(ndim=3, axes={-1: sequences_shape[-1]})
 
     def call(self, sequences, initial_state=None, mask=None, training=False):
         self._check_call(sequences, initial_state, mask)

@@ -1,0 +1,104 @@
+"""Bad input: one clear error naming the argument, before any TensorFlow op runs."""
+
+import keras
+import numpy as np
+import pytest
+
+from keras_lstm import GatedLSTM, GatedLSTMCell
+
+
+@pytest.mark.parametrize("units", [0, -3, 2.5, "8", True, None])
+def test_units_must_be_a_positive_integer(units):
+    with pytest.raises(ValueError, match=r"`units` must be a positive integer"):
+        GatedLSTM(units)
+    with pytest.raises(ValueError, match=r"`units` must be a positive integer"):
+        GatedLSTMCell(units)
+
+
+@pytest.mark.parametrize("argument", ["dropout", "recurrent_dropout"])
+@pytest.mark.parametrize("value", [-0.1, 1.0, 1.5, "0.2"])
+def test_dropout_rates_must_lie_in_zero_one(argument, value):
+    with pytest.raises(ValueError, match=rf"`{argument}` must be a float in \[0, 1\)"):
+        GatedLSTM(4, **{argument: value})
+
+
+@pytest.mark.parametrize(
+    "argument,value",
+    [
+        ("activation", "tanhh"),
+        ("recurrent_activation", "sigmoidd"),
+        ("kernel_initializer", "glorot"),
+        ("recurrent_initializer", "orthogonall"),
+        ("bias_initializer", "zero_s"),
+        ("kernel_regularizer", "l3"),
+        ("bias_constraint", "positive"),
+    ],
+)
+def test_unknown_names_say_which_argument(argument, value):
+    with pytest.raises(ValueError, match=rf"`{argument}` must be a .* name known to Keras"):
+        GatedLSTM(4, **{argument: value})
+
+
+def test_use_cudnn_true_is_refused_with_the_reason():
+    with pytest.raises(ValueError, match=r"`use_cudnn=True` is not supported.*no cuDNN kernel"):
+        GatedLSTM(4, use_cudnn=True)
+    with pytest.raises(ValueError, match=r"`use_cudnn` must be 'auto' or False"):
+        GatedLSTM(4, use_cudnn="yes")
+    GatedLSTM(4, use_cudnn="auto")
+    GatedLSTM(4, use_cudnn=False)
+
+
+@pytest.mark.parametrize("shape", [(4, 3), (2, 4, 5, 3), (3,)])
+def test_inputs_must_be_rank_3(shape):
+    with pytest.raises(ValueError, match=r"`inputs` must be a 3D tensor \(batch, timesteps, features\)"):
+        GatedLSTM(4)(np.zeros(shape, "float32"))
+
+
+def test_feature_size_must_match_the_built_layer():
+    layer = GatedLSTM(4)
+    layer(np.zeros((2, 3, 5), "float32"))
+    with pytest.raises(ValueError, match=r"`inputs` has 6 features .* built for 5"):
+        layer(np.zeros((2, 3, 6), "float32"))
+    cell = GatedLSTMCell(4)
+    cell.build((None, 5))
+    with pytest.raises(ValueError, match=r"`inputs` has 6 features .* built for 5"):
+        cell(np.zeros((2, 6), "float32"), [np.zeros((2, 4), "float32")] * 2)
+
+
+def test_feature_size_mismatch_in_a_model_names_the_input():
+    model = keras.Sequential([keras.Input((3, 5)), GatedLSTM(4)])
+    with pytest.raises(ValueError, match=r"`inputs` has 6 features .* built for 5"):
+        model(np.zeros((2, 3, 6), "float32"))
+
+
+def test_initial_state_must_be_two_tensors_of_batch_by_units():
+    x = np.zeros((2, 3, 5), "float32")
+    h = np.zeros((2, 4), "float32")
+    with pytest.raises(ValueError, match=r"`initial_state` must be a list of 2 tensors \[h, c\].* got 1"):
+        GatedLSTM(4)(x, initial_state=[h])
+    with pytest.raises(ValueError, match=r"`initial_state` must be a list of 2 tensors.*single tensor"):
+        GatedLSTM(4)(x, initial_state=h)
+    with pytest.raises(ValueError, match=r"`initial_state` c must have shape \(2, 4\), got \(2, 3\)"):
+        GatedLSTM(4)(x, initial_state=[h, np.zeros((2, 3), "float32")])
+    with pytest.raises(ValueError, match=r"`initial_state` h must have shape \(2, 4\), got \(3, 4\)"):
+        GatedLSTM(4)(x, initial_state=[np.zeros((3, 4), "float32"), h])
+
+
+def test_stateful_needs_a_fixed_batch_size():
+    with pytest.raises(ValueError, match=r"`stateful=True` needs a fixed batch size.*batch_size=N"):
+        keras.Sequential([keras.Input((3, 5)), GatedLSTM(4, stateful=True)])
+
+
+def test_mask_must_be_batch_by_timesteps():
+    x = np.zeros((2, 3, 5), "float32")
+    with pytest.raises(ValueError, match=r"`mask` must have shape \(batch, timesteps\) = \(2, 3\), got \(2, 4\)"):
+        GatedLSTM(4)(x, mask=np.ones((2, 4), bool))
+    with pytest.raises(ValueError, match=r"`mask` must have shape .* got \(2, 3, 1\)"):
+        GatedLSTM(4)(x, mask=np.ones((2, 3, 1), bool))
+
+
+def test_errors_are_raised_before_anything_is_built():
+    layer = GatedLSTM(4)
+    with pytest.raises(ValueError):
+        layer(np.zeros((4, 3), "float32"))
+    assert not layer.built and layer.weights == []
