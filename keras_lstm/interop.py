@@ -69,9 +69,7 @@ def from_torch(torch_lstm: Any, return_sequences: bool = True) -> keras.layers.L
     """
     torch = _import_torch("from_torch")
     if not isinstance(torch_lstm, torch.nn.LSTM):
-        raise TypeError(
-            f"`torch_lstm` must be a torch.nn.LSTM, got {type(torch_lstm).__name__}."
-        )
+        raise TypeError(f"`torch_lstm` must be a torch.nn.LSTM, got {type(torch_lstm).__name__}.")
     if not isinstance(return_sequences, bool):
         raise TypeError(f"`return_sequences` must be True or False, got {return_sequences!r}.")
     t = torch_lstm
@@ -81,23 +79,25 @@ def from_torch(torch_lstm: Any, return_sequences: bool = True) -> keras.layers.L
     for k in range(t.num_layers):
         in_features = t.input_size if k == 0 else out_features
         last = k == t.num_layers - 1
-        directions = []
-        for suffix in ("", "_reverse") if t.bidirectional else ("",):
-            layer = GatedLSTM(
+        suffixes = ("", "_reverse") if t.bidirectional else ("",)
+        directions = [
+            GatedLSTM(
                 t.hidden_size,
                 use_bias=t.bias,
                 proj_units=proj,
                 return_sequences=return_sequences or not last,
                 go_backwards=suffix == "_reverse",
             )
-            layer.build((None, None, in_features))
-            layer.set_weights(_torch_weights_as_keras(t, f"l{k}{suffix}"))
-            directions.append(layer)
+            for suffix in suffixes
+        ]
+        stage = directions[0]
         if t.bidirectional:
+            # Bidirectional rebuilds both layers from their configs: set weights after.
             stage = keras.layers.Bidirectional(directions[0], backward_layer=directions[1])
-            stage.build((None, None, in_features))
-        else:
-            stage = directions[0]
+            directions = [stage.forward_layer, stage.backward_layer]
+        stage.build((None, None, in_features))
+        for layer, suffix in zip(directions, suffixes, strict=True):
+            layer.set_weights(_torch_weights_as_keras(t, f"l{k}{suffix}"))
         stack.append(stage)
         if t.dropout > 0 and not last:
             stack.append(keras.layers.Dropout(t.dropout))

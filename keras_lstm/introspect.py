@@ -18,9 +18,9 @@ def trace_gates(model_or_layer: keras.layers.Layer, inputs: Any) -> dict[str, LS
     Runs each layer's cell step by step with `call(..., return_gates=True)`
     (inference mode: no dropout, zoneout at its expectation) on the inputs the
     layer receives in the model (computed by a sub-model up to it), with the
-    layer's mask if one reaches it. The model, its weights and its states are
-    left unchanged. Steps start from zero states (a `stateful` layer's from its
-    current states). Time index t is the step that read input t, also for
+    mask and initial state it is called with there. The model, its weights
+    and its states are left unchanged. Without an initial state, steps start
+    from zeros (a `stateful` layer's from its current states). Time index t is the step that read input t, also for
     `go_backwards` and the backward half of a Bidirectional. Masked steps
     carry the previous `cell` and `hidden`, as the layer does.
 
@@ -87,28 +87,43 @@ def _trace_model(model, inputs, prefix, traces) -> None:
     for layer in model.layers:
         if not (_traceable(layer) or isinstance(layer, keras.Model)):
             continue
-        try:
-            upto = keras.Model(model.inputs, layer.input)
-        except (AttributeError, ValueError) as error:
-            raise ValueError(
-                f"Cannot compute the inputs of `{layer.name}` in `{model.name}`: {error}"
-            ) from error
-        layer_inputs = upto(inputs, training=False)
         if isinstance(layer, keras.Model):
-            _trace_model(layer, layer_inputs, f"{prefix}{layer.name}/", traces)
-        else:
-            _trace_target(layer, layer_inputs, get_keras_mask(layer_inputs), prefix, traces)
+            upto = keras.Model(model.input, layer.input)
+            _trace_model(layer, upto(inputs, training=False), f"{prefix}{layer.name}/", traces)
+            continue
+        # Keras records the mask and initial state a layer was called with as
+        # arguments of its first call; a sub-model up to them gives their values.
+        arguments = layer._inbound_nodes[0].arguments
+        wanted = {
+            "sequences": arguments.args[0],
+            "mask": arguments.kwargs.get("mask"),
+            "initial_state": arguments.kwargs.get("initial_state"),
+        }
+        wanted = {name: tensor for name, tensor in wanted.items() if tensor is not None}
+        values = keras.Model(model.input, wanted)(inputs, training=False)
+        _trace_target(
+            layer,
+            values["sequences"],
+            values.get("mask"),
+            prefix,
+            traces,
+            values.get("initial_state"),
+        )
 
 
-def _trace_target(layer, inputs, mask, prefix, traces) -> None:
+def _trace_target(layer, inputs, mask, prefix, traces, initial_state=None) -> None:
     if isinstance(layer, keras.layers.Bidirectional):
-        for part in (layer.forward_layer, layer.backward_layer):
-            traces[f"{prefix}{layer.name}/{part.name}"] = _trace_layer(part, inputs, mask)
+        states = [None, None]
+        if initial_state is not None:  # forward states first, then backward
+            half = len(initial_state) // 2
+            states = [initial_state[:half], initial_state[half:]]
+        for part, state in zip((layer.forward_layer, layer.backward_layer), states, strict=True):
+            traces[f"{prefix}{layer.name}/{part.name}"] = _trace_layer(part, inputs, mask, state)
     else:
-        traces[f"{prefix}{layer.name}"] = _trace_layer(layer, inputs, mask)
+        traces[f"{prefix}{layer.name}"] = _trace_layer(layer, inputs, mask, initial_state)
 
 
-def _trace_layer(layer, inputs, mask) -> LSTMGates:
+def _trace_layer(layer, inputs, mask, initial_state=None) -> LSTMGates:
     cell = layer.cell
     x = ops.convert_to_tensor(inputs, dtype=cell.compute_dtype)
     if len(x.shape) != 3:
@@ -117,7 +132,9 @@ def _trace_layer(layer, inputs, mask) -> LSTMGates:
             f"got shape {tuple(x.shape)}."
         )
     batch, time = int(x.shape[0]), int(x.shape[1])
-    if layer.stateful and layer.states is not None:
+    if initial_state is not None:
+        states = [ops.convert_to_tensor(s, dtype=cell.compute_dtype) for s in initial_state]
+    elif layer.stateful and layer.states is not None:
         states = [ops.convert_to_tensor(s.value) for s in layer.states]
     else:
         states = cell.get_initial_state(batch)
@@ -206,7 +223,11 @@ def plot_gates(
             limits = (-bound, bound)
         cmap = "viridis" if limits[0] == 0 else "RdBu_r"
         image = ax.imshow(
-            values, aspect="auto", cmap=cmap, vmin=limits[0], vmax=limits[1],
+            values,
+            aspect="auto",
+            cmap=cmap,
+            vmin=limits[0],
+            vmax=limits[1],
             interpolation="nearest",
         )
         ax.set_ylabel("unit")
