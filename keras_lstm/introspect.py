@@ -20,9 +20,10 @@ def trace_gates(model_or_layer: keras.layers.Layer, inputs: Any) -> dict[str, LS
     layer receives in the model (computed by a sub-model up to it), with the
     mask and initial state it is called with there. The model, its weights
     and its states are left unchanged. Without an initial state, steps start
-    from zeros (a `stateful` layer's from its current states). Time index t is the step that read input t, also for
-    `go_backwards` and the backward half of a Bidirectional. Masked steps
-    carry the previous `cell` and `hidden`, as the layer does.
+    from zeros (a `stateful` layer's from its current states). Time index t
+    is the step that read input t, also for `go_backwards` and the backward
+    half of a Bidirectional. Masked steps carry the previous `cell` and
+    `hidden`, as the layer does.
 
     Args:
         model_or_layer: A built `keras.Model` (Sequential or functional; its
