@@ -30,6 +30,7 @@ import numbers
 from typing import Any
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_lstm import _checks
@@ -348,6 +349,6 @@ def _real(value) -> bool:
 
 
 def _flag(name: str, value) -> bool:
-    if isinstance(value, bool) or type(value).__name__ == "bool_":
+    if isinstance(value, bool | np.bool_):
         return bool(value)
     raise TypeError(f"`{name}` must be True or False, got {value!r}.")
