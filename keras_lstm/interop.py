@@ -64,7 +64,7 @@ def from_torch(torch_lstm: Any, return_sequences: bool = True) -> keras.layers.L
     >>> lstm = torch.nn.LSTM(3, 8, batch_first=True)
     >>> layer = keras_lstm.from_torch(lstm)
     >>> x = np.zeros((2, 5, 3), "float32")
-    >>> layer(x).shape
+    >>> tuple(layer(x).shape)
     (2, 5, 8)
     """
     torch = _import_torch("from_torch")

@@ -42,9 +42,9 @@ def trace_gates(model_or_layer: keras.layers.Layer, inputs: Any) -> dict[str, LS
     Example:
 
     >>> import numpy as np, keras, keras_lstm
-    >>> model = keras.Sequential([keras.Input((6, 2)), keras_lstm.GatedLSTM(3)])
+    >>> model = keras.Sequential([keras.Input((6, 2)), keras_lstm.GatedLSTM(3, name="encoder")])
     >>> trace = keras_lstm.trace_gates(model, np.ones((4, 6, 2), "float32"))
-    >>> trace["gated_lstm"].forget.shape
+    >>> trace["encoder"].forget.shape
     (4, 6, 3)
     """
     traces: dict[str, LSTMGates] = {}
@@ -89,7 +89,7 @@ def _trace_model(model, inputs, prefix, traces) -> None:
         if not (_traceable(layer) or isinstance(layer, keras.Model)):
             continue
         if isinstance(layer, keras.Model):
-            upto = keras.Model(model.input, layer.input)
+            upto = keras.Model(_model_input(model), layer.input)
             _trace_model(layer, upto(inputs, training=False), f"{prefix}{layer.name}/", traces)
             continue
         # Keras records the mask and initial state a layer was called with as
@@ -101,7 +101,7 @@ def _trace_model(model, inputs, prefix, traces) -> None:
             "initial_state": arguments.kwargs.get("initial_state"),
         }
         wanted = {name: tensor for name, tensor in wanted.items() if tensor is not None}
-        values = keras.Model(model.input, wanted)(inputs, training=False)
+        values = keras.Model(_model_input(model), wanted)(inputs, training=False)
         _trace_target(
             layer,
             values["sequences"],
@@ -110,6 +110,14 @@ def _trace_model(model, inputs, prefix, traces) -> None:
             traces,
             values.get("initial_state"),
         )
+
+
+def _model_input(model):
+    # A Sequential's `input` is only set once it has been called; its graph
+    # exists as soon as it has an Input.
+    if isinstance(model, keras.Sequential):
+        return model.inputs[0]
+    return model.input
 
 
 def _trace_target(layer, inputs, mask, prefix, traces, initial_state=None) -> None:

@@ -39,6 +39,16 @@ def test_trace_gates_of_a_layer_matches_a_numpy_step_loop(rng):
     np.testing.assert_allclose(gates.hidden, layer(x), atol=1e-5)
 
 
+def test_trace_gates_of_a_sequential_stack_matches_its_output(rng):
+    x = rng.normal(size=(2, 4, 3)).astype("float32")
+    first, second = GatedLSTM(4, return_sequences=True), GatedLSTM(2, cell_clip=0.5)
+    model = keras.Sequential([keras.Input((4, 3)), first, second])
+    trace = keras_lstm.trace_gates(model, x)
+    assert list(trace) == [first.name, second.name]
+    np.testing.assert_allclose(trace[first.name].hidden, first(x), atol=1e-5)
+    np.testing.assert_allclose(trace[second.name].hidden[:, -1], model(x), atol=1e-5)
+
+
 def test_trace_gates_inside_a_model_follows_masks_and_leaves_the_model_unchanged(rng):
     x = rng.normal(size=(3, 6, 2)).astype("float32")
     x[0, 4:] = 0.0
