@@ -269,13 +269,13 @@ class GatedLSTMCell(keras.layers.Layer, DropoutRNNCell):
         z_input, z_forget, z_candidate, z_output = self._gates.split(z)
 
         forget_gate = sigmoid(peephole.forget(z_forget, c_prev))  # what to keep of C_{t-1}
-        input_gate = self._gates.input_gate(  # how much of the candidate to let in
-            sigmoid, peephole.input(z_input, c_prev), forget_gate
-        )
+        # How much of the candidate to let in (1 - forget_gate with cifg).
+        input_gate = self._gates.input_gate(sigmoid, peephole.input(z_input, c_prev), forget_gate)
         candidate = tanh(z_candidate)  # new information, C~_t
         c = self._clip(forget_gate * c_prev + input_gate * candidate)  # C_t
         output_gate = sigmoid(peephole.output(z_output, c))  # what part of the memory to show
         h = self._projection(output_gate * tanh(norm.cell(c)))  # h_t
+        # Zoneout (when on) lets some units keep their previous values.
         h, c = self._zoneout(h, c, h_prev, c_prev, training, self.seed_generator)
 
         if return_gates:
