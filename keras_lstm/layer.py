@@ -208,9 +208,13 @@ class GatedLSTM(keras.layers.RNN):
             sizes = dict(zip(("h", "c"), self.cell.state_size, strict=True))
             if states is None or len(states) != 2:
                 got = len(states) if states is not None else "a single tensor"
+                shapes = (
+                    f"each of shape (batch, {sizes['h']})"
+                    if sizes["h"] == sizes["c"]
+                    else f"of shapes (batch, {sizes['h']}) and (batch, {sizes['c']})"
+                )
                 raise ValueError(
-                    "`initial_state` must be a list of 2 tensors [h, c] of shapes "
-                    f"(batch, {sizes['h']}) and (batch, {sizes['c']}), got {got}."
+                    f"`initial_state` must be a list of 2 tensors [h, c], {shapes}, got {got}."
                 )
             for name, state in zip(("h", "c"), states):
                 state_shape = tuple(state.shape)
