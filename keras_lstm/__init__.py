@@ -5,11 +5,26 @@ Public names:
 - `GatedLSTMCell`: one LSTM step, a drop-in for `keras.layers.LSTMCell`.
 - `GatedLSTM`: the recurrent layer, a drop-in for `keras.layers.LSTM`.
 - `LSTMGates`: the gate values of one step (`GatedLSTMCell.call(..., return_gates=True)`).
+- `trace_gates`, `plot_gates`: every gate and state of a model's LSTM layers over time.
+- `from_torch`, `to_torch`, `from_keras`: move weights from and to `torch.nn.LSTM`
+  and `keras.layers.LSTM`.
 """
 
 from keras_lstm.cell import GatedLSTMCell, LSTMGates
+from keras_lstm.interop import from_keras, from_torch, to_torch
+from keras_lstm.introspect import plot_gates, trace_gates
 from keras_lstm.layer import GatedLSTM
 
 __version__ = "0.1.0"
 
-__all__ = ["GatedLSTM", "GatedLSTMCell", "LSTMGates", "__version__"]
+__all__ = [
+    "GatedLSTM",
+    "GatedLSTMCell",
+    "LSTMGates",
+    "__version__",
+    "from_keras",
+    "from_torch",
+    "plot_gates",
+    "to_torch",
+    "trace_gates",
+]

@@ -11,7 +11,7 @@ from keras import ops
 # draws each dropout mask once per sequence, outside the time loop.
 from keras.src.layers.rnn.dropout_rnn_cell import DropoutRNNCell
 
-from keras_lstm import _checks
+from keras_lstm import _checks, options
 
 
 class LSTMGates(NamedTuple):
@@ -54,6 +54,16 @@ class GatedLSTMCell(keras.layers.Layer, DropoutRNNCell):
     with the logistic sigmoid $\sigma(x) = 1 / (1 + e^{-x})$ (`recurrent_activation`)
     and $\tanh$ (`activation`).
 
+    Options, each off by default and free to combine (`keras_lstm.options`
+    holds their pieces; docs/variants.md says when to use which):
+    `peephole` ($f_t = \sigma(z^f_t + w_f \odot C_{t-1})$, ...),
+    `layer_norm` ($z_t = \mathrm{LN}(x_t W) + \mathrm{LN}(h_{t-1} U) + b$,
+    $h_t = o_t \odot \tanh \mathrm{LN}(C_t)$), `cifg` ($i_t = 1 - f_t$),
+    `proj_units` ($h_t = (o_t \odot \tanh C_t) W_{hr}$), `zoneout_h` /
+    `zoneout_c` ($h_t = d_t \odot h_{t-1} + (1 - d_t) \odot \hat h_t$),
+    `chrono_init` ($b_f \sim \log \mathcal{U}(1, T_{max} - 1)$, $b_i = -b_f$)
+    and `cell_clip` ($C_t \leftarrow \mathrm{clip}(C_t, -c, c)$).
+
     Args:
         units: Positive integer, the size H of the hidden and cell states.
         activation: Activation for the candidate and for the cell state on its
@@ -81,7 +91,31 @@ class GatedLSTMCell(keras.layers.Layer, DropoutRNNCell):
             drawn per sequence and used at every step. Default: `0.0`.
         recurrent_dropout: Float in [0, 1), fraction of `h_{t-1}` dropped
             before the recurrent matmul, one mask per sequence. Default: `0.0`.
-        seed: Integer seed for the dropout masks. Default: `None`.
+        seed: Integer seed for the dropout and zoneout masks and the
+            `chrono_init` draw. Default: `None`.
+        peephole: Gates read the cell state through diagonal weights
+            `input_peephole`, `forget_peephole`, `output_peephole` (start at
+            zero). Default: `False`.
+        layer_norm: Layer-normalise `x W` and `h U` (gains
+            `kernel_norm_gamma`, `recurrent_norm_gamma`) and the cell state on
+            its way to `h` (`cell_norm_gamma`, and `cell_norm_beta` when
+            `use_bias`). Default: `False`.
+        cifg: Couple the input gate to the forget gate, `i = 1 - f`; the
+            kernels then hold three gates (forget, candidate, output).
+            Default: `False`.
+        proj_units: Integer P < `units`: project `h` to P features through
+            `projection_kernel` (H, P); states become `[h (P), c (units)]`.
+            Default: `None` (no projection).
+        zoneout_h: Float in [0, 1), probability that a unit of `h` keeps its
+            previous value at a training step (expectation in inference).
+            Default: `0.0`.
+        zoneout_c: As `zoneout_h`, for the cell state. Default: `0.0`.
+        chrono_init: Number T_max >= 2: start the forget bias at
+            `log(U(1, T_max - 1))` and the input bias at its negative
+            (overrides `unit_forget_bias` for those gates); needs `use_bias`.
+            Default: `None`.
+        cell_clip: Positive number c: clip the cell state to [-c, c].
+            Default: `None`.
         **kwargs: Base `keras.layers.Layer` arguments (`name`, `dtype`, ...).
 
     Call arguments:
@@ -122,14 +156,20 @@ class GatedLSTMCell(keras.layers.Layer, DropoutRNNCell):
         dropout: float = 0.0,
         recurrent_dropout: float = 0.0,
         seed: int | None = None,
+        peephole: bool = False,
+        layer_norm: bool = False,
+        cifg: bool = False,
+        proj_units: int | None = None,
+        zoneout_h: float = 0.0,
+        zoneout_c: float = 0.0,
+        chrono_init: float | None = None,
+        cell_clip: float | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.units = _checks.positive_int("units", units)
         self.activation = _checks.activation("activation", activation)
-        self.recurrent_activation = _checks.activation(
-            "recurrent_activation", recurrent_activation
-        )
+        self.recurrent_activation = _checks.activation("recurrent_activation", recurrent_activation)
         self.use_bias = bool(use_bias)
         self.kernel_initializer = _checks.initializer("kernel_initializer", kernel_initializer)
         self.recurrent_initializer = _checks.initializer(
@@ -143,16 +183,36 @@ class GatedLSTMCell(keras.layers.Layer, DropoutRNNCell):
         )
         self.bias_regularizer = _checks.regularizer("bias_regularizer", bias_regularizer)
         self.kernel_constraint = _checks.constraint("kernel_constraint", kernel_constraint)
-        self.recurrent_constraint = _checks.constraint(
-            "recurrent_constraint", recurrent_constraint
-        )
+        self.recurrent_constraint = _checks.constraint("recurrent_constraint", recurrent_constraint)
         self.bias_constraint = _checks.constraint("bias_constraint", bias_constraint)
         self.dropout = _checks.rate("dropout", dropout)
         self.recurrent_dropout = _checks.rate("recurrent_dropout", recurrent_dropout)
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed=seed)
-        self.state_size = [self.units, self.units]
-        self.output_size = self.units
+        checked = options.check_options(
+            units=self.units,
+            use_bias=self.use_bias,
+            peephole=peephole,
+            layer_norm=layer_norm,
+            cifg=cifg,
+            proj_units=proj_units,
+            zoneout_h=zoneout_h,
+            zoneout_c=zoneout_c,
+            chrono_init=chrono_init,
+            cell_clip=cell_clip,
+        )
+        for name, value in checked.items():
+            setattr(self, name, value)
+        # The pieces `call` composes; each is the identity when its option is off.
+        self._gates = options.GateLayout(self.cifg)
+        self._layer_norm = options.LayerNorm(self.layer_norm)
+        self._peephole = options.Peephole(self.peephole)
+        self._clip = options.CellClip(self.cell_clip)
+        self._projection = options.Projection(self.proj_units)
+        self._zoneout = options.Zoneout(self.zoneout_h, self.zoneout_c)
+        hidden_size = self._projection.hidden_size(self.units)
+        self.state_size = [hidden_size, self.units]
+        self.output_size = hidden_size
 
     def build(self, input_shape):
         input_dim = input_shape[-1]
@@ -161,14 +221,14 @@ class GatedLSTMCell(keras.layers.Layer, DropoutRNNCell):
                 f"`inputs` must have a known feature size (last axis), got shape {input_shape}."
             )
         self.kernel = self.add_weight(
-            shape=(input_dim, 4 * self.units),
+            shape=(input_dim, self._gates.count * self.units),
             name="kernel",
             initializer=self.kernel_initializer,
             regularizer=self.kernel_regularizer,
             constraint=self.kernel_constraint,
         )
         self.recurrent_kernel = self.add_weight(
-            shape=(self.units, 4 * self.units),
+            shape=(self.state_size[0], self._gates.count * self.units),
             name="recurrent_kernel",
             initializer=self.recurrent_initializer,
             regularizer=self.recurrent_regularizer,
@@ -177,44 +237,46 @@ class GatedLSTMCell(keras.layers.Layer, DropoutRNNCell):
         self.bias = None
         if self.use_bias:
             self.bias = self.add_weight(
-                shape=(4 * self.units,),
+                shape=(self._gates.count * self.units,),
                 name="bias",
-                initializer=self._bias_initializer,
+                initializer=options.gate_bias_initializer(
+                    self._gates,
+                    self.units,
+                    self.bias_initializer,
+                    self.unit_forget_bias,
+                    self.chrono_init,
+                    self.seed,
+                ),
                 regularizer=self.bias_regularizer,
                 constraint=self.bias_constraint,
             )
-
-    def _bias_initializer(self, shape, dtype=None):
-        if not self.unit_forget_bias:
-            return self.bias_initializer(shape, dtype=dtype)
-        # Gate order i, f, c, o: the forget slice starts at one.
-        h = self.units
-        return ops.concatenate(
-            [
-                self.bias_initializer((h,), dtype=dtype),
-                ops.ones((h,), dtype=dtype),
-                self.bias_initializer((2 * h,), dtype=dtype),
-            ]
-        )
+        # Option weights come after the three above, so a plain cell's are unchanged.
+        self._peephole.build(self, self._gates)
+        self._layer_norm.build(self, self._gates.count * self.units)
+        self._projection.build(self)
 
     def call(self, inputs, states, training=False, return_gates=False):
         self._check_step_input(inputs)
         h_prev, c_prev = states[0], states[1]
         x, h_in = self._apply_dropout(inputs, h_prev, training)
         sigmoid, tanh = self.recurrent_activation, self.activation
+        norm, peephole = self._layer_norm, self._peephole
 
-        # One fused matmul gives the pre-activations of all four gates.
-        z = ops.matmul(x, self.kernel) + ops.matmul(h_in, self.recurrent_kernel)
+        # One fused matmul per input gives the pre-activations of all gates.
+        z = norm.gates(ops.matmul(x, self.kernel), ops.matmul(h_in, self.recurrent_kernel))
         if self.use_bias:
             z = z + self.bias
-        z_input, z_forget, z_candidate, z_output = ops.split(z, 4, axis=-1)
+        z_input, z_forget, z_candidate, z_output = self._gates.split(z)
 
-        forget_gate = sigmoid(z_forget)  # what to keep of C_{t-1}
-        input_gate = sigmoid(z_input)  # how much of the candidate to let in
+        forget_gate = sigmoid(peephole.forget(z_forget, c_prev))  # what to keep of C_{t-1}
+        # How much of the candidate to let in (1 - forget_gate with cifg).
+        input_gate = self._gates.input_gate(sigmoid, peephole.input(z_input, c_prev), forget_gate)
         candidate = tanh(z_candidate)  # new information, C~_t
-        c = forget_gate * c_prev + input_gate * candidate  # C_t
-        output_gate = sigmoid(z_output)  # what part of the memory to show
-        h = output_gate * tanh(c)  # h_t
+        c = self._clip(forget_gate * c_prev + input_gate * candidate)  # C_t
+        output_gate = sigmoid(peephole.output(z_output, c))  # what part of the memory to show
+        h = self._projection(output_gate * tanh(norm.cell(c)))  # h_t
+        # Zoneout (when on) lets some units keep their previous values.
+        h, c = self._zoneout(h, c, h_prev, c_prev, training, self.seed_generator)
 
         if return_gates:
             return LSTMGates(forget_gate, input_gate, candidate, output_gate, c, h), [h, c]
@@ -247,15 +309,26 @@ class GatedLSTMCell(keras.layers.Layer, DropoutRNNCell):
 
         A fused whole-sequence kernel may replace the step-by-step loop only
         then: tanh and sigmoid activations and no option that changes the
-        equations. Options added to the cell must turn this off.
+        equations. `chrono_init` only changes where the bias starts, so it
+        keeps the cell standard; every other option turns this off.
         """
+        changes_maths = (
+            self.peephole
+            or self.layer_norm
+            or self.cifg
+            or self.proj_units is not None
+            or self.zoneout_h > 0
+            or self.zoneout_c > 0
+            or self.cell_clip is not None
+        )
         return (
-            keras.activations.serialize(self.activation) == "tanh"
+            not changes_maths
+            and keras.activations.serialize(self.activation) == "tanh"
             and keras.activations.serialize(self.recurrent_activation) == "sigmoid"
         )
 
     def get_initial_state(self, batch_size=None):
-        return [ops.zeros((batch_size, self.units), dtype=self.compute_dtype) for _ in range(2)]
+        return [ops.zeros((batch_size, size), dtype=self.compute_dtype) for size in self.state_size]
 
     def get_config(self):
         activation, initializer = keras.activations.serialize, keras.initializers.serialize
@@ -278,5 +351,13 @@ class GatedLSTMCell(keras.layers.Layer, DropoutRNNCell):
             "dropout": self.dropout,
             "recurrent_dropout": self.recurrent_dropout,
             "seed": self.seed,
+            "peephole": self.peephole,
+            "layer_norm": self.layer_norm,
+            "cifg": self.cifg,
+            "proj_units": self.proj_units,
+            "zoneout_h": self.zoneout_h,
+            "zoneout_c": self.zoneout_c,
+            "chrono_init": self.chrono_init,
+            "cell_clip": self.cell_clip,
         }
         return {**super().get_config(), **config}

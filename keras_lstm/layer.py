@@ -27,6 +27,14 @@ CELL_ARGUMENTS = (
     "dropout",
     "recurrent_dropout",
     "seed",
+    "peephole",
+    "layer_norm",
+    "cifg",
+    "proj_units",
+    "zoneout_h",
+    "zoneout_c",
+    "chrono_init",
+    "cell_clip",
 )
 
 
@@ -48,6 +56,11 @@ class GatedLSTM(keras.layers.RNN):
         kernel_constraint, recurrent_constraint, bias_constraint, dropout,
         recurrent_dropout, seed: As in `GatedLSTMCell`, with the same
             defaults as `keras.layers.LSTM`.
+        peephole, layer_norm, cifg, proj_units, zoneout_h, zoneout_c,
+        chrono_init, cell_clip: The cell's options, as in `GatedLSTMCell`,
+            each off by default (`False`, `False`, `False`, `None`, `0.0`,
+            `0.0`, `None`, `None`). With `proj_units=P` the output and `h`
+            have P features.
         activity_regularizer: Regularizer for the layer's output.
             Default: `None`.
         return_sequences: Return the whole output sequence `(batch, time,
@@ -104,6 +117,14 @@ class GatedLSTM(keras.layers.RNN):
         dropout: float = 0.0,
         recurrent_dropout: float = 0.0,
         seed: int | None = None,
+        peephole: bool = False,
+        layer_norm: bool = False,
+        cifg: bool = False,
+        proj_units: int | None = None,
+        zoneout_h: float = 0.0,
+        zoneout_c: float = 0.0,
+        chrono_init: float | None = None,
+        cell_clip: float | None = None,
         return_sequences: bool = False,
         return_state: bool = False,
         go_backwards: bool = False,
@@ -138,6 +159,14 @@ class GatedLSTM(keras.layers.RNN):
             dropout=dropout,
             recurrent_dropout=recurrent_dropout,
             seed=seed,
+            peephole=peephole,
+            layer_norm=layer_norm,
+            cifg=cifg,
+            proj_units=proj_units,
+            zoneout_h=zoneout_h,
+            zoneout_c=zoneout_c,
+            chrono_init=chrono_init,
+            cell_clip=cell_clip,
             dtype=kwargs.get("dtype"),
             trainable=kwargs.get("trainable", True),
             name="gated_lstm_cell",
@@ -176,22 +205,27 @@ class GatedLSTM(keras.layers.RNN):
         batch, time = shape[0], shape[1]
         if initial_state is not None:
             states = list(initial_state) if isinstance(initial_state, (list, tuple)) else None
+            sizes = dict(zip(("h", "c"), self.cell.state_size, strict=True))
             if states is None or len(states) != 2:
                 got = len(states) if states is not None else "a single tensor"
+                shapes = (
+                    f"each of shape (batch, {sizes['h']})"
+                    if sizes["h"] == sizes["c"]
+                    else f"of shapes (batch, {sizes['h']}) and (batch, {sizes['c']})"
+                )
                 raise ValueError(
-                    "`initial_state` must be a list of 2 tensors [h, c], each of shape "
-                    f"(batch, {self.units}), got {got}."
+                    f"`initial_state` must be a list of 2 tensors [h, c], {shapes}, got {got}."
                 )
             for name, state in zip(("h", "c"), states):
                 state_shape = tuple(state.shape)
                 if (
                     len(state_shape) != 2
-                    or state_shape[1] != self.units
+                    or state_shape[1] != sizes[name]
                     or None not in (batch, state_shape[0])
                     and state_shape[0] != batch
                 ):
                     raise ValueError(
-                        f"`initial_state` {name} must have shape ({batch}, {self.units}), "
+                        f"`initial_state` {name} must have shape ({batch}, {sizes[name]}), "
                         f"got {state_shape}."
                     )
         if mask is not None:
