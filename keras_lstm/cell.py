@@ -19,6 +19,18 @@ class LSTMGates(NamedTuple):
 
     `GatedLSTMCell.call(..., return_gates=True)` returns them, and
     `keras_lstm.trace_gates` stacks them over time.
+
+    Example:
+
+    >>> import numpy as np
+    >>> from keras_lstm import GatedLSTMCell
+    >>> cell = GatedLSTMCell(4)
+    >>> x, states = np.ones((2, 3), "float32"), cell.get_initial_state(batch_size=2)
+    >>> gates, (h, c) = cell(x, states, return_gates=True)
+    >>> gates._fields
+    ('forget', 'input', 'candidate', 'output', 'cell', 'hidden')
+    >>> bool(np.allclose(gates.hidden, gates.output * np.tanh(gates.cell), atol=1e-6))
+    True
     """
 
     forget: object
@@ -133,7 +145,7 @@ class GatedLSTMCell(keras.layers.Layer, DropoutRNNCell):
     >>> import numpy as np, keras
     >>> from keras_lstm import GatedLSTMCell
     >>> rnn = keras.layers.RNN(GatedLSTMCell(4), return_sequences=True)
-    >>> rnn(np.zeros((2, 10, 3), "float32")).shape
+    >>> tuple(rnn(np.zeros((2, 10, 3), "float32")).shape)
     (2, 10, 4)
     """
 

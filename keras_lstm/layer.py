@@ -89,11 +89,11 @@ class GatedLSTM(keras.layers.RNN):
     >>> import numpy as np, keras
     >>> from keras_lstm import GatedLSTM
     >>> model = keras.Sequential([keras.Input((24, 1)), GatedLSTM(16), keras.layers.Dense(1)])
-    >>> model(np.zeros((8, 24, 1), "float32")).shape
+    >>> tuple(model(np.zeros((8, 24, 1), "float32")).shape)
     (8, 1)
     >>> seq, h, c = GatedLSTM(4, return_sequences=True, return_state=True)(
     ...     np.zeros((2, 5, 3), "float32"))
-    >>> seq.shape, h.shape, c.shape
+    >>> tuple(seq.shape), tuple(h.shape), tuple(c.shape)
     ((2, 5, 4), (2, 4), (2, 4))
     """
 
