@@ -15,6 +15,7 @@ one part, so no value is seen by two splits, and the scale statistics in
 from __future__ import annotations
 
 import dataclasses
+import logging
 import numbers
 import os
 
@@ -52,6 +53,17 @@ def _check_fits(dataset: str, segments: dict[str, range], span: int, what: str) 
             f"{what} spans {span} steps, but the shortest split of `{dataset}` has only "
             f"{len(shortest)}; choose a smaller `window`."
         )
+
+
+class _LocalDatasetInfo(tfds.core.DatasetInfo):
+    """Dataset info that is never looked up on Google Cloud Storage.
+
+    tfds asks its GCS bucket for precomputed info whenever a builder starts on
+    an empty `data_dir`; these datasets are built only from local files.
+    """
+
+    def initialize_from_bucket(self) -> None:
+        return None
 
 
 @dataclasses.dataclass(eq=False)
@@ -110,11 +122,23 @@ class WeatherConfig(tfds.core.BuilderConfig):
         self.lead = _check_count("lead", self.lead, 0)
 
 
-class _SeriesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """Windows of one univariate series; subclasses say where the series is."""
+class _LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """A builder whose data ships with an installed package."""
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "First release."}
+
+    # tfds prints "Downloading and preparing ..." to stdout; nothing is
+    # downloaded here, so say where the data went in the log instead.
+    def _log_download_bytes(self) -> None:
+        logging.info("Preparing %s in %s", self.info.full_name, self.data_path)
+
+    def _log_download_done(self) -> None:
+        logging.info("Prepared %s in %s", self.info.full_name, self.data_path)
+
+
+class _SeriesBuilder(_LocalBuilder, skip_registration=True):
+    """Windows of one univariate series; subclasses say where the series is."""
 
     _DESCRIPTION = ""
     _UNITS = ""
@@ -127,7 +151,7 @@ class _SeriesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _info(self) -> tfds.core.DatasetInfo:
         window, horizon = self.builder_config.window, self.builder_config.horizon
-        return tfds.core.DatasetInfo(
+        return _LocalDatasetInfo(
             builder=self,
             description=(
                 f"{self._DESCRIPTION} Each example holds {window} consecutive {self._STEP}s "
@@ -245,9 +269,7 @@ class MaunaLoaCo2(_SeriesBuilder):
     """
 
     BUILDER_CONFIGS = [
-        SeriesConfig(
-            name="default", window=52, horizon=1, description="52 weeks -> the next week."
-        )
+        SeriesConfig(name="default", window=52, horizon=1, description="52 weeks -> the next week.")
     ]
     _DESCRIPTION = (
         "Weekly atmospheric CO2 concentration at Mauna Loa, March 1958 to December 2001, "
@@ -281,9 +303,7 @@ class Sunspots(_SeriesBuilder):
     """
 
     BUILDER_CONFIGS = [
-        SeriesConfig(
-            name="default", window=22, horizon=1, description="22 years -> the next year."
-        )
+        SeriesConfig(name="default", window=22, horizon=1, description="22 years -> the next year.")
     ]
     _DESCRIPTION = "Yearly mean sunspot numbers, 1700 to 2008, from the `statsmodels` package."
     _UNITS = "sunspot number"
@@ -295,7 +315,7 @@ class Sunspots(_SeriesBuilder):
         return sources.yearly_sunspots()
 
 
-class SeattleWeather(tfds.core.GeneratorBasedBuilder):
+class SeattleWeather(_LocalBuilder):
     """Daily Seattle weather 2012 to 2015 in labelled windows, read from `vega_datasets`.
 
     Configs: `today` (7 days of measurements; the label is the category of
@@ -317,8 +337,6 @@ class SeattleWeather(tfds.core.GeneratorBasedBuilder):
     TensorShape([7, 4])
     """
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First release."}
     BUILDER_CONFIGS = [
         WeatherConfig(
             name="today", window=7, lead=0, description="7 days -> the last day's category."
@@ -331,7 +349,7 @@ class SeattleWeather(tfds.core.GeneratorBasedBuilder):
     def _info(self) -> tfds.core.DatasetInfo:
         window, lead = self.builder_config.window, self.builder_config.lead
         day = "the window's last day" if lead == 0 else f"the day {lead} day(s) after the window"
-        return tfds.core.DatasetInfo(
+        return _LocalDatasetInfo(
             builder=self,
             description=(
                 "Daily weather in Seattle, 2012 to 2015, from the `vega_datasets` package. "
@@ -384,11 +402,14 @@ class SeattleWeather(tfds.core.GeneratorBasedBuilder):
         window, lead = self.builder_config.window, self.builder_config.lead
         for start in range(segment.start, segment.stop - window - lead + 1):
             labelled = start + window - 1 + lead
-            yield start, {
-                "measurements": measurements[start : start + window],
-                "label": int(labels[labelled]),
-                "date": str(days[labelled]),
-            }
+            yield (
+                start,
+                {
+                    "measurements": measurements[start : start + window],
+                    "label": int(labels[labelled]),
+                    "date": str(days[labelled]),
+                },
+            )
 
 
 NAMES = ("seattle_temps", "seattle_weather", "mauna_loa_co2", "sunspots")
