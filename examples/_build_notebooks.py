@@ -398,94 +398,132 @@ FORECAST = [
         """
         # 3. Forecasting Seattle's temperature: the next hour and the next day
 
-        Two tasks on the hourly Seattle temperatures of 2010, both from the
-        `seattle_temps` tensorflow-datasets builder:
+        Two tasks on the hourly Seattle temperatures of 2010, both read
+        through the `seattle_temps` tensorflow-datasets builder with 48 hours
+        of history:
 
-        - `next_hour`: 24 hours in, the next hour out;
-        - `next_day`: 48 hours in, the next 24 hours out.
+        - next hour: a custom `SeriesConfig(window=48, horizon=1)`;
+        - next 24 hours: the builder's `next_day` config (48 hours in, 24 out).
 
         Every model is judged on the last 15 % of the year (7 Nov to
-        31 Dec), which no model sees in training, against two baselines that
-        need no training: *persistence* (the future equals the last hour) and
-        *seasonal naive* (the future equals the same hour a day earlier).
+        31 Dec), which no model sees in training, against baselines that
+        need no training: *persistence* (the future equals the last hour),
+        *seasonal naive* (the same hour a day earlier) and *seasonal naive
+        plus the last anomaly* (the same hour a day earlier, shifted by how
+        much warmer the last hour is than 24 hours before it).
         """,
     ),
     ("code", SETUP),
     (
-        "md",
-        """
-        ## A tf.data pipeline from the builder
-
-        Each example holds `history`, `target` (°F) and `time` (the first
-        target hour). The model reads the standardised temperature and the
-        hour of day as a sine and cosine, and predicts the change from the
-        last hour, standardised with the training part's spread.
-        """,
-    ),
-    (
         "code",
         """\
-        CONFIGS = {"next_hour": (24, 1), "next_day": (48, 24)}
-        builders = {name: datasets.builder("seattle_temps", config=name) for name in CONFIGS}
+        HORIZON = {"next_hour": 1, "next_day": 24}
+        builders = {
+            "next_hour": datasets.builder(
+                "seattle_temps",
+                config=datasets.SeriesConfig(name="two_days_to_next_hour", window=48, horizon=1),
+            ),
+            "next_day": datasets.builder("seattle_temps", config="next_day"),
+        }
         mean = builders["next_hour"].info.metadata["train_mean"]
         std = builders["next_hour"].info.metadata["train_std"]
-
-
-        def featurize(window):
-            def to_model(example):
-                hour = tf.strings.to_number(tf.strings.substr(example["time"], 11, 2), tf.int32)
-                hours = tf.math.floormod(hour - window + tf.range(window), 24)
-                angle = 2 * np.pi * tf.cast(hours, tf.float32) / 24
-                x = tf.stack([(example["history"] - mean) / std, tf.sin(angle), tf.cos(angle)], -1)
-                y = (example["target"] - example["history"][-1]) / std
-                return x, y
-
-            return to_model
-
-
-        def pipeline(name, split, shuffle=False):
-            window, _ = CONFIGS[name]
-            ds = builders[name].as_dataset(split=split).map(featurize(window))
-            if shuffle:
-                ds = ds.shuffle(8192, seed=0)
-            return ds.batch(128).prefetch(tf.data.AUTOTUNE)
+        for name, b in builders.items():
+            print(name, {split: info.num_examples for split, info in b.info.splits.items()})
 
 
         def numpy_split(name, split):
             return tfds.as_numpy(builders[name].as_dataset(split=split, batch_size=-1))
 
 
-        for name in CONFIGS:
-            print(name, {s: i.num_examples for s, i in builders[name].info.splits.items()})
-        x, y = next(iter(pipeline("next_day", "train")))
-        x.shape, y.shape""",
+        test = {name: numpy_split(name, "test") for name in builders}
+        test["next_hour"]["history"].shape, test["next_day"]["target"].shape""",
     ),
     (
         "md",
         """
         ## Baselines
 
-        Persistence repeats the last observed hour; seasonal naive repeats the
-        same hour of the previous day (`history[-24:]`).
+        With 48 hours of history $v_{-48} \\dots v_{-1}$, seasonal naive
+        forecasts hour $k$ ahead as $v_{-24+k}$, and the anomaly baseline as
+        $v_{-24+k} + (v_{-1} - v_{-25})$.
         """,
     ),
     (
         "code",
         """\
-        test = {name: numpy_split(name, "test") for name in CONFIGS}
-        forecasts = {name: {} for name in CONFIGS}
-        for name, (window, horizon) in CONFIGS.items():
+        def seasonal_naive(history, horizon):
+            return history[..., 24 : 24 + horizon]  # the same hours one day earlier
+
+
+        def with_anomaly(history, horizon):
+            return seasonal_naive(history, horizon) + history[..., -1:] - history[..., 23:24]
+
+
+        forecasts = {name: {} for name in builders}
+        for name, horizon in HORIZON.items():
             history = test[name]["history"]
             forecasts[name]["persistence"] = np.repeat(history[:, -1:], horizon, axis=1)
-            forecasts[name]["seasonal naive"] = history[:, -24 : -24 + horizon or None]
+            forecasts[name]["seasonal naive"] = seasonal_naive(history, horizon)
+            forecasts[name]["seasonal naive + anomaly"] = with_anomaly(history, horizon)
 
 
         def mae(name, model_name):
             return float(np.mean(np.abs(forecasts[name][model_name] - test[name]["target"])))
 
 
-        for name in CONFIGS:
+        for name in builders:
             print(name, {m: round(mae(name, m), 3) for m in forecasts[name]})""",
+    ),
+    (
+        "md",
+        """
+        The series is very regular from one day to the next: the same hour
+        yesterday is within about 0.17 °F of today, and shifting it by the
+        last anomaly cuts that to a quarter. A model has to beat that, so we
+        let it predict the *correction* to the anomaly baseline, in units of
+        the correction's spread on the training part.
+
+        ## A tf.data pipeline from the builder
+
+        Each example holds `history` (48 hours), `target` (°F) and `time`
+        (the first target hour). The model reads the last 24 hours, four
+        numbers per hour: the standardised temperature, its change from the
+        same hour a day earlier, and the hour of day as a sine and cosine.
+        """,
+    ),
+    (
+        "code",
+        """\
+        train_next_hour = numpy_split("next_hour", "train")
+        scale = float(np.std(train_next_hour["target"] - with_anomaly(train_next_hour["history"], 1)))
+        print(f"spread of the correction on the training part: {scale:.3f} °F")
+
+
+        def featurize(horizon):
+            def to_model(example):
+                history = example["history"]
+                recent, day_before = history[24:], history[:24]
+                hour = tf.strings.to_number(tf.strings.substr(example["time"], 11, 2), tf.int32)
+                angle = 2 * np.pi * tf.cast(tf.math.floormod(hour - 24 + tf.range(24), 24), tf.float32) / 24
+                x = tf.stack(
+                    [(recent - mean) / std, (recent - day_before) / scale, tf.sin(angle), tf.cos(angle)],
+                    axis=-1,
+                )
+                y = (example["target"] - with_anomaly(history, horizon)) / scale
+                return x, y
+
+            return to_model
+
+
+        def pipeline(name, split, shuffle=False):
+            ds = builders[name].as_dataset(split=split).map(featurize(HORIZON[name]))
+            if shuffle:
+                ds = ds.shuffle(8192, seed=0)
+            return ds.batch(128).prefetch(tf.data.AUTOTUNE)
+
+
+        x, y = next(iter(pipeline("next_day", "train")))
+        x.shape, y.shape""",
     ),
     (
         "md",
@@ -502,13 +540,12 @@ FORECAST = [
         "code",
         """\
         LAYERS = {"GatedLSTM": GatedLSTM, "keras.layers.LSTM": keras.layers.LSTM}
-        models = {}
-        for name, (window, horizon) in CONFIGS.items():
+        for name, horizon in HORIZON.items():
             train, val = pipeline(name, "train", shuffle=True), pipeline(name, "validation")
             for model_name, layer in LAYERS.items():
                 keras.utils.set_random_seed(0)
                 model = keras.Sequential(
-                    [keras.Input((window, 3)), layer(32), keras.layers.Dense(horizon)]
+                    [keras.Input((24, 4)), layer(32), keras.layers.Dense(horizon)]
                 )
                 model.compile(optimizer=keras.optimizers.Adam(3e-3), loss="mse", jit_compile=True)
                 tic = time.perf_counter()
@@ -519,9 +556,8 @@ FORECAST = [
                     verbose=0,
                     callbacks=[keras.callbacks.EarlyStopping(patience=2, restore_best_weights=True)],
                 )
-                change = model.predict(pipeline(name, "test"), verbose=0) * std
-                forecasts[name][model_name] = test[name]["history"][:, -1:] + change
-                models[name, model_name] = model
+                correction = model.predict(pipeline(name, "test"), verbose=0) * scale
+                forecasts[name][model_name] = forecasts[name]["seasonal naive + anomaly"] + correction
                 print(f"{name:>9} {model_name:>17}: test MAE {mae(name, model_name):.3f} °F "
                       f"({time.perf_counter() - tic:.0f} s)")""",
     ),
@@ -530,7 +566,7 @@ FORECAST = [
         """
         ## Results
 
-        Mean absolute error on the test weeks, in °F (for `next_day`,
+        Mean absolute error on the test weeks, in °F (for the next day,
         averaged over the 24 lead hours).
         """,
     ),
@@ -538,11 +574,9 @@ FORECAST = [
         "code",
         """\
         rows = list(forecasts["next_hour"])
-        print(f"{'model':<20}{'next hour':>11}{'next 24 h':>11}")
+        print(f"{'model':<26}{'next hour':>10}{'next 24 h':>11}")
         for row in rows:
-            print(f"{row:<20}{mae('next_hour', row):>11.3f}{mae('next_day', row):>11.3f}")
-        best = min(rows, key=lambda r: mae("next_hour", r))
-        print("best next-hour model:", best)""",
+            print(f"{row:<26}{mae('next_hour', row):>10.3f}{mae('next_day', row):>11.3f}")""",
     ),
     (
         "code",
@@ -551,7 +585,7 @@ FORECAST = [
         week = slice(0, 24 * 7)
         hours = np.arange(24 * 7)
         top.plot(hours, test["next_hour"]["target"][week, 0], "k", lw=2, label="observed")
-        for model_name in ["persistence", "GatedLSTM", "keras.layers.LSTM"]:
+        for model_name in ["persistence", "seasonal naive", "GatedLSTM"]:
             top.plot(hours, forecasts["next_hour"][model_name][week, 0], label=model_name, alpha=0.8)
         start = test["next_hour"]["time"][0].decode()
         top.set(title=f"next-hour forecasts, the first test week (from {start})",
@@ -560,6 +594,8 @@ FORECAST = [
 
         lead = np.arange(1, 25)
         for model_name in forecasts["next_day"]:
+            if model_name == "persistence":
+                continue  # 1 to 3 °F: off the scale of the others
             errors = np.abs(forecasts["next_day"][model_name] - test["next_day"]["target"]).mean(0)
             bottom.plot(lead, errors, "o-", ms=3, label=model_name)
         bottom.set(title="next-day forecasts: test MAE by lead time",
@@ -587,12 +623,24 @@ FORECAST = [
     (
         "md",
         """
-        Persistence is hard to beat one hour ahead, since temperature changes
-        slowly; the recurrent models gain by knowing the hour of day. A day
-        ahead the daily cycle matters most, so seasonal naive beats
-        persistence, and the LSTMs, which see both the last two days and the
-        clock, beat both. `GatedLSTM` and `keras.layers.LSTM` land close to
-        each other, as they should: the same model, trained the same way.
+        In our run (2 CPU cores) the table read, in °F, next hour / next
+        24 hours: persistence 0.444 / 1.924, seasonal naive 0.170 / 0.170,
+        seasonal naive + anomaly 0.042 / 0.069, `GatedLSTM` 0.051 / 0.103,
+        `keras.layers.LSTM` 0.047 / 0.101.
+
+        - Persistence is the wrong baseline for a series with a daily cycle:
+          a day ahead it is off by about 2 °F.
+        - This series is very regular. Its values are recorded to 0.1 °F,
+          and yesterday's curve shifted by the last anomaly is within
+          0.04 °F one hour ahead, close to that resolution. Both LSTMs do far
+          better than persistence and seasonal naive, but not better than
+          the anomaly baseline: they are trained on January to mid-September
+          and tested on November and December, and the corrections they
+          learn do not carry over to the new season. Measure a model against
+          the strongest cheap baseline before you ship it.
+        - `GatedLSTM` and `keras.layers.LSTM` land within a few thousandths
+          of a degree of each other, as they should: the same model, trained
+          the same way.
         """,
     ),
     ("code", DONE),
