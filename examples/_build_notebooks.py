@@ -754,11 +754,13 @@ WEATHER = [
     (
         "md",
         """
-        Sunny days are easy. The errors sit where the labels drifted: wet
-        days that the later years call `fog` are predicted as the `rain`
-        they would have been called in 2012. The network learned the
-        weather; the test set asks for the new naming. The fix is in the
-        data (relabel, or train on recent years only), not in the model.
+        In our run the test accuracy was 0.659, against 0.514 for always
+        answering `sun`. Sunny days are easy (105 of 110 right). The errors
+        sit where the labels drifted: of the 94 test days labelled `fog`,
+        36 were predicted `fog`, 23 `rain` (what such days were called in
+        2012) and 35 `sun`. The network learned the weather; the test set
+        asks for the new naming. The fix is in the data (relabel, or train on
+        recent years only), not in the model.
 
         ## Saving and loading a Bidirectional custom layer
 
