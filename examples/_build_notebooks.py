@@ -6,6 +6,10 @@ that they match this script. Run them with
 `pytest -m slow tests/test_notebooks.py`, or open them in Jupyter.
 """
 
+# Cell sources sit indented inside this file, so their lines run longer here than in
+# the notebooks.
+# ruff: noqa: E501
+
 from __future__ import annotations
 
 import pathlib
@@ -15,7 +19,10 @@ import nbformat
 
 HERE = pathlib.Path(__file__).parent
 
-SETUP = """\
+
+def setup(imports: str, keras_lstm: str) -> str:
+    """The first code cell: quiet TensorFlow, the imports, a fixed seed, a clock."""
+    return f"""\
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -24,14 +31,14 @@ import time
 import keras
 import matplotlib.pyplot as plt
 import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
+{imports}import tensorflow_datasets as tfds
 
-from keras_lstm import GatedLSTM, GatedLSTMCell, LSTMGates, datasets
+from keras_lstm import {keras_lstm}
 
 tfds.disable_progress_bar()
 keras.utils.set_random_seed(0)
 started = time.perf_counter()"""
+
 
 DONE = """\
 print(f"Notebook ran in {time.perf_counter() - started:.0f} s")"""
@@ -64,7 +71,7 @@ GATES = [
         step one day through its cell by hand and watch the gates.
         """,
     ),
-    ("code", SETUP),
+    ("code", setup("", "GatedLSTM, LSTMGates, datasets")),
     (
         "md",
         """
@@ -147,7 +154,8 @@ GATES = [
         for t in range(24):
             gates, (h, c) = cell(x[:, t, :], [h, c], return_gates=True)
             steps.append(gates)
-        trace = LSTMGates(*[np.concatenate([np.asarray(v) for v in field]) for field in zip(*steps)])
+        # One (24, units) array per field: forget, input, candidate, output, cell, hidden.
+        trace = LSTMGates(*[np.concatenate(field) for field in zip(*steps, strict=True)])
 
         layer_output = keras.Model(model.inputs[0], model.get_layer("gated_lstm").output)(x)
         print("last hidden state, by hand:", np.round(trace.hidden[-1], 4))
@@ -169,7 +177,12 @@ GATES = [
         W, U, b = cell.get_weights()
         z = x[0, 0] @ W + np.zeros(UNITS) @ U + b
         z_i, z_f, z_c, z_o = np.split(z, 4)
-        sigmoid = lambda v: 1 / (1 + np.exp(-v))
+
+
+        def sigmoid(v):
+            return 1 / (1 + np.exp(-v))
+
+
         f0, i0, candidate0, o0 = sigmoid(z_f), sigmoid(z_i), np.tanh(z_c), sigmoid(z_o)
         c0 = f0 * 0 + i0 * candidate0
         h0 = o0 * np.tanh(c0)
@@ -205,7 +218,7 @@ GATES = [
         axes[0].plot(hours, test["history"][day], "k.-")
         axes[0].set_ylabel("temperature (°F)")
         axes[0].set_title(f"the 24 hours before {when}")
-        for ax, name in zip(axes[1:], ["forget", "input", "output", "cell"]):
+        for ax, name in zip(axes[1:], ["forget", "input", "output", "cell"], strict=True):
             values = getattr(trace, name)
             for unit in range(UNITS):
                 ax.plot(hours, values[:, unit], label=f"unit {unit}")
@@ -261,7 +274,7 @@ ADDING = [
         gradient reaches the early steps.
         """,
     ),
-    ("code", SETUP),
+    ("code", setup("import tensorflow as tf\n", "GatedLSTM")),
     (
         "code",
         """\
@@ -352,7 +365,7 @@ ADDING = [
         axes[1].set(xlabel="sequence length T", ylabel="‖∂ŷ/∂x₁‖",
                     title="gradient reaching step 1 (trained)")
         longest = LENGTHS[-1]
-        for kind, color in zip(KINDS, ["C0", "C1"]):
+        for kind, color in zip(KINDS, ["C0", "C1"], strict=True):
             before, after = profiles[kind, longest]
             steps = np.arange(1, longest + 1)
             axes[2].semilogy(steps, before, ":", color=color, label=f"{kind}, untrained")
@@ -413,7 +426,7 @@ FORECAST = [
         much warmer the last hour is than 24 hours before it).
         """,
     ),
-    ("code", SETUP),
+    ("code", setup("import tensorflow as tf\n", "GatedLSTM, datasets")),
     (
         "code",
         """\
@@ -663,7 +676,7 @@ WEATHER = [
         can read it both ways: `keras.layers.Bidirectional(GatedLSTM(...))`.
         """,
     ),
-    ("code", SETUP),
+    ("code", setup("", "GatedLSTM, datasets")),
     (
         "code",
         """\
@@ -680,10 +693,10 @@ WEATHER = [
 
 
         splits = {name: arrays(name) for name in ["train", "validation", "test"]}
-        for name, (x, y, dates) in splits.items():
+        for name, (_, y, dates) in splits.items():
             counts = np.bincount(y, minlength=len(classes))
             print(f"{name:>10} {dates[0].decode()} .. {dates[-1].decode()}: "
-                  + ", ".join(f"{c} {n}" for c, n in zip(classes, counts)))""",
+                  + ", ".join(f"{c} {n}" for c, n in zip(classes, counts, strict=True)))""",
     ),
     (
         "md",
