@@ -379,14 +379,20 @@ ADDING = [
     (
         "md",
         """
-        Read the right panel first. Untrained, the two look alike: Keras
-        initialises the simple RNN's recurrent matrix orthogonally and the
-        LSTM's forget gates at $\\sigma(1) \\approx 0.73$, so both pass some
-        signal back. Training then pulls them apart. The LSTM learns to hold
-        its forget gates open and the prediction comes to depend on the
-        early, marked steps. The simple RNN's gradient at the early steps
-        falls away, it never learns to keep the first number, and its error
-        stays at that of predicting the mean.
+        Read the right panel first. Untrained, neither model passes much
+        gradient back to step 1 of 40, and the LSTM even less than the simple
+        RNN: Keras initialises the simple RNN's recurrent matrix
+        orthogonally, while the LSTM's forget gates start at
+        $\\sigma(1) \\approx 0.73$ and $0.73^{40}$ is tiny. Training pulls them
+        apart. The LSTM learns to carry the first marked number in its cell
+        state, and the prediction comes to depend on the early steps;
+        the simple RNN's gradient at the early steps collapses instead, it
+        never learns to keep the first number, and its error stays at that
+        of predicting the mean. In our run (2 CPU cores, about 1.5 minutes)
+        the test MSE at T = 10, 20, 40 was 0.0037, 0.090, 0.156 for
+        `SimpleRNN` and 0.0005, 0.0006, 0.0014 for `GatedLSTM`, and the
+        gradient reaching step 1 at T = 40 went from 2.6e-03 to 5.8e-05
+        (`SimpleRNN`) and from 3.6e-05 to 0.42 (`GatedLSTM`) with training.
         The check below fails the notebook if a run ever stops showing this.
         """,
     ),
