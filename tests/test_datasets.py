@@ -192,6 +192,11 @@ def test_docstring_examples_run(tmp_path, monkeypatch, offline):
         (lambda: WeatherConfig(name="x", lead=-1), ValueError, r"`lead` must be an integer >= 0"),
         (lambda: datasets.builder("seattle"), ValueError, "`name` must be one of seattle_temps"),
         (lambda: datasets.builder("sunspots", config=3), TypeError, "`config` must be a config"),
+        (
+            lambda: datasets.builder("seattle_temps", config="next_week"),
+            ValueError,
+            "`config` of `seattle_temps` must be one of next_hour, next_day or a SeriesConfig",
+        ),
         (lambda: datasets.builder("sunspots", data_dir=3), TypeError, "`data_dir` must be a path"),
         (lambda: datasets.load("sunspots", split=0), TypeError, "`split` must be a string"),
         (lambda: datasets.load("sunspots", batch_size=0), ValueError, "`batch_size` must be"),

@@ -412,7 +412,13 @@ class SeattleWeather(_LocalBuilder):
             )
 
 
-NAMES = ("seattle_temps", "seattle_weather", "mauna_loa_co2", "sunspots")
+_BUILDERS = {
+    "seattle_temps": SeattleTemps,
+    "seattle_weather": SeattleWeather,
+    "mauna_loa_co2": MaunaLoaCo2,
+    "sunspots": Sunspots,
+}
+NAMES = tuple(_BUILDERS)
 
 
 def builder(
@@ -459,6 +465,14 @@ def builder(
             "`config` must be a config name, a SeriesConfig / WeatherConfig or None, "
             f"got {type(config).__name__}."
         )
+    if isinstance(config, str):
+        known = [c.name for c in _BUILDERS[name].BUILDER_CONFIGS]
+        if config not in known:
+            raise ValueError(
+                f"`config` of `{name}` must be one of {', '.join(known)} or a "
+                f"{'WeatherConfig' if name == 'seattle_weather' else 'SeriesConfig'}, "
+                f"got {config!r}."
+            )
     if data_dir is not None and not isinstance(data_dir, (str, os.PathLike)):
         raise TypeError(f"`data_dir` must be a path or None, got {type(data_dir).__name__}.")
     kwargs = {} if config is None else {"config": config}
