@@ -658,3 +658,123 @@ def _write_warmup(export_dir, model, plan, model_name):
                 predict_log=prediction_log_pb2.PredictLog(request=request)
             )
             writer.write(log.SerializeToString())
+
+
+# ----------------------------------------------------------------- TFLite
+
+
+def export_tflite(
+    model: keras.Model,
+    path: str | os.PathLike,
+    *,
+    timesteps: int | None = None,
+    batch_size: int | None = 1,
+    allow_flex: bool = False,
+) -> str:
+    """Write `model` as a TFLite flat buffer that `tf.lite.Interpreter` runs.
+
+    With a known sequence length (`timesteps`, or the model's own fixed
+    length) the recurrent layers are unrolled over exactly that many steps,
+    which converts to builtin TFLite ops (FULLY_CONNECTED, LOGISTIC, TANH,
+    ...), with a fixed or free batch size. With no known length the time
+    loop is kept as a builtin `WHILE` op, which needs a fixed `batch_size`
+    and accepts any length (`interpreter.resize_tensor_input`). A free batch
+    and a free length together need TensorFlow (Flex) ops: pass
+    `allow_flex=True`, and run the result with the Flex delegate linked in.
+    Stateful layers are exported stateless, as in `export_for_serving`. The
+    file is written atomically and replaces an existing one.
+
+    Args:
+        model: A built functional or Sequential `keras.Model`.
+        path: Where to write the `.tflite` file.
+        timesteps: Sequence length to unroll for. Default: `None`, the
+            model's own fixed length, or a free length if it has none.
+        batch_size: Fixed batch size, or `None` for a free one. Default: `1`.
+        allow_flex: Allow TensorFlow ops the converter cannot turn into
+            builtins (free batch and length). Default: `False`.
+
+    Returns:
+        `path`, as a string.
+
+    Example:
+
+    >>> import os, tempfile, keras, numpy as np, tensorflow as tf
+    >>> from keras_lstm import GatedLSTM, export_tflite
+    >>> model = keras.Sequential([keras.Input((24, 3)), GatedLSTM(8), keras.layers.Dense(1)])
+    >>> path = export_tflite(model, os.path.join(tempfile.mkdtemp(), "model.tflite"))
+    >>> runner = tf.lite.Interpreter(model_path=path).get_signature_runner()
+    >>> x = np.zeros((1, 24, 3), "float32")
+    >>> bool(np.allclose(list(runner(**{"input_layer": x}).values())[0], model(x), atol=1e-5))
+    True
+    """
+    _require_tensorflow_backend("export_tflite")
+    import tensorflow as tf
+
+    model = _servable_model(model)
+    if timesteps is not None:
+        timesteps = _checks.positive_int("timesteps", timesteps)
+    if batch_size is not None:
+        batch_size = _checks.positive_int("batch_size", batch_size)
+    inputs = _model_inputs(model)
+    fixed = {t.shape[1] for t in inputs if len(t.shape) == 3} - {None}
+    if timesteps is not None and fixed and fixed != {timesteps}:
+        raise ValueError(
+            f"`timesteps` is {timesteps}, but the model was built for sequences of length "
+            f"{sorted(fixed)}."
+        )
+    if timesteps is None and len(fixed) == 1:
+        timesteps = fixed.pop()
+    if timesteps is None and batch_size is None and not allow_flex:
+        raise ValueError(
+            "With a free sequence length (`timesteps=None` and no fixed length in the model) "
+            "`batch_size` must be fixed for builtin TFLite ops: pass batch_size=1, a "
+            "`timesteps`, or allow_flex=True (the model then needs the Flex delegate)."
+        )
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"`path` must be a file name, but `{path}` is a folder.")
+
+    config = _rewrite_config(
+        keras.saving.serialize_keras_object(model),
+        stateful=False,
+        unroll=timesteps is not None,
+        batch_size=batch_size,
+        timesteps=timesteps,
+    )
+    fixed_model = keras.saving.deserialize_keras_object(config)
+    fixed_model.set_weights(model.get_weights())
+    specs = []
+    for spec in _input_specs(fixed_model):
+        shape = [batch_size, *spec.shape[1:]]
+        if len(shape) == 3:
+            shape[1] = timesteps
+        specs.append(tf.TensorSpec(shape, spec.dtype, name=spec.name))
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as saved_model_dir:
+        # The SavedModel route freezes the variables into constants; tracing
+        # a concrete function directly leaves TFLite resource variables.
+        archive = keras.export.ExportArchive()
+        archive.track(fixed_model)
+        names = _output_names(fixed_model)
+
+        def serve(*tensors):
+            outputs = fixed_model(
+                tensors[0] if len(tensors) == 1 else list(tensors), training=False
+            )
+            return dict(zip(names, keras.tree.flatten(outputs), strict=True))
+
+        archive.add_endpoint("serving_default", serve, input_signature=specs)
+        archive.write_out(saved_model_dir, verbose=False)
+        converter = tf.lite.TFLiteConverter.from_saved_model(saved_model_dir)
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+        if allow_flex:
+            converter.target_spec.supported_ops.append(tf.lite.OpsSet.SELECT_TF_OPS)
+            converter._experimental_lower_tensor_list_ops = False
+        flat_buffer = converter.convert()
+
+    with atomic_file(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(flat_buffer)
+    return path
