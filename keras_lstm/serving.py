@@ -269,23 +269,33 @@ def _all_layers(model):
 
 def _stateless_copy(model, stateful_names):
     """Rebuild `model` from its config with `stateful=False` and copy the weights."""
+    how = (
+        "A server runs each request from zero state: rebuild the model with stateful=False, "
+        "copy the weights with `new.set_weights(model.get_weights())` and export that (the "
+        "`step` signature carries state between requests)."
+    )
     if _graph(model) is None:
         raise ValueError(
             f"`model` has stateful recurrent layers ({', '.join(stateful_names)}) and is a "
-            "subclassed model that cannot be rebuilt automatically. A server runs each "
-            "request from zero state: rebuild the model with stateful=False, copy the "
-            "weights with `new.set_weights(model.get_weights())`, and export that (use the "
-            "`step` signature to carry state between requests)."
+            f"subclassed model that cannot be rebuilt automatically. {how}"
         )
+    try:
+        config = keras.saving.serialize_keras_object(model)
+        config = _rewrite_config(config, stateful=False, batch_size=None)
+        copy = keras.saving.deserialize_keras_object(config)
+        copy.set_weights(model.get_weights())
+    except Exception as error:
+        first_line = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+        raise ValueError(
+            f"`model` has stateful recurrent layers ({', '.join(stateful_names)}) and could "
+            f"not be rebuilt from its config with stateful=False "
+            f"({type(error).__name__}: {first_line}). {how}"
+        ) from error
     warnings.warn(
         f"Layers {', '.join(stateful_names)} are stateful; the export serves a copy with "
         "stateful=False and the same weights. Use the `step` signature to carry state.",
         stacklevel=3,
     )
-    config = keras.saving.serialize_keras_object(model)
-    config = _rewrite_config(config, stateful=False, batch_size=None)
-    copy = keras.saving.deserialize_keras_object(config)
-    copy.set_weights(model.get_weights())
     return copy
 
 
