@@ -5,7 +5,7 @@ Public names:
 - `GatedLSTMCell`: one LSTM step, a drop-in for `keras.layers.LSTMCell`.
 - `GatedLSTM`: the recurrent layer, a drop-in for `keras.layers.LSTM`.
 - `LSTMGates`: the gate values of one step (`GatedLSTMCell.call(..., return_gates=True)`).
-- `export_for_serving`: write a TensorFlow Serving version (whole-sequence and streaming signatures).
+- `export_for_serving`: write a TensorFlow Serving version (whole-sequence and streaming).
 - `export_tflite`: write a TFLite model.
 """
 

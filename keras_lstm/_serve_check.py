@@ -38,8 +38,7 @@ WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
 def launch(base_dir: str) -> int:
     """Run `check(base_dir)` in a fresh process without Keras; return its exit code."""
     code = BLOCKER + (
-        "import runpy\n"
-        f"runpy.run_path({os.path.abspath(__file__)!r}, run_name='__main__')\n"
+        f"import runpy\nrunpy.run_path({os.path.abspath(__file__)!r}, run_name='__main__')\n"
     )
     env = dict(os.environ)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -73,9 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--version", type=_positive_int, default=None, help="default: the next free number"
     )
     export.add_argument("--no-jit", action="store_true", help="do not compile with XLA")
-    export.add_argument(
-        "--no-streaming", action="store_true", help="write serving_default only"
-    )
+    export.add_argument("--no-streaming", action="store_true", help="write serving_default only")
     export.add_argument("--overwrite", action="store_true", help="replace an existing version")
     export.set_defaults(run=_export)
 

@@ -303,8 +303,9 @@ def _rewrite_config(config, *, stateful=None, unroll=None, batch_size="keep", ti
     """A copy of a serialized model with recurrent and input options replaced."""
     if isinstance(config, list):
         return [
-            _rewrite_config(c, stateful=stateful, unroll=unroll, batch_size=batch_size,
-                            timesteps=timesteps)
+            _rewrite_config(
+                c, stateful=stateful, unroll=unroll, batch_size=batch_size, timesteps=timesteps
+            )
             for c in config
         ]
     if not isinstance(config, dict):
@@ -329,9 +330,7 @@ def _rewrite_config(config, *, stateful=None, unroll=None, batch_size="keep", ti
 
 
 def _is_shape(value):
-    return isinstance(value, (list, tuple)) and all(
-        v is None or isinstance(v, int) for v in value
-    )
+    return isinstance(value, (list, tuple)) and all(v is None or isinstance(v, int) for v in value)
 
 
 # ------------------------------------------------------------ signatures
@@ -381,7 +380,9 @@ def _archive(model, plan, jit_compile):
     archive.track(model)
     functions = {"serving_default": _traced(serve, specs, jit_compile)}
     if plan is not None:
-        functions["step"] = _traced(plan.step_function(output_names), plan.step_specs(), jit_compile)
+        functions["step"] = _traced(
+            plan.step_function(output_names), plan.step_specs(), jit_compile
+        )
         functions["initial_state"] = _traced(
             plan.initial_state, [tf.TensorSpec([], tf.int32, name="batch_size")], jit_compile
         )

@@ -81,7 +81,8 @@ for case in cases:
     answered = []
     if os.path.exists(warmup):
         for record in tf.data.TFRecordDataset(warmup):
-            request = prediction_log_pb2.PredictionLog.FromString(record.numpy()).predict_log.request
+            log = prediction_log_pb2.PredictionLog.FromString(record.numpy())
+            request = log.predict_log.request
             inputs = {k: tf.constant(tf.make_ndarray(v)) for k, v in request.inputs.items()}
             outputs = loaded.signatures[request.model_spec.signature_name](**inputs)
             finite = all(bool(np.isfinite(v.numpy()).all()) for v in outputs.values())
@@ -100,9 +101,18 @@ def run_without_keras(cases, folder):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     env.pop("PYTHONPATH", None)
     done = subprocess.run(
-        [sys.executable, "-I", "-c", NO_KERAS + "import os, sys\n" + CHECKER, cases_path,
-         report_path],
-        capture_output=True, text=True, env=env, timeout=600,
+        [
+            sys.executable,
+            "-I",
+            "-c",
+            NO_KERAS + "import os, sys\n" + CHECKER,
+            cases_path,
+            report_path,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     with open(report_path) as f:
@@ -159,8 +169,14 @@ def exported(tmp_path_factory):
     export_dir = export_for_serving(model, base_dir)
     case = make_case(model, export_dir, folder, sequences(SHAPES, 3, masked=True), "two")
     report = run_without_keras([case], folder)
-    return {"model": model, "base_dir": base_dir, "export_dir": export_dir, "case": case,
-            "report": report, "result": report["cases"][0]}
+    return {
+        "model": model,
+        "base_dir": base_dir,
+        "export_dir": export_dir,
+        "case": case,
+        "report": report,
+        "result": report["cases"][0],
+    }
 
 
 def test_export_writes_the_tf_serving_layout_as_version_1(exported):
@@ -229,7 +245,10 @@ def test_saved_model_cli_lists_signatures_and_runs_serving_default(exported, tmp
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     shown = subprocess.run(
         [cli, "show", "--dir", exported["export_dir"], "--all"],
-        capture_output=True, text=True, env=env, check=True,
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
     ).stdout
     for name in ("serving_default", "step", "initial_state"):
         assert f"signature_def['{name}']" in shown
@@ -238,10 +257,24 @@ def test_saved_model_cli_lists_signatures_and_runs_serving_default(exported, tmp
     x = np.random.default_rng(3).standard_normal((2, 5, 3)).astype("float32")
     np.save(tmp_path / "x.npy", x)
     subprocess.run(
-        [cli, "run", "--dir", exported["export_dir"], "--tag_set", "serve",
-         "--signature_def", "serving_default", "--inputs", f"readings={tmp_path / 'x.npy'}",
-         "--outdir", str(tmp_path / "out")],
-        capture_output=True, text=True, env=env, check=True,
+        [
+            cli,
+            "run",
+            "--dir",
+            exported["export_dir"],
+            "--tag_set",
+            "serve",
+            "--signature_def",
+            "serving_default",
+            "--inputs",
+            f"readings={tmp_path / 'x.npy'}",
+            "--outdir",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
     )
     per_step, forecast = exported["model"].predict(x, verbose=0)
     np.testing.assert_allclose(np.load(tmp_path / "out" / "forecast.npy"), forecast, atol=1e-5)
@@ -349,8 +382,11 @@ def test_streaming_true_on_a_bidirectional_model_says_why_and_what_to_do(tmp_pat
     model = keras.Sequential(
         [keras.Input((None, 3)), keras.layers.Bidirectional(GatedLSTM(4)), keras.layers.Dense(1)]
     )
-    with pytest.raises(ValueError, match=r"`bidirectional` \(Bidirectional\) may mix time steps"
-                       r".*Pass streaming=False"):
+    with pytest.raises(
+        ValueError,
+        match=r"`bidirectional` \(Bidirectional\) may mix time steps"
+        r".*Pass streaming=False",
+    ):
         export_for_serving(model, tmp_path, streaming=True)
     assert os.listdir(tmp_path) == []
 
@@ -384,8 +420,9 @@ def test_stateful_subclassed_model_is_refused_with_what_to_do(tmp_path):
         export_for_serving(model, tmp_path)
     wrapped_input = keras.Input(batch_shape=(2, None, 3))
     wrapped = keras.Model(wrapped_input, model(wrapped_input))
-    with pytest.raises(ValueError, match="stateful recurrent layers .* rebuild the model with "
-                       "stateful=False"):
+    with pytest.raises(
+        ValueError, match="stateful recurrent layers .* rebuild the model with stateful=False"
+    ):
         export_for_serving(wrapped, tmp_path)
 
 

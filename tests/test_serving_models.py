@@ -21,9 +21,7 @@ SHAPES = [(1, 3), (4, 6)]
 
 
 def single():
-    return keras.Sequential(
-        [keras.Input((None, 3), name="x"), GatedLSTM(6), keras.layers.Dense(1)]
-    )
+    return keras.Sequential([keras.Input((None, 3), name="x"), GatedLSTM(6), keras.layers.Dense(1)])
 
 
 def stacked_per_step():
@@ -41,22 +39,33 @@ def stacked_per_step():
 
 def masked():
     return keras.Sequential(
-        [keras.Input((None, 3), name="x"), keras.layers.Masking(), GatedLSTM(4),
-         keras.layers.Dense(1)]
+        [
+            keras.Input((None, 3), name="x"),
+            keras.layers.Masking(),
+            GatedLSTM(4),
+            keras.layers.Dense(1),
+        ]
     )
 
 
 def bidirectional():
     return keras.Sequential(
-        [keras.Input((None, 3), name="x"), keras.layers.Bidirectional(GatedLSTM(4)),
-         keras.layers.Dense(1)]
+        [
+            keras.Input((None, 3), name="x"),
+            keras.layers.Bidirectional(GatedLSTM(4)),
+            keras.layers.Dense(1),
+        ]
     )
 
 
 def keras_lstm_layers():
     return keras.Sequential(
-        [keras.Input((None, 3), name="x"), keras.layers.LSTM(4, return_sequences=True),
-         keras.layers.GRU(3), keras.layers.Dense(1)]
+        [
+            keras.Input((None, 3), name="x"),
+            keras.layers.LSTM(4, return_sequences=True),
+            keras.layers.GRU(3),
+            keras.layers.Dense(1),
+        ]
     )
 
 
@@ -73,8 +82,11 @@ def test_model_shapes_export_and_load_without_keras(tmp_path):
     for tag, build in builders.items():
         model = build()
         export_dir = export_for_serving(model, tmp_path / tag)
-        cases.append(make_case(model, export_dir, str(tmp_path), sequences(
-            SHAPES, 3, masked=tag == "masked"), tag))
+        cases.append(
+            make_case(
+                model, export_dir, str(tmp_path), sequences(SHAPES, 3, masked=tag == "masked"), tag
+            )
+        )
     report = run_without_keras(cases, str(tmp_path))
     assert report["keras_blocked"]
     results = dict(zip(builders, report["cases"], strict=True))
@@ -91,8 +103,11 @@ def test_model_shapes_export_and_load_without_keras(tmp_path):
 def test_stateful_model_is_served_stateless_with_the_same_weights(tmp_path):
     keras.utils.set_random_seed(5)
     stateful = keras.Sequential(
-        [keras.Input(batch_shape=(2, 5, 3), name="x"), GatedLSTM(4, stateful=True),
-         keras.layers.Dense(1, name="y")]
+        [
+            keras.Input(batch_shape=(2, 5, 3), name="x"),
+            GatedLSTM(4, stateful=True),
+            keras.layers.Dense(1, name="y"),
+        ]
     )
     # An independent reference: keras.layers.LSTM, stateless, the same weights.
     reference = keras.Sequential(

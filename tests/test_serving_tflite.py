@@ -33,8 +33,12 @@ def op_names(runner):
 
 def test_fixed_length_model_unrolls_to_builtin_ops_and_matches_keras(tmp_path):
     model = keras.Sequential(
-        [keras.Input((6, 3)), GatedLSTM(5, return_sequences=True), GatedLSTM(4),
-         keras.layers.Dense(2)]
+        [
+            keras.Input((6, 3)),
+            GatedLSTM(5, return_sequences=True),
+            GatedLSTM(4),
+            keras.layers.Dense(2),
+        ]
     )
     path = export_tflite(model, tmp_path / "m.tflite")
     runner = interpreter(path)
@@ -75,8 +79,12 @@ def test_path_that_is_a_folder_is_refused(tmp_path):
 @pytest.mark.slow
 def test_free_length_keeps_a_builtin_while_loop_for_any_length(tmp_path):
     model = keras.Sequential(
-        [keras.Input((None, 3)), keras.layers.Masking(), GatedLSTM(4, return_sequences=True),
-         keras.layers.Dense(1)]
+        [
+            keras.Input((None, 3)),
+            keras.layers.Masking(),
+            GatedLSTM(4, return_sequences=True),
+            keras.layers.Dense(1),
+        ]
     )
     runner = interpreter(export_tflite(model, tmp_path / "m.tflite"))
     assert "WHILE" in op_names(runner)
@@ -99,8 +107,9 @@ def test_unrolled_model_with_a_free_batch_matches_keras(tmp_path, kind):
     else:
         layers = [GatedLSTM(4, stateful=True)]
     batch = 4 if kind == "stateful" else None
-    model = keras.Sequential([keras.Input(batch_shape=(batch, 7, 3)), *layers,
-                              keras.layers.Dense(2)])
+    model = keras.Sequential(
+        [keras.Input(batch_shape=(batch, 7, 3)), *layers, keras.layers.Dense(2)]
+    )
     reference = model
     if kind == "stateful":  # served stateless: compare with a stateless twin
         reference = keras.Sequential([keras.Input((7, 3)), GatedLSTM(4), keras.layers.Dense(2)])
