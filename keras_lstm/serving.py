@@ -626,11 +626,17 @@ def _stream_plan(model):
 
 
 def _warmup_inputs(model, plan):
-    """`(signature, {input name: array})` pairs, random but reproducible."""
+    """`(signature, {input name: array})` pairs, random but reproducible.
+
+    Sequences have the model's own length where it declares one (XLA
+    compiles once per shape, so warm up the shape traffic will have).
+    """
     rng = np.random.default_rng(0)
+    declared = [t.shape[1] for t in _model_inputs(model) if len(t.shape) == 3]
+    steps = declared[0] if declared and declared[0] is not None else _WARMUP_TIMESTEPS
 
     def sample(spec, batch):
-        shape = [batch] + [_WARMUP_TIMESTEPS if d is None else d for d in spec.shape[1:]]
+        shape = [batch] + [steps if d is None else d for d in spec.shape[1:]]
         if spec.dtype.is_floating:
             return rng.standard_normal(shape).astype(spec.dtype.as_numpy_dtype)
         return np.zeros(shape, spec.dtype.as_numpy_dtype)
