@@ -15,6 +15,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import shutil
 import warnings
@@ -183,7 +185,8 @@ def export_for_serving(
     created_base = not os.path.exists(base_dir)
     try:
         with atomic_directory(version_dir, overwrite=overwrite) as tmp:
-            archive.write_out(tmp, verbose=False)
+            with _quiet_tensorflow_logger():
+                archive.write_out(tmp, verbose=False)
             if warmup:
                 _write_warmup(tmp, model, plan, model_name=os.path.basename(base_dir))
     except BaseException:
@@ -191,6 +194,20 @@ def export_for_serving(
             shutil.rmtree(base_dir, ignore_errors=True)
         raise
     return version_dir
+
+
+@contextlib.contextmanager
+def _quiet_tensorflow_logger():
+    """Hide tf.saved_model.save's "Assets written to <temporary folder>" line."""
+    import tensorflow as tf
+
+    logger = tf.get_logger()
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 # ----------------------------------------------------------------- checks
@@ -783,7 +800,8 @@ def export_tflite(
             return dict(zip(names, keras.tree.flatten(outputs), strict=True))
 
         archive.add_endpoint("serving_default", serve, input_signature=specs)
-        archive.write_out(saved_model_dir, verbose=False)
+        with _quiet_tensorflow_logger():
+            archive.write_out(saved_model_dir, verbose=False)
         converter = tf.lite.TFLiteConverter.from_saved_model(saved_model_dir)
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
         if allow_flex:
