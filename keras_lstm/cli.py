@@ -25,15 +25,19 @@ def _export(args) -> int:
 
     from keras_lstm.serving import export_for_serving
 
-    model = keras.saving.load_model(args.model, compile=False)
-    path = export_for_serving(
-        model,
-        args.base_dir,
-        args.version,
-        jit_compile=not args.no_jit,
-        streaming=False if args.no_streaming else "auto",
-        overwrite=args.overwrite,
-    )
+    try:
+        model = keras.saving.load_model(args.model, compile=False)
+        path = export_for_serving(
+            model,
+            args.base_dir,
+            args.version,
+            jit_compile=not args.no_jit,
+            streaming=False if args.no_streaming else "auto",
+            overwrite=args.overwrite,
+        )
+    except (ValueError, TypeError, OSError) as error:
+        print(f"keras-lstm export: {error}", file=sys.stderr)
+        return 1
     print(path)
     return 0
 
