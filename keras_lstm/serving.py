@@ -132,8 +132,9 @@ def export_for_serving(
         version: Positive integer version. Default: `None`, one more than the
             largest version in `base_dir` (1 if none).
         jit_compile: Compile the signatures with XLA (`tf.function(
-            jit_compile=True)`); the server must be able to run XLA (see
-            docs/serving.md). Default: `True`.
+            jit_compile=True)`). The server must run XLA: start
+            `tensorflow_model_server` with `--xla_cpu_compilation_enabled=true`,
+            or export with `False` (see docs/serving.md). Default: `True`.
         streaming: `"auto"` adds `step` and `initial_state` when the model
             allows it and skips them silently otherwise; `True` requires them
             and raises a `ValueError` saying why when the model does not
@@ -430,9 +431,8 @@ class _Recurrent:
 
 @dataclass
 class _StreamPlan:
-    """How to run `model` one time step at a time."""
+    """How to run a model's graph one time step at a time."""
 
-    model: keras.Model
     graph: object
     input_spec: object  # tf.TensorSpec of the sequence input
     recurrent: list  # _Recurrent, in graph order
@@ -636,7 +636,7 @@ def _stream_plan(model):
     if len(set(names)) != len(names) or clashes:
         return None, f"state names {sorted(clashes) or names} clash with other names."
     output_kinds = [kinds[id(t)] for t in graph.outputs]
-    return _StreamPlan(model, graph, _input_specs(model)[0], recurrent, output_kinds), None
+    return _StreamPlan(graph, _input_specs(model)[0], recurrent, output_kinds), None
 
 
 # ----------------------------------------------------------------- warmup
