@@ -58,6 +58,18 @@ def bidirectional():
     )
 
 
+def fixed_length():
+    """Built for 6 steps: `step` runs it one step at a time all the same."""
+    return keras.Sequential(
+        [
+            keras.Input((6, 3), name="x"),
+            GatedLSTM(4, return_sequences=True),
+            GatedLSTM(3),
+            keras.layers.Dense(1),
+        ]
+    )
+
+
 def keras_lstm_layers():
     return keras.Sequential(
         [
@@ -77,16 +89,15 @@ def test_model_shapes_export_and_load_without_keras(tmp_path):
         "masked": masked,
         "bidirectional": bidirectional,
         "keras_lstm_gru": keras_lstm_layers,
+        "fixed_length": fixed_length,
     }
     cases = []
     for tag, build in builders.items():
         model = build()
         export_dir = export_for_serving(model, tmp_path / tag)
-        cases.append(
-            make_case(
-                model, export_dir, str(tmp_path), sequences(SHAPES, 3, masked=tag == "masked"), tag
-            )
-        )
+        shapes = [(1, 6), (4, 6)] if tag == "fixed_length" else SHAPES
+        batches = sequences(shapes, 3, masked=tag == "masked")
+        cases.append(make_case(model, export_dir, str(tmp_path), batches, tag))
     report = run_without_keras(cases, str(tmp_path))
     assert report["keras_blocked"]
     results = dict(zip(builders, report["cases"], strict=True))
