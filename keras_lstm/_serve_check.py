@@ -37,6 +37,7 @@ WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
 
 def launch(base_dir: str) -> int:
     """Run `check(base_dir)` in a fresh process without Keras; return its exit code."""
+    newest_version(base_dir)  # a missing or empty folder fails here, before TensorFlow starts
     code = BLOCKER + (
         f"import runpy\nrunpy.run_path({os.path.abspath(__file__)!r}, run_name='__main__')\n"
     )
@@ -48,10 +49,10 @@ def launch(base_dir: str) -> int:
 def newest_version(base_dir: str) -> str:
     """The path of the highest numbered version folder in `base_dir`."""
     if not os.path.isdir(base_dir):
-        raise SystemExit(f"serve-check: `{base_dir}` is not a folder.")
+        raise ValueError(f"`{base_dir}` is not a folder.")
     versions = [int(name) for name in os.listdir(base_dir) if name.isdigit()]
     if not versions:
-        raise SystemExit(f"serve-check: `{base_dir}` holds no numbered version folder.")
+        raise ValueError(f"`{base_dir}` holds no numbered version folder.")
     return os.path.join(base_dir, str(max(versions)))
 
 
@@ -98,9 +99,9 @@ def replay_warmup(export_dir: str, loaded) -> int:
 
 
 def check(base_dir: str) -> int:
+    export_dir = newest_version(base_dir)
     import tensorflow as tf
 
-    export_dir = newest_version(base_dir)
     print(f"Loading {export_dir} with tf.saved_model.load")
     loaded = tf.saved_model.load(export_dir)
     for name, signature in sorted(loaded.signatures.items()):
@@ -123,4 +124,7 @@ def check(base_dir: str) -> int:
 if __name__ == "__main__":
     if len(sys.argv) != 2:
         raise SystemExit("usage: _serve_check.py BASE_DIR")
-    sys.exit(check(sys.argv[1]))
+    try:
+        sys.exit(check(sys.argv[1]))
+    except ValueError as error:
+        raise SystemExit(f"serve-check: {error}") from None

@@ -45,7 +45,11 @@ def _export(args) -> int:
 def _serve_check(args) -> int:
     from keras_lstm import _serve_check
 
-    return _serve_check.launch(args.base_dir)
+    try:
+        return _serve_check.launch(args.base_dir)
+    except ValueError as error:
+        print(f"keras-lstm serve-check: {error}", file=sys.stderr)
+        return 1
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -429,3 +429,22 @@ def test_stateful_subclassed_model_is_refused_with_what_to_do(tmp_path):
 def test_non_model_is_refused():
     with pytest.raises(TypeError, match="`model` must be a keras.Model, got GatedLSTM"):
         export_for_serving(GatedLSTM(3), "unused")
+
+
+def test_serve_check_on_a_folder_without_versions_says_so(tmp_path, capsys):
+    from keras_lstm import cli
+
+    os.makedirs(tmp_path / "not-a-version")
+    assert cli.main(["serve-check", str(tmp_path)]) == 1
+    assert "holds no numbered version folder" in capsys.readouterr().err
+    assert cli.main(["serve-check", str(tmp_path / "missing")]) == 1
+    assert "is not a folder" in capsys.readouterr().err
+
+
+def test_cli_export_of_a_missing_model_file_fails_in_one_line(tmp_path, capsys):
+    from keras_lstm import cli
+
+    assert cli.main(["export", str(tmp_path / "none.keras"), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("keras-lstm export: ") and len(err.strip().splitlines()) == 1
+    assert not os.path.exists(tmp_path / "out")
