@@ -8,12 +8,15 @@ Public names:
 - `trace_gates`, `plot_gates`: every gate and state of a model's LSTM layers over time.
 - `from_torch`, `to_torch`, `from_keras`: move weights from and to `torch.nn.LSTM`
   and `keras.layers.LSTM`.
+- `export_for_serving`: write a TensorFlow Serving version (whole-sequence and streaming).
+- `export_tflite`: write a TFLite model.
 """
 
 from keras_lstm.cell import GatedLSTMCell, LSTMGates
 from keras_lstm.interop import from_keras, from_torch, to_torch
 from keras_lstm.introspect import plot_gates, trace_gates
 from keras_lstm.layer import GatedLSTM
+from keras_lstm.serving import export_for_serving, export_tflite
 
 __version__ = "0.1.0"
 
@@ -22,6 +25,8 @@ __all__ = [
     "GatedLSTMCell",
     "LSTMGates",
     "__version__",
+    "export_for_serving",
+    "export_tflite",
     "from_keras",
     "from_torch",
     "plot_gates",

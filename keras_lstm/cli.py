@@ -20,6 +20,38 @@ def _demo(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    import keras
+
+    from keras_lstm.serving import export_for_serving
+
+    try:
+        model = keras.saving.load_model(args.model, compile=False)
+        path = export_for_serving(
+            model,
+            args.base_dir,
+            args.version,
+            jit_compile=not args.no_jit,
+            streaming=False if args.no_streaming else "auto",
+            overwrite=args.overwrite,
+        )
+    except (ValueError, TypeError, OSError) as error:
+        print(f"keras-lstm export: {error}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+def _serve_check(args) -> int:
+    from keras_lstm import _serve_check
+
+    try:
+        return _serve_check.launch(args.base_dir)
+    except ValueError as error:
+        print(f"keras-lstm serve-check: {error}", file=sys.stderr)
+        return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="keras-lstm", description="An LSTM for Keras 3 whose gates are code you can read."
@@ -36,6 +68,32 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=_positive_int, default=8)
     demo.add_argument("--units", type=_positive_int, default=32)
     demo.set_defaults(run=_demo)
+
+    export = commands.add_parser(
+        "export",
+        help="export a saved .keras model as a new TensorFlow Serving version",
+        description="Write BASE_DIR/<version>/ (SavedModel with serving_default, and step and "
+        "initial_state where the model can stream, plus warmup requests), atomically.",
+    )
+    export.add_argument("model", help="a model saved with model.save('....keras')")
+    export.add_argument("base_dir", help="the folder TensorFlow Serving watches")
+    export.add_argument(
+        "--version", type=_positive_int, default=None, help="default: the next free number"
+    )
+    export.add_argument("--no-jit", action="store_true", help="do not compile with XLA")
+    export.add_argument("--no-streaming", action="store_true", help="write serving_default only")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing version")
+    export.set_defaults(run=_export)
+
+    serve_check = commands.add_parser(
+        "serve-check",
+        help="load the newest version without Keras, as a server would, and run each signature",
+        description="In a fresh Python process where Keras cannot be imported, load the newest "
+        "version in BASE_DIR with tf.saved_model.load, print each signature's inputs and "
+        "outputs, run it on a random batch and replay the warmup requests.",
+    )
+    serve_check.add_argument("base_dir", help="the folder holding numbered versions")
+    serve_check.set_defaults(run=_serve_check)
     return parser
 
 

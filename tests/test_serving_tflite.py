@@ -1,0 +1,125 @@
+"""`export_tflite`: builtin-op TFLite models that match Keras within 1e-4."""
+
+import os
+import warnings
+
+import keras
+import numpy as np
+import pytest
+
+from keras_lstm import GatedLSTM, export_tflite
+
+
+def interpreter(path):
+    import tensorflow as tf
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tf.lite.Interpreter announces its successor
+        return tf.lite.Interpreter(model_path=str(path))
+
+
+def run(runner, x):
+    details = runner.get_input_details()[0]
+    runner.resize_tensor_input(details["index"], x.shape)
+    runner.allocate_tensors()
+    runner.set_tensor(details["index"], x)
+    runner.invoke()
+    return runner.get_tensor(runner.get_output_details()[0]["index"])
+
+
+def op_names(runner):
+    return {op["op_name"] for op in runner._get_ops_details()}
+
+
+def test_fixed_length_model_unrolls_to_builtin_ops_and_matches_keras(tmp_path):
+    model = keras.Sequential(
+        [
+            keras.Input((6, 3)),
+            GatedLSTM(5, return_sequences=True),
+            GatedLSTM(4),
+            keras.layers.Dense(2),
+        ]
+    )
+    path = export_tflite(model, tmp_path / "m.tflite")
+    runner = interpreter(path)
+    x = np.random.default_rng(0).standard_normal((1, 6, 3)).astype("float32")
+    np.testing.assert_allclose(run(runner, x), model.predict(x, verbose=0), atol=1e-4)
+    ops = op_names(runner)
+    assert {"FULLY_CONNECTED", "LOGISTIC", "TANH"} <= ops
+    assert "WHILE" not in ops and not any(op.startswith("Flex") for op in ops)
+    assert list(runner.get_input_details()[0]["shape_signature"]) == [1, 6, 3]
+
+
+def test_timesteps_that_contradict_the_model_are_refused(tmp_path):
+    model = keras.Sequential([keras.Input((6, 3)), GatedLSTM(4)])
+    with pytest.raises(ValueError, match="`timesteps` is 8, but the model was built for .*6"):
+        export_tflite(model, tmp_path / "m.tflite", timesteps=8)
+
+
+def test_free_batch_and_free_length_need_flex(tmp_path):
+    model = keras.Sequential([keras.Input((None, 3)), GatedLSTM(4)])
+    with pytest.raises(ValueError, match="`batch_size` must be fixed.*allow_flex=True"):
+        export_tflite(model, tmp_path / "m.tflite", batch_size=None)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("argument", ["timesteps", "batch_size"])
+def test_sizes_must_be_positive_integers(tmp_path, argument):
+    model = keras.Sequential([keras.Input((None, 3)), GatedLSTM(4)])
+    with pytest.raises(ValueError, match=f"`{argument}` must be a positive integer"):
+        export_tflite(model, tmp_path / "m.tflite", **{argument: 0})
+
+
+def test_path_that_is_a_folder_is_refused(tmp_path):
+    model = keras.Sequential([keras.Input((None, 3)), GatedLSTM(4)])
+    with pytest.raises(ValueError, match="`path` must be a file name"):
+        export_tflite(model, tmp_path, timesteps=4)
+
+
+@pytest.mark.slow
+def test_free_length_keeps_a_builtin_while_loop_for_any_length(tmp_path):
+    model = keras.Sequential(
+        [
+            keras.Input((None, 3)),
+            keras.layers.Masking(),
+            GatedLSTM(4, return_sequences=True),
+            keras.layers.Dense(1),
+        ]
+    )
+    runner = interpreter(export_tflite(model, tmp_path / "m.tflite"))
+    assert "WHILE" in op_names(runner)
+    assert list(runner.get_input_details()[0]["shape_signature"]) == [1, -1, 3]
+    rng = np.random.default_rng(1)
+    for steps in (3, 9):
+        x = rng.standard_normal((1, steps, 3)).astype("float32")
+        x[0, -1] = 0.0
+        np.testing.assert_allclose(run(runner, x), model.predict(x, verbose=0), atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["masked_stacked", "bidirectional", "stateful"])
+def test_unrolled_model_with_a_free_batch_matches_keras(tmp_path, kind):
+    keras.utils.set_random_seed(2)
+    if kind == "masked_stacked":
+        layers = [keras.layers.Masking(), GatedLSTM(5, return_sequences=True), GatedLSTM(3)]
+    elif kind == "bidirectional":
+        layers = [keras.layers.Bidirectional(GatedLSTM(4))]
+    else:
+        layers = [GatedLSTM(4, stateful=True)]
+    batch = 4 if kind == "stateful" else None
+    model = keras.Sequential(
+        [keras.Input(batch_shape=(batch, 7, 3)), *layers, keras.layers.Dense(2)]
+    )
+    reference = model
+    if kind == "stateful":  # served stateless: compare with a stateless twin
+        reference = keras.Sequential([keras.Input((7, 3)), GatedLSTM(4), keras.layers.Dense(2)])
+        reference.set_weights(model.get_weights())
+        with pytest.warns(UserWarning, match="stateful"):
+            path = export_tflite(model, tmp_path / "m.tflite", batch_size=None)
+    else:
+        path = export_tflite(model, tmp_path / "m.tflite", batch_size=None)
+    runner = interpreter(path)
+    assert not any(op.startswith("Flex") for op in op_names(runner))
+    x = np.random.default_rng(4).standard_normal((4, 7, 3)).astype("float32")
+    x[1, -3:] = 0.0
+    np.testing.assert_allclose(run(runner, x), reference.predict(x, verbose=0), atol=1e-4)
