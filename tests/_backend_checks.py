@@ -95,7 +95,7 @@ def outputs(cases, layer_class=GatedLSTM) -> dict[str, np.ndarray]:
     for name, (layer_args, call_names) in OUTPUT_CASES.items():
         out = _layer(cases, layer_class, **layer_args)(x, **_call_args(cases, call_names))
         out = out if isinstance(out, (list, tuple)) else [out]
-        for part, value in zip(("output", "h", "c"), out):
+        for part, value in zip(("output", "h", "c"), out, strict=False):
             results[f"{name}/{part}"] = ops.convert_to_numpy(value)
 
     # Stateful: the second batch starts from the first batch's final state, and
@@ -111,7 +111,7 @@ def outputs(cases, layer_class=GatedLSTM) -> dict[str, np.ndarray]:
 
 def _loss(cases, out):
     total = 0.0
-    for value, name in zip(out, ("cot_sequence", "cot_h", "cot_c")):
+    for value, name in zip(out, ("cot_sequence", "cot_h", "cot_c"), strict=True):
         total = total + ops.sum(value * ops.convert_to_tensor(cases[name]))
     return total
 
@@ -150,7 +150,7 @@ def gradients(cases) -> dict[str, np.ndarray]:
         grads = [v.value.grad for v in layer.trainable_variables] + [x.grad]
     else:
         raise ValueError(f"No gradient check written for backend {backend!r}.")
-    by_path = dict(zip([v.path for v in layer.trainable_variables] + ["x"], grads))
+    by_path = dict(zip([v.path for v in layer.trainable_variables] + ["x"], grads, strict=True))
     results = {}
     for name in names:
         (path,) = [p for p in by_path if p.endswith("/" + name)]

@@ -21,6 +21,8 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _distribution_checks as checks  # noqa: E402
 
+import keras_lstm  # noqa: E402, F401  (registers GatedLSTM for load_model)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "tests", "_distribution_checks.py")
 TIMEOUT_S = 240
@@ -38,7 +40,7 @@ def single_device_weights():
     keras.utils.set_random_seed(0)
     weights = checks.train()
     initial = checks.make_data()[2]
-    assert max(np.abs(a - b).max() for a, b in zip(weights, initial)) > 1e-2
+    assert max(np.abs(a - b).max() for a, b in zip(weights, initial, strict=True)) > 1e-2
     return weights
 
 
@@ -75,9 +77,7 @@ def _start(args, env):
 def _assert_same_weights(path, reference, replicas_key="replicas", replicas=2):
     with np.load(path) as data:
         assert int(data[replicas_key]) == replicas
-        diff = max(
-            float(np.abs(data[f"weight_{i}"] - w).max()) for i, w in enumerate(reference)
-        )
+        diff = max(float(np.abs(data[f"weight_{i}"] - w).max()) for i, w in enumerate(reference))
     print(f"\n{os.path.basename(path)}: max abs diff to one device {diff:.2e}")
     assert diff <= TOLERANCE
 
@@ -123,5 +123,32 @@ def test_jax_data_parallel_on_two_cpus_matches_one_device(tmp_path, single_devic
     with np.load(out) as data:
         single_jax = [data[f"single_{i}"] for i in range(len(single_device_weights))]
     # JAX on one device agrees with TensorFlow on one device, too.
-    for got, want in zip(single_jax, single_device_weights):
+    for got, want in zip(single_jax, single_device_weights, strict=True):
         np.testing.assert_allclose(got, want, atol=TOLERANCE)
+
+
+EXAMPLES = {
+    "tf_mirrored": ["distributed_tf.py", "--strategy", "mirrored"],
+    "tf_multi_worker": ["distributed_tf.py", "--strategy", "multi-worker", "--workers", "2"],
+    "jax_data_parallel": ["distributed_jax.py", "--cpu-devices", "2"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_distributed_example_trains_and_saves_a_loadable_model(name, tmp_path):
+    script, *args = EXAMPLES[name]
+    if script.endswith("_jax.py") and importlib.util.find_spec("jax") is None:
+        pytest.skip("jax is not installed")
+    out = tmp_path / "model.keras"
+    command = [sys.executable, os.path.join(ROOT, "examples", script), *args]
+    command += ["--epochs", "1", "--units", "4", "--timeout", "200", "--out", str(out)]
+    if script.endswith("_jax.py"):
+        command.remove("--timeout")
+        command.remove("200")
+    result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "validation loss" in result.stdout
+    model = keras.saving.load_model(out)
+    assert type(model.get_layer("gated_lstm")).__name__ == "GatedLSTM"
+    assert np.all(np.isfinite(model.predict(np.zeros((2, 24, 3), "float32"), verbose=0)))

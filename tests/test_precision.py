@@ -98,7 +98,7 @@ def test_cell_computes_gates_in_compute_dtype(policy, rng):
     reference.build((3, 2))
     reference.set_weights(cell.get_weights())
     want, _ = reference(x, states, return_gates=True)
-    for name, got, expected in zip(want._fields, gates, want):
+    for name, got, expected in zip(want._fields, gates, want, strict=True):
         assert _max_diff(got, expected) <= TOLERANCE[policy], name
 
 
