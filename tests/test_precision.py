@@ -21,6 +21,9 @@ POLICIES = ["mixed_float16", "mixed_bfloat16"]
 COMPUTE = {"mixed_float16": "float16", "mixed_bfloat16": "bfloat16"}
 # Worst abs error against float32 maths for values of order 1 (8 and 11 bit mantissas).
 TOLERANCE = {"mixed_float16": 5e-3, "mixed_bfloat16": 4e-2}
+# float16 trains under XLA as the demo does; bfloat16 as a plain tf.function
+# graph, which covers the other path (XLA compiling bfloat16 on a CPU costs ~10 s).
+JIT = {"mixed_float16": True, "mixed_bfloat16": False}
 
 
 @pytest.fixture
@@ -73,7 +76,7 @@ def test_mixed_policy_trains_forecaster_without_nan(policy):
     print(f"\n{policy}: forecaster output vs float32, max abs diff {diff:.2e}")
     assert diff <= TOLERANCE[policy]
 
-    model.compile(optimizer=keras.optimizers.Adam(3e-3), loss="mse", jit_compile=True)
+    model.compile(optimizer=keras.optimizers.Adam(3e-3), loss="mse", jit_compile=JIT[policy])
     if policy == "mixed_float16":
         assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
     history = model.fit(train.x, train.y, epochs=3, batch_size=32, verbose=0).history
