@@ -114,7 +114,7 @@ def test_multi_worker_mirrored_strategy_with_two_local_workers_matches_one_devic
         _assert_same_weights(tmp_path / f"worker{index}.npz", single_device_weights)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed")
+@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed (pip install 'keras-lstm[jax]')")
 def test_jax_data_parallel_on_two_cpus_matches_one_device(tmp_path, single_device_weights):
     out = tmp_path / "jax.npz"
     env = _env(KERAS_BACKEND="jax", XLA_FLAGS="--xla_force_host_platform_device_count=2")
