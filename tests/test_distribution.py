@@ -114,7 +114,10 @@ def test_multi_worker_mirrored_strategy_with_two_local_workers_matches_one_devic
         _assert_same_weights(tmp_path / f"worker{index}.npz", single_device_weights)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed (pip install 'keras-lstm[jax]')")
+@pytest.mark.skipif(
+    importlib.util.find_spec("jax") is None,
+    reason="jax is not installed (pip install 'keras-lstm[jax]')",
+)
 def test_jax_data_parallel_on_two_cpus_matches_one_device(tmp_path, single_device_weights):
     out = tmp_path / "jax.npz"
     env = _env(KERAS_BACKEND="jax", XLA_FLAGS="--xla_force_host_platform_device_count=2")
@@ -139,7 +142,7 @@ EXAMPLES = {
 def test_distributed_example_trains_and_saves_a_loadable_model(name, tmp_path):
     script, *args = EXAMPLES[name]
     if script.endswith("_jax.py") and importlib.util.find_spec("jax") is None:
-        pytest.skip("jax is not installed")
+        pytest.skip("jax is not installed (pip install 'keras-lstm[jax]')")
     out = tmp_path / "model.keras"
     command = [sys.executable, os.path.join(ROOT, "examples", script), *args]
     command += ["--epochs", "1", "--units", "4", "--timeout", "200", "--out", str(out)]
