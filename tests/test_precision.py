@@ -177,3 +177,20 @@ def test_mixed_policy_model_exports_as_saved_model(policy, tmp_path):
     signature = served.signatures["serving_default"]
     (output,) = signature(tf.constant(x)).values()
     np.testing.assert_allclose(np.asarray(output, "float32"), expected.astype("float32"), atol=1e-3)
+
+
+def test_float32_output_layer_serves_float32_under_mixed_float16(tmp_path, rng):
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        inputs = keras.Input((WINDOW, 3))
+        hidden = GatedLSTM(6)(inputs)
+        model = keras.Model(inputs, keras.layers.Dense(1, dtype="float32")(hidden))
+    finally:
+        keras.config.set_dtype_policy("float32")
+    assert _dtype(hidden) == "float16"
+    x = rng.normal(size=(2, WINDOW, 3)).astype("float32")
+    model.export(str(tmp_path / "served"), format="tf_saved_model")
+    served = tf.saved_model.load(str(tmp_path / "served"))
+    got = served.serve(tf.constant(x))
+    assert got.dtype == tf.float32
+    np.testing.assert_allclose(got.numpy(), model.predict(x, verbose=0), atol=1e-6)
