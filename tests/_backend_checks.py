@@ -189,6 +189,24 @@ def training(cases) -> tuple[dict[str, np.ndarray], keras.Model]:
     return results, model
 
 
+def stateful_training(cases) -> dict[str, np.ndarray]:
+    """model.fit on a stateful forecaster: each batch starts from the last one's state."""
+    model = keras.Sequential(
+        [
+            keras.Input((TIME, FEATURES), batch_size=2),
+            GatedLSTM(UNITS, stateful=True, name="lstm"),
+            keras.layers.Dense(1),
+        ]
+    )
+    model.set_weights(forecaster(cases).get_weights())
+    jit = keras.backend.backend() != "torch"
+    model.compile(optimizer=keras.optimizers.SGD(0.5), loss="mse", jit_compile=jit)
+    model.fit(cases["x"], cases["y"], batch_size=2, epochs=2, shuffle=False, verbose=0)
+    results = {f"stateful_fit/weight_{i}": w for i, w in enumerate(model.get_weights())}
+    results["stateful_fit/h"] = ops.convert_to_numpy(model.get_layer("lstm").states[0])
+    return results
+
+
 def mixed_precision(cases) -> dict[str, np.ndarray]:
     """A stateful layer under mixed_float16: outputs, state variables, reset_state."""
     layer = _layer(cases, stateful=True, return_sequences=True, dtype="mixed_float16")
@@ -207,7 +225,12 @@ def mixed_precision(cases) -> dict[str, np.ndarray]:
 
 
 def run_all(cases) -> tuple[dict[str, np.ndarray], keras.Model]:
-    results = {**outputs(cases), **gradients(cases), **mixed_precision(cases)}
+    results = {
+        **outputs(cases),
+        **gradients(cases),
+        **mixed_precision(cases),
+        **stateful_training(cases),
+    }
     fit_results, model = training(cases)
     results.update(fit_results)
     return results, model

@@ -156,6 +156,25 @@ def test_compiled_training_steps_match_tensorflow(run, backend):
     assert _max_diff(weights["fit/weight_0"], cases["kernel"]) > 1e-3  # training moved it
 
 
+@pytest.mark.parametrize(
+    "backend",
+    [
+        pytest.param(
+            "jax",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="Keras's JAX trainer drops stateful RNN states in fit and predict "
+                "(keras.layers.LSTM too); direct calls carry them",
+            ),
+        ),
+        "torch",
+    ],
+)
+def test_stateful_model_fit_matches_tensorflow(run, backend):
+    assert np.abs(run["tensorflow"]["stateful_fit/h"]).max() > 1e-2
+    _assert_close(run, backend, "stateful_fit/")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_stateful_mixed_float16_matches_tensorflow(run, backend):
     got, want = _backend(run, backend), run["tensorflow"]
