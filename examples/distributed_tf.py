@@ -162,7 +162,7 @@ def _free_ports(count):
             s.close()
 
 
-def launch_local_workers(args):
+def launch_local_workers(args, argv):
     """Start `--workers` processes on 127.0.0.1, each with its own TF_CONFIG."""
     cluster = {"worker": [f"127.0.0.1:{p}" for p in _free_ports(args.workers)]}
     print(f"cluster: {cluster}")
@@ -170,7 +170,7 @@ def launch_local_workers(args):
     for index in range(args.workers):
         config = {"cluster": cluster, "task": {"type": "worker", "index": index}}
         env = {**os.environ, "TF_CONFIG": json.dumps(config)}
-        command = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--worker"]
+        command = [sys.executable, os.path.abspath(__file__), *argv, "--worker"]
         processes.append(subprocess.Popen(command, env=env))
     try:
         codes = [p.wait(timeout=args.timeout) for p in processes]
@@ -194,6 +194,7 @@ def main(argv=None):
     parser.add_argument("--timeout", type=float, default=600, help="seconds per worker")
     parser.add_argument("--out", help="save the trained model to this .keras file")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error(f"--workers must be a positive integer, got {args.workers}")
@@ -202,7 +203,7 @@ def main(argv=None):
     elif args.worker or "TF_CONFIG" in os.environ:
         run_worker(args)
     else:
-        launch_local_workers(args)
+        launch_local_workers(args, argv)
 
 
 if __name__ == "__main__":
