@@ -195,6 +195,15 @@ class GatedLSTM(keras.layers.RNN):
             )
         super().build(sequences_shape, initial_state_shape)
 
+    def _create_state_variables(self, batch_size):
+        super()._create_state_variables(batch_size)
+        # A stateful layer keeps its states in the variable dtype (float32 under
+        # a mixed policy) and never autocasts them: under the torch backend an
+        # autocast variable's assign() inside call() writes into a cast copy, so
+        # the state would silently restart from zeros at every batch.
+        for state in keras.tree.flatten(self.states):
+            state._autocast = False
+
     def call(self, sequences, initial_state=None, mask=None, training=False):
         self._check_call(sequences, initial_state, mask)
         return super().call(sequences, initial_state=initial_state, mask=mask, training=training)
