@@ -220,3 +220,53 @@ def test_native_kernel_can_be_switched_off(monkeypatch):
     monkeypatch.setattr(_native, "_state", {})
     monkeypatch.setenv("KERAS_LSTM_NATIVE", "0")
     assert _native.native_module() is None
+
+
+def test_pad_to_bucket_pads_to_a_multiple_and_masks_the_padding():
+    from keras_lstm import pad_to_bucket
+
+    a, b = np.arange(10.0).reshape(5, 2), np.ones((9, 2))
+    batch, mask = pad_to_bucket([a, b], bucket=8, value=-1.0)
+    assert batch.shape == (2, 16, 2) and batch.dtype == np.float32
+    np.testing.assert_array_equal(batch[0, :5], a)
+    assert (batch[0, 5:] == -1).all()
+    np.testing.assert_array_equal(mask.sum(axis=1), [5, 9])
+
+
+def test_padded_batch_gives_the_unpadded_result_and_one_compile_per_bucket(rng):
+    from keras_lstm import pad_to_bucket
+
+    layer = GatedLSTM(H)
+    layer.build((B, None, D))
+    traces = []
+
+    @tf.function(jit_compile=True)
+    def run(x, mask):
+        traces.append(x.shape)
+        return layer(x, mask=mask)
+
+    for length in (5, 7, 8):  # all in the bucket of 8
+        seqs = [rng.normal(size=(length, D)).astype("float32") for _ in range(B)]
+        batch, mask = pad_to_bucket(seqs, bucket=8)
+        np.testing.assert_allclose(
+            np.asarray(run(batch, mask)), np.asarray(layer(np.stack(seqs))), atol=TOL
+        )
+    assert len(traces) == 1
+
+
+@pytest.mark.parametrize(
+    "sequences, bucket, error, match",
+    [
+        ([np.ones((3, 2))], 0, ValueError, "`bucket` must be a positive integer"),
+        ([np.ones((3, 2))], 2.5, ValueError, "`bucket` must be a positive integer"),
+        (np.ones((2, 3, 2)), 4, TypeError, "`sequences` must be a list"),
+        ([], 4, ValueError, "`sequences` must not be empty"),
+        ([np.ones(3)], 4, ValueError, r"`sequences\[0\]` must have shape \(length, features\)"),
+        ([np.ones((3, 2)), np.ones((3, 4))], 4, ValueError, r"`sequences\[1\]` has 4 features"),
+    ],
+)
+def test_pad_to_bucket_rejects_bad_input(sequences, bucket, error, match):
+    from keras_lstm import pad_to_bucket
+
+    with pytest.raises(error, match=match):
+        pad_to_bucket(sequences, bucket=bucket)
