@@ -109,6 +109,18 @@ def test_fused_op_matches_keras_lstm(implementation, rng, options, masked, with_
     _assert_same(_run(ours, x, mask, state), _run(reference, x, mask, state))
 
 
+def test_fused_op_matches_keras_lstm_on_a_batch_split_across_threads(implementation, rng):
+    # Ten rows: the native kernel cuts the batch in chunks and uses full matrix products.
+    x = rng.normal(size=(10, T, D)).astype("float32")
+    mask = tf.constant(np.tile(MASK, (4, 1))[:10])
+    ours = GatedLSTM(H, return_sequences=True, return_state=True)
+    reference = keras.layers.LSTM(H, return_sequences=True, return_state=True)
+    ours.build(x.shape)
+    reference.build(x.shape)
+    reference.set_weights(ours.get_weights())
+    _assert_same(_run(ours, x, mask), _run(reference, x, mask))
+
+
 def test_fused_op_matches_the_cells_own_loop(implementation, rng):
     x, h0, c0 = _data(rng)
     fused, generic = _pair(reference_cls=GatedLSTM, return_sequences=True, go_backwards=True)
@@ -270,3 +282,27 @@ def test_pad_to_bucket_rejects_bad_input(sequences, bucket, error, match):
 
     with pytest.raises(error, match=match):
         pad_to_bucket(sequences, bucket=bucket)
+
+
+def test_benchmark_quick_run_writes_json_and_chart(tmp_path):
+    import json
+
+    from benchmarks import run
+
+    run.main(["--quick", "--modes", "eager", "--rounds", "1", "--no-torch",
+              "--target-seconds", "0.01", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "benchmark.json").read_text())
+    (only,) = result["runs"]
+    ours = only["contenders"]["GatedLSTM"]
+    assert set(only["contenders"]) == {"GatedLSTM", "keras.layers.LSTM", "keras.layers.RNN(LSTMCell)"}
+    assert ours["train_seq_per_s"] > 0 and ours["infer_seq_per_s"] > 0
+    assert ours["train_ratio_to keras.layers.LSTM"] > 0
+    assert 0 < ours["train_pct_of_matmul_limit"]
+    assert (tmp_path / "benchmark.png").stat().st_size > 1000
+
+
+def test_benchmark_rejects_malformed_sizes():
+    from benchmarks import run
+
+    with pytest.raises(SystemExit, match="--sizes: expected items like 64x100x32x128"):
+        run.main(["--sizes", "64x100x32", "--out", "unused"])

@@ -44,6 +44,27 @@ using ConstStrided =
 
 // Fewer rows than this per thread costs more in scheduling than it saves.
 constexpr int kMinRowsPerChunk = 4;
+// Below this many rows a matrix product repacks the whole weight matrix for
+// little work; row-by-row vector-matrix products skip the packing.
+constexpr int kMaxRowsForGemv = 4;
+
+// out (+)= a * b for row-major maps, by GEMV when `a` has few rows.
+template <typename A, typename B>
+void MultiplyInto(MatrixMap out, const A& a, const B& b, bool accumulate) {
+  if (a.rows() <= kMaxRowsForGemv) {
+    for (Eigen::Index r = 0; r < a.rows(); ++r) {
+      if (accumulate) {
+        out.row(r).noalias() += a.row(r) * b;
+      } else {
+        out.row(r).noalias() = a.row(r) * b;
+      }
+    }
+  } else if (accumulate) {
+    out.noalias() += a * b;
+  } else {
+    out.noalias() = a * b;
+  }
+}
 
 // Runs work(row_begin, row_end) over [0, rows) on the op's CPU worker pool.
 void ForEachChunk(OpKernelContext* ctx, int rows, const std::function<void(int, int)>& work) {
@@ -128,7 +149,7 @@ class LstmSequenceOp : public OpKernel {
         float* c = c_p + (t * batch + b0) * H;
         MatrixMap Z(z, rows, gates4);
         Z = ConstMatrixMap(xz_p + (t * batch + b0) * gates4, rows, gates4);
-        Z.noalias() += ConstMatrixMap(h_prev, rows, H) * U;
+        MultiplyInto(Z, ConstMatrixMap(h_prev, rows, H), U, /*accumulate=*/true);
 
         // Pre-activations become activations in place: they are what the
         // backward pass needs.
@@ -245,12 +266,12 @@ class LstmSequenceGradOp : public OpKernel {
           auto pass = (1.f - keep).replicate(1, H);
           dc = dct * f + pass * dc;
           dh = pass * dh;
-          MatrixMap(dh.data(), rows, H).noalias() +=
-              ConstMatrixMap(dz, rows, gates4) * U.transpose();
+          MultiplyInto(MatrixMap(dh.data(), rows, H), ConstMatrixMap(dz, rows, gates4),
+                       U.transpose(), /*accumulate=*/true);
         } else {
           dc = dct * f;
-          MatrixMap(dh.data(), rows, H).noalias() =
-              ConstMatrixMap(dz, rows, gates4) * U.transpose();
+          MultiplyInto(MatrixMap(dh.data(), rows, H), ConstMatrixMap(dz, rows, gates4),
+                       U.transpose(), /*accumulate=*/false);
         }
       }
     });
