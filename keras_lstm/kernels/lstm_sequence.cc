@@ -126,7 +126,9 @@ class LstmSequenceOp : public OpKernel {
     Tensor *h_out, *c_out, *gates_out;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, {steps, batch, units}, &h_out));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, {steps, batch, units}, &c_out));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, {steps, batch, gates4}, &gates_out));
+    // The gates take over xz's buffer when nothing else holds it (each step
+    // reads its slice of xz before writing the same slice of gates).
+    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 2, xz.shape(), &gates_out));
     if (steps == 0 || batch == 0) return;
 
     const float* xz_p = xz.flat<float>().data();
@@ -148,7 +150,9 @@ class LstmSequenceOp : public OpKernel {
         float* h = h_p + (t * batch + b0) * H;
         float* c = c_p + (t * batch + b0) * H;
         MatrixMap Z(z, rows, gates4);
-        Z = ConstMatrixMap(xz_p + (t * batch + b0) * gates4, rows, gates4);
+        if (z != xz_p + (t * batch + b0) * gates4) {
+          Z = ConstMatrixMap(xz_p + (t * batch + b0) * gates4, rows, gates4);
+        }
         MultiplyInto(Z, ConstMatrixMap(h_prev, rows, H), U, /*accumulate=*/true);
 
         // Pre-activations become activations in place: they are what the
