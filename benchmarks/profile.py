@@ -55,7 +55,9 @@ def profile(size):
         parts["native backward recurrence"] = lambda: module.keras_lstm_sequence_grad(
             u, h0, c0, none, c, g, h, c
         )[0].numpy()
-    xla_forward = tf.function(lambda xz: _while_loop._forward(xz, u, h0, c0, None), jit_compile=True)
+    xla_forward = tf.function(
+        lambda xz: _while_loop._forward(xz, u, h0, c0, None), jit_compile=True
+    )
     h, c, g = xla_forward(xz)
     xla_backward = tf.function(
         lambda c, g, h: _while_loop._backward(u, c0, None, c, g, h, c), jit_compile=True
@@ -63,8 +65,8 @@ def profile(size):
     parts["XLA forward recurrence"] = lambda: xla_forward(xz)[0].numpy()
     parts["XLA backward recurrence"] = lambda: xla_backward(c, g, h)[0].numpy()
     step_gemm_a = tf.random.normal((batch, units))
-    parts[f"one step matmul ({batch}x{units}) @ ({units}x{4 * units}), eager op"] = (
-        lambda: tf.matmul(step_gemm_a, u).numpy()
+    parts[f"one step matmul ({batch}x{units}) @ ({units}x{4 * units}), eager op"] = lambda: (
+        tf.matmul(step_gemm_a, u).numpy()
     )
     return {name: _median_ms(fn) for name, fn in parts.items()}
 

@@ -41,7 +41,9 @@ def _parse_sizes(text: str) -> list[tuple[int, int, int, int]]:
     for item in text.split(","):
         parts = item.lower().split("x")
         if len(parts) != 4 or not all(p.isdigit() and int(p) > 0 for p in parts):
-            raise SystemExit(f"--sizes: expected items like 64x100x32x128 (B x T x D x H), got {item!r}")
+            raise SystemExit(
+                f"--sizes: expected items like 64x100x32x128 (B x T x D x H), got {item!r}"
+            )
         sizes.append(tuple(int(p) for p in parts))
     return sizes
 
@@ -265,7 +267,7 @@ def _bench_size(size, mode, rounds, with_torch, target_s):
             "infer_s_rounds": res["infer_s"],
         }
     limit = summary.pop("matmul limit")
-    for name, row in summary.items():
+    for row in summary.values():
         row["train_pct_of_matmul_limit"] = 100 * row["train_seq_per_s"] / limit["train_seq_per_s"]
         row["infer_pct_of_matmul_limit"] = 100 * row["infer_seq_per_s"] / limit["infer_seq_per_s"]
         for anchor in ANCHORS:
@@ -346,6 +348,7 @@ def _table(result) -> str:
     ]
     for run in result["runs"]:
         for name, row in run["contenders"].items():
+
             def ratio(kind, anchor, row=row):
                 value = row.get(f"{kind}_ratio_to {anchor}")
                 return f"{value:.2f}x" if value is not None else "–"
@@ -364,13 +367,26 @@ def _table(result) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__)
-    parser.add_argument("--sizes", default=None, help=f"B x T x D x H, comma-separated (default {DEFAULT_SIZES})")
+    parser.add_argument(
+        "--sizes", default=None, help=f"B x T x D x H, comma-separated (default {DEFAULT_SIZES})"
+    )
     parser.add_argument("--modes", default="eager,jit", help="eager, jit or both (default both)")
-    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 5; 2 with --quick)")
-    parser.add_argument("--target-seconds", type=float, default=None, help="time per measurement (default 0.4; 0.05 with --quick)")
-    parser.add_argument("--quick", action="store_true", help=f"smoke run: sizes {QUICK_SIZES}, 2 rounds")
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="interleaved rounds (default 5; 2 with --quick)"
+    )
+    parser.add_argument(
+        "--target-seconds",
+        type=float,
+        default=None,
+        help="time per measurement (default 0.4; 0.05 with --quick)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help=f"smoke run: sizes {QUICK_SIZES}, 2 rounds"
+    )
     parser.add_argument("--no-torch", action="store_true", help="leave torch.nn.LSTM out")
-    parser.add_argument("--out", default="benchmarks/results", help="directory for benchmark.json and benchmark.png")
+    parser.add_argument(
+        "--out", default="benchmarks/results", help="directory for benchmark.json and benchmark.png"
+    )
     args = parser.parse_args(argv)
 
     sizes = _parse_sizes(args.sizes or (QUICK_SIZES if args.quick else DEFAULT_SIZES))
@@ -386,7 +402,10 @@ def main(argv=None) -> int:
         try:
             import torch  # noqa: F401
         except ImportError:
-            _log("torch is not installed (pip install 'keras-lstm[bench]'): leaving torch.nn.LSTM out")
+            _log(
+                "torch is not installed (pip install 'keras-lstm[bench]'): "
+                "leaving torch.nn.LSTM out"
+            )
             with_torch = False
 
     import keras
@@ -397,7 +416,9 @@ def main(argv=None) -> int:
 
     started = time.perf_counter()
     result = {
-        "command": " ".join(["python -m benchmarks.run", *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(
+            ["python -m benchmarks.run", *(argv if argv is not None else sys.argv[1:])]
+        ),
         "machine": _machine(),
         "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
         "native_kernel": kernels._native.native_module() is not None,
@@ -412,7 +433,7 @@ def main(argv=None) -> int:
         _TORCH_DEFAULT_THREADS = torch.get_num_threads()
         result["torch_default_threads"] = _TORCH_DEFAULT_THREADS
     total = len(sizes) * len(modes)
-    for k, size in enumerate(sizes):
+    for size in sizes:
         for mode in modes:
             label = "x".join(map(str, size))
             _log(f"[{len(result['runs']) + 1}/{total}] (B,T,D,H)={label} {mode} ...")
@@ -436,7 +457,9 @@ def main(argv=None) -> int:
     with atomic_file(out / "benchmark.png") as tmp:
         _chart(result, tmp)
     print(_table(result))
-    _log(f"wrote {out / 'benchmark.json'} and {out / 'benchmark.png'} in {result['runtime_s']:.0f} s")
+    _log(
+        f"wrote {out / 'benchmark.json'} and {out / 'benchmark.png'} in {result['runtime_s']:.0f} s"
+    )
     return 0
 
 

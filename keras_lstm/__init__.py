@@ -5,7 +5,7 @@ Public names:
 - `GatedLSTMCell`: one LSTM step, a drop-in for `keras.layers.LSTMCell`.
 - `GatedLSTM`: the recurrent layer, a drop-in for `keras.layers.LSTM`.
 - `LSTMGates`: the gate values of one step (`GatedLSTMCell.call(..., return_gates=True)`).
-- `pad_to_bucket`: pads variable-length sequences to a few lengths, with a mask (fewer XLA compiles).
+- `pad_to_bucket`: pads variable-length sequences to a few lengths, with a mask.
 """
 
 from keras_lstm.cell import GatedLSTMCell, LSTMGates

@@ -82,10 +82,10 @@ def _ramp(o):
 def _assert_same(a, b):
     (outs_a, grads_a), (outs_b, grads_b) = a, b
     assert len(outs_a) == len(outs_b)
-    for oa, ob in zip(outs_a, outs_b):
+    for oa, ob in zip(outs_a, outs_b, strict=True):
         assert oa.shape == ob.shape
         np.testing.assert_allclose(oa, ob, atol=TOL, rtol=TOL)
-    for ga, gb in zip(grads_a, grads_b):
+    for ga, gb in zip(grads_a, grads_b, strict=True):
         np.testing.assert_allclose(ga, gb, atol=TOL, rtol=TOL)
 
 
@@ -132,7 +132,9 @@ def test_fused_op_matches_the_cells_own_loop(implementation, rng):
 def test_fused_op_is_the_path_taken_for_a_standard_cell(monkeypatch, rng):
     calls = []
     real = kernels.lstm_recurrence
-    monkeypatch.setattr(kernels, "lstm_recurrence", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(
+        kernels, "lstm_recurrence", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
     GatedLSTM(H)(rng.normal(size=(B, T, D)).astype("float32"))
     assert calls, "a standard GatedLSTM must run the fused op"
 
@@ -157,7 +159,9 @@ def test_fused_op_is_the_path_taken_for_a_standard_cell(monkeypatch, rng):
 def test_fallback_rule(monkeypatch, rng, options, training, fused):
     calls = []
     real = kernels.lstm_recurrence
-    monkeypatch.setattr(kernels, "lstm_recurrence", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(
+        kernels, "lstm_recurrence", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
     layer = GatedLSTM(H, **options)
     layer(rng.normal(size=(B, T, D)).astype("float32"), training=training)
     assert bool(calls) == fused
@@ -180,7 +184,7 @@ def test_stateful_carries_state_like_keras(implementation, rng):
     ours, reference = _pair(stateful=True, return_sequences=True)
     for x in (x1, x2):
         np.testing.assert_allclose(np.asarray(ours(x)), np.asarray(reference(x)), atol=TOL)
-    for s_ours, s_ref in zip(ours.states, reference.states):
+    for s_ours, s_ref in zip(ours.states, reference.states, strict=True):
         np.testing.assert_allclose(np.asarray(s_ours), np.asarray(s_ref), atol=TOL)
 
 
@@ -202,7 +206,7 @@ def test_jit_compiled_gradients_match_keras(rng, go_backwards):
     y_ours, g_ours = step(ours, *args)
     y_ref, g_ref = step(reference, *args)
     np.testing.assert_allclose(y_ours, y_ref, atol=TOL)
-    for a, b in zip(g_ours, g_ref):
+    for a, b in zip(g_ours, g_ref, strict=True):
         np.testing.assert_allclose(a, b, atol=TOL, rtol=TOL)
 
 
@@ -289,12 +293,28 @@ def test_benchmark_quick_run_writes_json_and_chart(tmp_path):
 
     from benchmarks import run
 
-    run.main(["--quick", "--modes", "eager", "--rounds", "1", "--no-torch",
-              "--target-seconds", "0.01", "--out", str(tmp_path)])
+    run.main(
+        [
+            "--quick",
+            "--modes",
+            "eager",
+            "--rounds",
+            "1",
+            "--no-torch",
+            "--target-seconds",
+            "0.01",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     result = json.loads((tmp_path / "benchmark.json").read_text())
     (only,) = result["runs"]
     ours = only["contenders"]["GatedLSTM"]
-    assert set(only["contenders"]) == {"GatedLSTM", "keras.layers.LSTM", "keras.layers.RNN(LSTMCell)"}
+    assert set(only["contenders"]) == {
+        "GatedLSTM",
+        "keras.layers.LSTM",
+        "keras.layers.RNN(LSTMCell)",
+    }
     assert ours["train_seq_per_s"] > 0 and ours["infer_seq_per_s"] > 0
     assert ours["train_ratio_to keras.layers.LSTM"] > 0
     assert 0 < ours["train_pct_of_matmul_limit"]

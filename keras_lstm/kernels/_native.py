@@ -145,7 +145,8 @@ def native_module():
                     _register_gradient(module)
                 except Exception as error:  # any failure means: use the TF-ops path
                     warnings.warn(
-                        f"keras_lstm: native LSTM kernel unavailable, using TensorFlow ops ({error})",
+                        "keras_lstm: native LSTM kernel unavailable, using TensorFlow ops "
+                        f"({error})",
                         RuntimeWarning,
                         stacklevel=2,
                     )

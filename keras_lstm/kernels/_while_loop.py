@@ -58,9 +58,7 @@ def _backward(recurrent_kernel, c0, mask, c_seq, gates, dh_seq, dc_seq):
     dtype = gates.dtype
     g_ta = tf.TensorArray(dtype, size=steps).unstack(gates)
     c_ta = tf.TensorArray(dtype, size=steps).unstack(c_seq)
-    c_prev_ta = tf.TensorArray(dtype, size=steps).unstack(
-        tf.concat([c0[None], c_seq[:-1]], axis=0)
-    )
+    c_prev_ta = tf.TensorArray(dtype, size=steps).unstack(tf.concat([c0[None], c_seq[:-1]], axis=0))
     dh_ta = tf.TensorArray(dtype, size=steps).unstack(dh_seq)
     dc_ta = tf.TensorArray(dtype, size=steps).unstack(dc_seq)
     mask_ta = None if mask is None else tf.TensorArray(tf.bool, size=steps).unstack(mask)
