@@ -17,16 +17,21 @@ def _split_gates(gates):
     return tf.split(gates, 4, axis=-1)
 
 
-def _forward(xz, recurrent_kernel, h0, c0, mask):
-    steps = tf.shape(xz)[0]
-    xz_ta = tf.TensorArray(xz.dtype, size=steps).unstack(xz)
+def _forward(xs, recurrent_kernel, h0, c0, mask, project=None):
+    """`xs` is the time-major `x W + b`, or `x` itself when `project` maps a step to it."""
+    steps = tf.shape(xs)[0]
+    dtype = xs.dtype
+    xs_ta = tf.TensorArray(dtype, size=steps).unstack(xs)
     mask_ta = None if mask is None else tf.TensorArray(tf.bool, size=steps).unstack(mask)
-    h_ta = tf.TensorArray(xz.dtype, size=steps, element_shape=h0.shape)
-    c_ta = tf.TensorArray(xz.dtype, size=steps, element_shape=c0.shape)
-    g_ta = tf.TensorArray(xz.dtype, size=steps, element_shape=xz.shape[1:])
+    h_ta = tf.TensorArray(dtype, size=steps, element_shape=h0.shape)
+    c_ta = tf.TensorArray(dtype, size=steps, element_shape=c0.shape)
+    g_ta = tf.TensorArray(
+        dtype, size=steps, element_shape=h0.shape[:1] + recurrent_kernel.shape[1:]
+    )
 
     def body(t, h, c, h_ta, c_ta, g_ta):
-        z = xz_ta.read(t) + tf.matmul(h, recurrent_kernel)
+        x_t = xs_ta.read(t)
+        z = (x_t if project is None else project(x_t)) + tf.matmul(h, recurrent_kernel)
         z_i, z_f, z_g, z_o = _split_gates(z)
         i, f, g, o = tf.sigmoid(z_i), tf.sigmoid(z_f), tf.tanh(z_g), tf.sigmoid(z_o)
         c_new = f * c + i * g
@@ -112,6 +117,55 @@ def recurrent_kernel_grad(h0, h_seq, dz):
     return tf.matmul(
         tf.reshape(h_prev, (-1, units)), tf.reshape(dz, (-1, 4 * units)), transpose_a=True
     )
+
+
+def lstm_sequence_projecting(x, kernel, bias, recurrent_kernel, h0, c0, mask=None):
+    """As `lstm_sequence`, but from time-major `x` (T, B, D), projecting each step in the loop.
+
+    XLA on CPU runs this form faster than reading a precomputed `x W + b`
+    (measured: 13 ms against 23 ms for the forward loop at B=64, T=100,
+    D=32, H=128). The gradients of `x`, `kernel` and `bias` are still single
+    matmuls (or a sum) over all steps.
+    """
+    features = x.shape[-1]
+
+    def grads_of_projection(x, kernel, dz):
+        flat_dz = tf.reshape(dz, (-1, dz.shape[-1]))
+        dx = tf.reshape(tf.matmul(flat_dz, kernel, transpose_b=True), tf.shape(x))
+        dkernel = tf.matmul(tf.reshape(x, (-1, features)), flat_dz, transpose_a=True)
+        return dx, dkernel, tf.reduce_sum(flat_dz, axis=0)
+
+    if bias is None:
+
+        @tf.custom_gradient
+        def run(x, kernel, recurrent_kernel, h0, c0):
+            h_seq, c_seq, gates = _forward(
+                x, recurrent_kernel, h0, c0, mask, project=lambda x_t: tf.matmul(x_t, kernel)
+            )
+
+            def grad(dh_seq, dc_seq):
+                dz, dh0, dc0 = _backward(recurrent_kernel, c0, mask, c_seq, gates, dh_seq, dc_seq)
+                dx, dkernel, _ = grads_of_projection(x, kernel, dz)
+                return dx, dkernel, recurrent_kernel_grad(h0, h_seq, dz), dh0, dc0
+
+            return (h_seq, c_seq), grad
+
+        return run(x, kernel, recurrent_kernel, h0, c0)
+
+    @tf.custom_gradient
+    def run_with_bias(x, kernel, bias, recurrent_kernel, h0, c0):
+        h_seq, c_seq, gates = _forward(
+            x, recurrent_kernel, h0, c0, mask, project=lambda x_t: tf.matmul(x_t, kernel) + bias
+        )
+
+        def grad(dh_seq, dc_seq):
+            dz, dh0, dc0 = _backward(recurrent_kernel, c0, mask, c_seq, gates, dh_seq, dc_seq)
+            dx, dkernel, dbias = grads_of_projection(x, kernel, dz)
+            return dx, dkernel, dbias, recurrent_kernel_grad(h0, h_seq, dz), dh0, dc0
+
+        return (h_seq, c_seq), grad
+
+    return run_with_bias(x, kernel, bias, recurrent_kernel, h0, c0)
 
 
 def lstm_sequence(xz, recurrent_kernel, h0, c0, mask=None):
