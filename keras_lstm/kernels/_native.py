@@ -127,7 +127,7 @@ def _register_gradient(module):
         _, recurrent_kernel, h0, c0, mask = op.inputs
         h_seq, c_seq, gates = op.outputs
         dh_seq = tf.zeros_like(h_seq) if dh_seq is None else dh_seq
-        dc_seq = tf.zeros_like(c_seq) if dc_seq is None else dc_seq
+        dc_seq = tf.zeros((0,), c_seq.dtype) if dc_seq is None else dc_seq
         dz, dh0, dc0 = module.keras_lstm_sequence_grad(
             recurrent_kernel, h0, c0, mask, c_seq, gates, dh_seq, dc_seq
         )

@@ -204,11 +204,14 @@ class LstmSequenceGradOp : public OpKernel {
     const int64_t H = u.dim_size(0), gates4 = 4 * H;
     const TensorShape state_seq({steps, batch, H});
     OP_REQUIRES(ctx, gates.dim_size(2) == gates4 && c_seq.shape() == state_seq &&
-                         dh_seq.shape() == state_seq && dc_seq.shape() == state_seq,
+                         dh_seq.shape() == state_seq &&
+                         (dc_seq.NumElements() == 0 || dc_seq.shape() == state_seq),
                 InvalidArgument("inconsistent shapes in the LSTM sequence gradient"));
 
     Tensor *dz_out, *dh0_out, *dc0_out;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, gates.shape(), &dz_out));
+    // dz takes over the gates' buffer when nothing else holds it: each step
+    // reads its slice of gates before its slice of dz is written.
+    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({5}, 0, gates.shape(), &dz_out));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, h0.shape(), &dh0_out));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, c0.shape(), &dc0_out));
     if (batch == 0) return;
@@ -217,7 +220,8 @@ class LstmSequenceGradOp : public OpKernel {
     const float* c_p = c_seq.flat<float>().data();
     const float* g_p = gates.flat<float>().data();
     const float* dh_p = dh_seq.flat<float>().data();
-    const float* dc_p = dc_seq.flat<float>().data();
+    // An empty dc means no gradient reaches the cell states from outside.
+    const float* dc_p = dc_seq.NumElements() ? dc_seq.flat<float>().data() : nullptr;
     const float* c0_p = c0.flat<float>().data();
     float* dz_p = dz_out->flat<float>().data();
     float* dh0_p = dh0_out->flat<float>().data();
@@ -231,11 +235,11 @@ class LstmSequenceGradOp : public OpKernel {
       dh.setZero();
       dc.setZero();
       Eigen::Array<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> dct(rows, H),
-          keep(rows, 1);
+          keep(rows, 1), dz_step(rows, gates4);
       for (int64_t t = steps - 1; t >= 0; --t) {
         const int64_t s = (t * batch + b0) * H, s4 = (t * batch + b0) * gates4;
         dh += ConstArrayMap(dh_p + s, rows, H);
-        dc += ConstArrayMap(dc_p + s, rows, H);
+        if (dc_p) dc += ConstArrayMap(dc_p + s, rows, H);
         const float* g = g_p + s4;
         ConstStrided i(g, rows, H, Eigen::OuterStride<>(gates4));
         ConstStrided f(g + H, rows, H, Eigen::OuterStride<>(gates4));
@@ -243,7 +247,7 @@ class LstmSequenceGradOp : public OpKernel {
         ConstStrided o(g + 3 * H, rows, H, Eigen::OuterStride<>(gates4));
         ConstArrayMap c(c_p + s, rows, H);
         ConstArrayMap c_prev(t ? c_p + s - batch * H : c0_p + b0 * H, rows, H);
-        float* dz = dz_p + s4;
+        float* dz = dz_step.data();
         Strided di(dz, rows, H, Eigen::OuterStride<>(gates4));
         Strided df(dz + H, rows, H, Eigen::OuterStride<>(gates4));
         Strided dg(dz + 2 * H, rows, H, Eigen::OuterStride<>(gates4));
@@ -277,6 +281,7 @@ class LstmSequenceGradOp : public OpKernel {
           MultiplyInto(MatrixMap(dh.data(), rows, H), ConstMatrixMap(dz, rows, gates4),
                        U.transpose(), /*accumulate=*/false);
         }
+        std::copy(dz, dz + rows * gates4, dz_p + s4);
       }
     });
   }
