@@ -318,7 +318,7 @@ def _chart(result, path: Path) -> None:
 
     runs = result["runs"]
     names = [OURS, *ANCHORS]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    fig, axes = plt.subplots(1, 2, figsize=(15, 5.5))
     for ax, metric, title in (
         (axes[0], "train_seq_per_s", "training"),
         (axes[1], "infer_seq_per_s", "inference"),
@@ -330,7 +330,7 @@ def _chart(result, path: Path) -> None:
             values = [r["contenders"].get(name, {}).get(metric, 0) for r in runs]
             ax.bar(xs, values, width, label=name)
         ax.set_yscale("log")
-        ax.set_xticks(range(len(runs)), labels, fontsize=7)
+        ax.set_xticks(range(len(runs)), labels, fontsize=7, rotation=35, ha="right")
         ax.set_ylabel("sequences / s (log)")
         ax.set_title(f"{title}, (B, T, D, H) and mode")
     axes[0].legend(fontsize=8)
