@@ -178,6 +178,22 @@ def test_input_dropout_uses_the_same_mask_as_the_cell(implementation, rng):
     _assert_same(out_fused, out_generic)
 
 
+def test_mixed_precision_runs_fused_and_matches_the_cells_own_loop(rng):
+    # float16 compute: the while-loop path (the native kernel is float32 only).
+    x, _, _ = _data(rng)
+    fused = GatedLSTM(H, dtype="mixed_float16", return_sequences=True)
+    generic = GatedLSTM(H, dtype="mixed_float16", return_sequences=True)
+    fused.build(x.shape)
+    generic.build(x.shape)
+    generic.set_weights(fused.get_weights())
+    generic._runs_fused_kernel = lambda training: False
+    out = fused(x)
+    assert out.dtype == "float16"
+    np.testing.assert_allclose(
+        np.asarray(out, "float32"), np.asarray(generic(x), "float32"), atol=2e-3
+    )
+
+
 def test_stateful_carries_state_like_keras(implementation, rng):
     x1, _, _ = _data(rng)
     x2 = rng.normal(size=(B, T, D)).astype("float32")
