@@ -208,6 +208,40 @@ class GatedLSTM(keras.layers.RNN):
         self._check_call(sequences, initial_state, mask)
         return super().call(sequences, initial_state=initial_state, mask=mask, training=training)
 
+    def inner_loop(self, sequences, initial_state, mask, training=False):
+        # The fused whole-sequence op when it computes the same maths, else
+        # Keras's step loop around the cell (the reference it is tested against).
+        if not self._runs_fused_kernel(training):
+            return super().inner_loop(sequences, initial_state, mask, training=training)
+        from keras_lstm import kernels
+
+        if keras.tree.is_nested(mask):
+            mask = mask[0]
+        if training and self.cell.dropout > 0:
+            # One mask per sequence, the one the cell would draw.
+            sequences = sequences * self.cell.get_dropout_mask(sequences[:, 0, :])[:, None, :]
+        return kernels.lstm_recurrence(
+            sequences,
+            self.cell.kernel,
+            self.cell.recurrent_kernel,
+            self.cell.bias,
+            initial_state[0],
+            initial_state[1],
+            mask=mask,
+            go_backwards=self.go_backwards,
+            return_sequences=self.return_sequences,
+            zero_output_for_mask=self.zero_output_for_mask,
+        )
+
+    def _runs_fused_kernel(self, training) -> bool:
+        """Whether `inner_loop` may use the fused op: TensorFlow backend, a cell
+        with the standard LSTM maths, and no recurrent dropout while training."""
+        return (
+            keras.backend.backend() == "tensorflow"
+            and self.cell.is_standard_lstm
+            and not (training and self.cell.recurrent_dropout > 0)
+        )
+
     def _check_call(self, sequences, initial_state, mask):
         shape = tuple(sequences.shape)
         _checks.sequence_shape("inputs", shape, self.cell.kernel.shape[0])

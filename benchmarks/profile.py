@@ -1,0 +1,88 @@
+"""Where the time of one GatedLSTM training step goes, part by part.
+
+Run `python -m benchmarks.profile [--sizes 64x100x32x128,...]`. Each part of
+the fused op's training step is timed alone (median of several calls): the
+input projection, the native forward and backward recurrences, the three
+weight/input gradient matmuls, and the same recurrences compiled by XLA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _median_ms(fn, calls: int = 15) -> float:
+    fn()
+    samples = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples) * 1e3
+
+
+def profile(size):
+    import tensorflow as tf
+
+    from keras_lstm.kernels import _native, _while_loop
+
+    batch, steps, features, units = size
+    x = tf.random.normal((steps * batch, features))
+    w = tf.random.normal((features, 4 * units)) * 0.1
+    u = tf.random.normal((units, 4 * units)) * 0.05
+    xz = tf.reshape(tf.matmul(x, w), (steps, batch, 4 * units))
+    h0 = c0 = tf.zeros((batch, units))
+    dz = tf.random.normal((steps * batch, 4 * units))
+    h_prev = tf.random.normal((steps * batch, units))
+    parts = {
+        "input projection x W (one matmul)": lambda: tf.matmul(x, w).numpy(),
+        "dW = X^T dZ (one matmul)": lambda: tf.matmul(x, dz, transpose_a=True).numpy(),
+        "dx = dZ W^T (one matmul)": lambda: tf.matmul(dz, w, transpose_b=True).numpy(),
+        "dU = H^T dZ (one matmul)": lambda: tf.matmul(h_prev, dz, transpose_a=True).numpy(),
+    }
+    module = _native.native_module()
+    if module is not None:
+        none = tf.zeros((0,))
+        h, c, g = module.keras_lstm_sequence(xz, u, h0, c0, none)
+        parts["native forward recurrence"] = lambda: module.keras_lstm_sequence(
+            xz, u, h0, c0, none
+        )[0].numpy()
+        parts["native backward recurrence"] = lambda: module.keras_lstm_sequence_grad(
+            u, h0, c0, none, c, g, h, c
+        )[0].numpy()
+    xla_forward = tf.function(
+        lambda xz: _while_loop._forward(xz, u, h0, c0, None), jit_compile=True
+    )
+    h, c, g = xla_forward(xz)
+    xla_backward = tf.function(
+        lambda c, g, h: _while_loop._backward(u, c0, None, c, g, h, c), jit_compile=True
+    )
+    parts["XLA forward recurrence"] = lambda: xla_forward(xz)[0].numpy()
+    parts["XLA backward recurrence"] = lambda: xla_backward(c, g, h)[0].numpy()
+    step_gemm_a = tf.random.normal((batch, units))
+    parts[f"one step matmul ({batch}x{units}) @ ({units}x{4 * units}), eager op"] = lambda: (
+        tf.matmul(step_gemm_a, u).numpy()
+    )
+    return {name: _median_ms(fn) for name, fn in parts.items()}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.profile", description=__doc__)
+    parser.add_argument("--sizes", default="64x100x32x128,256x50x64x256,1x100x32x128")
+    args = parser.parse_args(argv)
+    from benchmarks.run import _parse_sizes
+
+    for size in _parse_sizes(args.sizes):
+        print(f"(B,T,D,H) = {size}")
+        for name, ms in profile(size).items():
+            print(f"  {name:<58} {ms:9.2f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

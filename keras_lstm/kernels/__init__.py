@@ -1,0 +1,105 @@
+"""Fused whole-sequence LSTM ops for the TensorFlow backend.
+
+`lstm_recurrence` runs a standard LSTM (Keras gate order i, f, c, o; sigmoid
+gates; tanh candidate and output) over a whole batch of sequences as one
+differentiable op and returns exactly what `keras.backend.rnn` returns. It
+picks one of two implementations of the same maths:
+
+- a native C++ kernel (`lstm_sequence.cc`), built on first use, for float32
+  on CPU outside XLA: one matmul per step and one fused pointwise pass, the
+  batch split across threads;
+- TensorFlow ops in two `tf.while_loop`s with a custom gradient, everywhere
+  else (under `jit_compile=True`, on GPU, other dtypes, or when the native
+  kernel cannot be built).
+
+The weight and input gradients are large matmuls over all steps at once, and
+so is the input projection `x W + b`, except under XLA, whose CPU backend
+runs the loop faster when each step projects its own input. This package depends on nothing else in
+`keras_lstm`.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+from tensorflow.python.ops import control_flow_util
+
+from keras_lstm.kernels import _native, _while_loop
+
+
+def _in_xla_context() -> bool:
+    graph = tf.compat.v1.get_default_graph()
+    return control_flow_util.GraphOrParentsInXlaContext(graph)
+
+
+def _use_native(dtype) -> bool:
+    if dtype != tf.float32 or _in_xla_context() or tf.config.list_logical_devices("GPU"):
+        return False
+    return _native.native_module() is not None
+
+
+def lstm_sequence(xz, recurrent_kernel, h0, c0, mask=None):
+    """Time-major recurrence: `xz` (T, B, 4H) -> `(h_seq, c_seq)`, each (T, B, H)."""
+    if _use_native(xz.dtype):
+        return _native.lstm_sequence(xz, recurrent_kernel, h0, c0, mask)
+    return _while_loop.lstm_sequence(xz, recurrent_kernel, h0, c0, mask)
+
+
+def lstm_recurrence(
+    inputs,
+    kernel,
+    recurrent_kernel,
+    bias,
+    h0,
+    c0,
+    mask=None,
+    go_backwards=False,
+    return_sequences=True,
+    zero_output_for_mask=False,
+):
+    """Runs an LSTM over batch-major `inputs` (B, T, D), Keras-compatible.
+
+    Returns `(last_output, outputs, [h, c])` as `keras.backend.rnn` does:
+    `outputs` is (B, T, H) (in processing order when `go_backwards`) or
+    (B, 1, H) without `return_sequences`; a masked step keeps the previous
+    state and outputs the previous output (zeros before any unmasked step,
+    or zeros always with `zero_output_for_mask`).
+    """
+    dtype = inputs.dtype
+    kernel = tf.cast(kernel, dtype)
+    recurrent_kernel = tf.cast(recurrent_kernel, dtype)
+    x = tf.transpose(inputs, (1, 0, 2))
+    if mask is not None:
+        mask = tf.transpose(tf.cast(mask, tf.bool), (1, 0))
+    if go_backwards:
+        x = tf.reverse(x, [0])
+        mask = None if mask is None else tf.reverse(mask, [0])
+
+    bias = None if bias is None else tf.cast(bias, dtype)
+    if _in_xla_context():
+        h_seq, c_seq = _while_loop.lstm_sequence_projecting(
+            x, kernel, bias, recurrent_kernel, h0, c0, mask
+        )
+    else:
+        # The input projection of every step in one matmul.
+        steps, batch = tf.shape(x)[0], tf.shape(x)[1]
+        xz = tf.matmul(tf.reshape(x, (-1, x.shape[-1])), kernel)
+        if bias is not None:
+            xz = xz + bias
+        xz = tf.reshape(xz, (steps, batch, kernel.shape[-1]))
+        h_seq, c_seq = lstm_sequence(xz, recurrent_kernel, h0, c0, mask)
+    states = [h_seq[-1], c_seq[-1]]
+
+    outputs = h_seq
+    if mask is not None:
+        if zero_output_for_mask:
+            shown = mask
+        else:
+            # The output carried through masked steps starts at zero, not h0.
+            shown = tf.cast(tf.math.cumsum(tf.cast(mask, tf.int32), axis=0), tf.bool)
+        outputs = tf.where(shown[:, :, None], h_seq, tf.zeros_like(h_seq))
+    last_output = outputs[-1]
+    if return_sequences:
+        outputs = tf.transpose(outputs, (1, 0, 2))
+    else:
+        outputs = last_output[:, None, :]
+    return last_output, outputs, states

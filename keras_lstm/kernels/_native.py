@@ -1,0 +1,162 @@
+"""Builds, caches and loads the native (C++) LSTM sequence kernel.
+
+The kernel is compiled on first use with the system `g++` against the headers
+of the installed TensorFlow wheel (`tf.sysconfig`), into a cache directory
+keyed by the source, the TensorFlow version and the CPU, so a later process
+loads it in milliseconds. A lock file keeps two processes from building at
+once. If anything goes wrong (no compiler, a failed build, a foreign
+platform) the caller falls back to the TensorFlow-ops path after a one-line
+warning.
+
+Environment variables:
+    KERAS_LSTM_NATIVE: set to `0` to never build or use the native kernel.
+    KERAS_LSTM_CACHE_DIR: where built kernels live. Default:
+        `$XDG_CACHE_HOME/keras_lstm` or `~/.cache/keras_lstm`, else a
+        `_build` directory next to this file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import tensorflow as tf
+
+_SOURCE = Path(__file__).with_name("lstm_sequence.cc")
+_FLAGS = ("-shared", "-fPIC", "-O3", "-march=native", "-w")
+_state: dict = {}
+_state_lock = threading.Lock()
+
+
+def _cpu_identity() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "flags")):
+                yield line
+    yield platform.machine()
+
+
+def _cache_dirs():
+    if os.environ.get("KERAS_LSTM_CACHE_DIR"):
+        yield Path(os.environ["KERAS_LSTM_CACHE_DIR"])
+        return
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    yield Path(base) / "keras_lstm"
+    yield Path(__file__).with_name("_build")
+
+
+def _library_name() -> str:
+    digest = hashlib.sha256()
+    digest.update(_SOURCE.read_bytes())
+    digest.update(tf.__version__.encode())
+    digest.update(" ".join(_FLAGS + tuple(tf.sysconfig.get_compile_flags())).encode())
+    digest.update("\n".join(_cpu_identity()).encode())
+    return f"lstm_sequence_{digest.hexdigest()[:16]}.so"
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    import fcntl
+
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _build(target: Path) -> None:
+    compiler = os.environ.get("CXX") or shutil.which("g++")
+    if compiler is None:
+        raise RuntimeError("no C++ compiler (g++) on PATH")
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    command = [
+        compiler,
+        *_FLAGS,
+        *tf.sysconfig.get_compile_flags(),
+        str(_SOURCE),
+        "-o",
+        tmp,
+        *tf.sysconfig.get_link_flags(),
+    ]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        if result.returncode != 0:
+            raise RuntimeError(f"g++ failed: {result.stderr.strip()[-500:]}")
+        os.replace(tmp, target)  # atomic: other processes see all or nothing
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def _load():
+    if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "aarch64"):
+        raise RuntimeError(f"the native kernel is built for Linux only, not {sys.platform}")
+    name = _library_name()
+    errors = []
+    for directory in _cache_dirs():
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            target = directory / name
+            if not target.exists():
+                with _file_lock(directory / (name + ".lock")):
+                    if not target.exists():
+                        _build(target)
+            return tf.load_op_library(str(target))
+        except (OSError, RuntimeError, subprocess.SubprocessError, tf.errors.OpError) as error:
+            errors.append(f"{directory}: {error}")
+    raise RuntimeError("; ".join(errors))
+
+
+def _register_gradient(module):
+    @tf.RegisterGradient("KerasLstmSequence")
+    def _grad(op, dh_seq, dc_seq, _dgates):
+        from keras_lstm.kernels._while_loop import recurrent_kernel_grad
+
+        _, recurrent_kernel, h0, c0, mask = op.inputs
+        h_seq, c_seq, gates = op.outputs
+        dh_seq = tf.zeros_like(h_seq) if dh_seq is None else dh_seq
+        dc_seq = tf.zeros((0,), c_seq.dtype) if dc_seq is None else dc_seq
+        dz, dh0, dc0 = module.keras_lstm_sequence_grad(
+            recurrent_kernel, h0, c0, mask, c_seq, gates, dh_seq, dc_seq
+        )
+        return dz, recurrent_kernel_grad(h0, h_seq, dz), dh0, dc0, None
+
+
+def native_module():
+    """The loaded op library, or `None` when it is disabled or cannot be built."""
+    with _state_lock:
+        if "module" not in _state:
+            module = None
+            if os.environ.get("KERAS_LSTM_NATIVE", "1") != "0":
+                try:
+                    module = _load()
+                    _register_gradient(module)
+                except Exception as error:  # any failure means: use the TF-ops path
+                    warnings.warn(
+                        "keras_lstm: native LSTM kernel unavailable, using TensorFlow ops "
+                        f"({error})",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+            _state["module"] = module
+        return _state["module"]
+
+
+def lstm_sequence(xz, recurrent_kernel, h0, c0, mask=None):
+    """The native twin of `_while_loop.lstm_sequence` (float32, CPU)."""
+    module = native_module()
+    mask = tf.zeros((0,), tf.float32) if mask is None else tf.cast(mask, tf.float32)
+    h_seq, c_seq, _ = module.keras_lstm_sequence(xz, recurrent_kernel, h0, c0, mask)
+    return h_seq, c_seq

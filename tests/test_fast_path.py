@@ -1,0 +1,344 @@
+"""The fused whole-sequence op inside GatedLSTM matches Keras and the cell's own loop.
+
+Each parity test runs both implementations of the fused op (the native CPU
+kernel and the `tf.while_loop` path that XLA compiles) and compares outputs,
+final states and gradients with `keras.layers.LSTM` (an independent
+implementation) or with GatedLSTM's generic step loop around the cell.
+"""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_lstm import GatedLSTM, kernels
+from keras_lstm.kernels import _native
+
+B, T, D, H = 3, 6, 4, 5
+TOL = 1e-5
+
+# Row 0 has a gap in the middle, row 1 starts masked (its output must stay
+# zero, not h0), row 2 ends masked.
+MASK = np.array(
+    [
+        [1, 1, 0, 0, 1, 1],
+        [0, 0, 1, 1, 1, 1],
+        [1, 1, 1, 1, 0, 0],
+    ],
+    dtype=bool,
+)
+
+
+@pytest.fixture(params=["native", "while_loop"])
+def implementation(request, monkeypatch):
+    if request.param == "native":
+        if _native.native_module() is None:
+            pytest.skip("the native kernel cannot be built here (no g++ or no TF headers)")
+    else:
+        monkeypatch.setattr(kernels, "_use_native", lambda dtype: False)
+    return request.param
+
+
+def _data(rng):
+    x = rng.normal(size=(B, T, D)).astype("float32")
+    h0 = rng.normal(size=(B, H)).astype("float32")
+    c0 = rng.normal(size=(B, H)).astype("float32")
+    return x, h0, c0
+
+
+def _pair(reference_cls=keras.layers.LSTM, **kwargs):
+    ours = GatedLSTM(H, **kwargs)
+    reference = reference_cls(H, **kwargs)
+    ours.build((B, T, D))
+    reference.build((B, T, D))
+    # Non-trivial weights: a random bias too, so every gate's gradient shows.
+    weights = [w + 0.1 for w in ours.get_weights()]
+    ours.set_weights(weights)
+    reference.set_weights(weights)
+    return ours, reference
+
+
+def _run(layer, x, mask=None, initial_state=None, training=False):
+    x = tf.constant(x)
+    state = None if initial_state is None else [tf.constant(s) for s in initial_state]
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        if state is not None:
+            tape.watch(state)
+        out = layer(x, mask=mask, initial_state=state, training=training)
+        outs = out if isinstance(out, (list, tuple)) else [out]
+        # Weight each output differently so that no gradient is trivially symmetric.
+        loss = sum(tf.reduce_sum(_ramp(o) * o * o) for o in outs)
+    sources = [x, *layer.trainable_weights] + ([] if state is None else state)
+    grads = tape.gradient(loss, sources)
+    return [np.asarray(o) for o in outs], [np.asarray(g) for g in grads]
+
+
+def _ramp(o):
+    size = tf.size(o)
+    return tf.reshape(tf.cast(tf.range(1, size + 1), o.dtype) / tf.cast(size, o.dtype), o.shape)
+
+
+def _assert_same(a, b):
+    (outs_a, grads_a), (outs_b, grads_b) = a, b
+    assert len(outs_a) == len(outs_b)
+    for oa, ob in zip(outs_a, outs_b, strict=True):
+        assert oa.shape == ob.shape
+        np.testing.assert_allclose(oa, ob, atol=TOL, rtol=TOL)
+    for ga, gb in zip(grads_a, grads_b, strict=True):
+        np.testing.assert_allclose(ga, gb, atol=TOL, rtol=TOL)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"return_sequences": True},
+        {"return_sequences": False, "return_state": True},
+        {"return_sequences": True, "go_backwards": True, "return_state": True},
+        {"return_sequences": True, "zero_output_for_mask": True},
+    ],
+    ids=["sequences", "last", "backwards", "zero_output_for_mask"],
+)
+@pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "mask_with_gaps"])
+@pytest.mark.parametrize("with_state", [False, True], ids=["zero_state", "initial_state"])
+def test_fused_op_matches_keras_lstm(implementation, rng, options, masked, with_state):
+    x, h0, c0 = _data(rng)
+    ours, reference = _pair(**options)
+    mask = tf.constant(MASK) if masked else None
+    state = [h0, c0] if with_state else None
+    _assert_same(_run(ours, x, mask, state), _run(reference, x, mask, state))
+
+
+def test_fused_op_matches_keras_lstm_on_a_batch_split_across_threads(implementation, rng):
+    # Ten rows: the native kernel cuts the batch in chunks and uses full matrix products.
+    x = rng.normal(size=(10, T, D)).astype("float32")
+    mask = tf.constant(np.tile(MASK, (4, 1))[:10])
+    ours = GatedLSTM(H, return_sequences=True, return_state=True)
+    reference = keras.layers.LSTM(H, return_sequences=True, return_state=True)
+    ours.build(x.shape)
+    reference.build(x.shape)
+    reference.set_weights(ours.get_weights())
+    _assert_same(_run(ours, x, mask), _run(reference, x, mask))
+
+
+def test_fused_op_matches_the_cells_own_loop(implementation, rng):
+    x, h0, c0 = _data(rng)
+    fused, generic = _pair(reference_cls=GatedLSTM, return_sequences=True, go_backwards=True)
+    generic._runs_fused_kernel = lambda training: False
+    mask = tf.constant(MASK)
+    _assert_same(_run(fused, x, mask, [h0, c0]), _run(generic, x, mask, [h0, c0]))
+
+
+def test_fused_op_is_the_path_taken_for_a_standard_cell(monkeypatch, rng):
+    calls = []
+    real = kernels.lstm_recurrence
+    monkeypatch.setattr(
+        kernels, "lstm_recurrence", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    GatedLSTM(H)(rng.normal(size=(B, T, D)).astype("float32"))
+    assert calls, "a standard GatedLSTM must run the fused op"
+
+
+@pytest.mark.parametrize(
+    "options, training, fused",
+    [
+        ({"recurrent_dropout": 0.3}, True, False),
+        ({"recurrent_dropout": 0.3}, False, True),
+        ({"dropout": 0.3}, True, True),
+        ({"activation": "relu"}, False, False),
+        ({"recurrent_activation": "hard_sigmoid"}, False, False),
+    ],
+    ids=[
+        "recurrent_dropout_training_falls_back",
+        "recurrent_dropout_inference_fused",
+        "dropout_training_fused",
+        "other_activation_falls_back",
+        "other_recurrent_activation_falls_back",
+    ],
+)
+def test_fallback_rule(monkeypatch, rng, options, training, fused):
+    calls = []
+    real = kernels.lstm_recurrence
+    monkeypatch.setattr(
+        kernels, "lstm_recurrence", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    layer = GatedLSTM(H, **options)
+    layer(rng.normal(size=(B, T, D)).astype("float32"), training=training)
+    assert bool(calls) == fused
+
+
+def test_input_dropout_uses_the_same_mask_as_the_cell(implementation, rng):
+    x, _, _ = _data(rng)
+    fused, generic = _pair(reference_cls=GatedLSTM, dropout=0.4, seed=7, return_sequences=True)
+    generic._runs_fused_kernel = lambda training: False
+    out_fused = _run(fused, x, training=True)
+    out_generic = _run(generic, x, training=True)
+    # Dropout really acted: the training output differs from inference.
+    assert not np.allclose(out_fused[0][0], np.asarray(fused(x, training=False)), atol=1e-3)
+    _assert_same(out_fused, out_generic)
+
+
+def test_mixed_precision_runs_fused_and_matches_the_cells_own_loop(rng):
+    # float16 compute: the while-loop path (the native kernel is float32 only).
+    x, _, _ = _data(rng)
+    fused = GatedLSTM(H, dtype="mixed_float16", return_sequences=True)
+    generic = GatedLSTM(H, dtype="mixed_float16", return_sequences=True)
+    fused.build(x.shape)
+    generic.build(x.shape)
+    generic.set_weights(fused.get_weights())
+    generic._runs_fused_kernel = lambda training: False
+    out = fused(x)
+    assert out.dtype == "float16"
+    np.testing.assert_allclose(
+        np.asarray(out, "float32"), np.asarray(generic(x), "float32"), atol=2e-3
+    )
+
+
+def test_stateful_carries_state_like_keras(implementation, rng):
+    x1, _, _ = _data(rng)
+    x2 = rng.normal(size=(B, T, D)).astype("float32")
+    ours, reference = _pair(stateful=True, return_sequences=True)
+    for x in (x1, x2):
+        np.testing.assert_allclose(np.asarray(ours(x)), np.asarray(reference(x)), atol=TOL)
+    for s_ours, s_ref in zip(ours.states, reference.states, strict=True):
+        np.testing.assert_allclose(np.asarray(s_ours), np.asarray(s_ref), atol=TOL)
+
+
+@pytest.mark.parametrize("go_backwards", [False, True], ids=["forwards", "backwards"])
+def test_jit_compiled_gradients_match_keras(rng, go_backwards):
+    # Under XLA the native kernel must step aside for the while-loop path.
+    x, h0, c0 = _data(rng)
+    ours, reference = _pair(return_sequences=True, go_backwards=go_backwards)
+
+    @tf.function(jit_compile=True)
+    def step(layer, x, mask, h0, c0):
+        with tf.GradientTape() as tape:
+            tape.watch([x, h0, c0])
+            y = layer(x, mask=mask, initial_state=[h0, c0])
+            loss = tf.reduce_sum(y * y)
+        return y, tape.gradient(loss, [x, h0, c0, *layer.trainable_weights])
+
+    args = (tf.constant(x), tf.constant(MASK), tf.constant(h0), tf.constant(c0))
+    y_ours, g_ours = step(ours, *args)
+    y_ref, g_ref = step(reference, *args)
+    np.testing.assert_allclose(y_ours, y_ref, atol=TOL)
+    for a, b in zip(g_ours, g_ref, strict=True):
+        np.testing.assert_allclose(a, b, atol=TOL, rtol=TOL)
+
+
+def test_jit_compiled_training_step_runs_through_a_model(rng):
+    model = keras.Sequential([keras.Input((T, D)), GatedLSTM(H), keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse", jit_compile=True)
+    x = rng.normal(size=(B, T, D)).astype("float32")
+    before = model.get_weights()[1].copy()
+    model.fit(x, np.ones((B, 1), "float32"), epochs=1, verbose=0)
+    assert model.jit_compile
+    assert not np.allclose(model.get_weights()[1], before)
+
+
+def test_native_kernel_failure_falls_back_with_one_warning(monkeypatch, tmp_path, rng):
+    monkeypatch.setattr(_native, "_state", {})
+    monkeypatch.setenv("KERAS_LSTM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", "/bin/false")  # a compiler that always fails
+    with pytest.warns(RuntimeWarning, match="native LSTM kernel unavailable"):
+        assert _native.native_module() is None
+    # The layer still runs, on the while-loop path, and agrees with Keras.
+    x, _, _ = _data(rng)
+    ours, reference = _pair(return_sequences=True)
+    np.testing.assert_allclose(np.asarray(ours(x)), np.asarray(reference(x)), atol=TOL)
+
+
+def test_native_kernel_can_be_switched_off(monkeypatch):
+    monkeypatch.setattr(_native, "_state", {})
+    monkeypatch.setenv("KERAS_LSTM_NATIVE", "0")
+    assert _native.native_module() is None
+
+
+def test_pad_to_bucket_pads_to_a_multiple_and_masks_the_padding():
+    from keras_lstm import pad_to_bucket
+
+    a, b = np.arange(10.0).reshape(5, 2), np.ones((9, 2))
+    batch, mask = pad_to_bucket([a, b], bucket=8, value=-1.0)
+    assert batch.shape == (2, 16, 2) and batch.dtype == np.float32
+    np.testing.assert_array_equal(batch[0, :5], a)
+    assert (batch[0, 5:] == -1).all()
+    np.testing.assert_array_equal(mask.sum(axis=1), [5, 9])
+
+
+def test_padded_batch_gives_the_unpadded_result_and_one_compile_per_bucket(rng):
+    from keras_lstm import pad_to_bucket
+
+    layer = GatedLSTM(H)
+    layer.build((B, None, D))
+    traces = []
+
+    @tf.function(jit_compile=True)
+    def run(x, mask):
+        traces.append(x.shape)
+        return layer(x, mask=mask)
+
+    for length in (5, 7, 8):  # all in the bucket of 8
+        seqs = [rng.normal(size=(length, D)).astype("float32") for _ in range(B)]
+        batch, mask = pad_to_bucket(seqs, bucket=8)
+        np.testing.assert_allclose(
+            np.asarray(run(batch, mask)), np.asarray(layer(np.stack(seqs))), atol=TOL
+        )
+    assert len(traces) == 1
+
+
+@pytest.mark.parametrize(
+    "sequences, bucket, error, match",
+    [
+        ([np.ones((3, 2))], 0, ValueError, "`bucket` must be a positive integer"),
+        ([np.ones((3, 2))], 2.5, ValueError, "`bucket` must be a positive integer"),
+        (np.ones((2, 3, 2)), 4, TypeError, "`sequences` must be a list"),
+        ([], 4, ValueError, "`sequences` must not be empty"),
+        ([np.ones(3)], 4, ValueError, r"`sequences\[0\]` must have shape \(length, features\)"),
+        ([np.ones((3, 2)), np.ones((3, 4))], 4, ValueError, r"`sequences\[1\]` has 4 features"),
+    ],
+)
+def test_pad_to_bucket_rejects_bad_input(sequences, bucket, error, match):
+    from keras_lstm import pad_to_bucket
+
+    with pytest.raises(error, match=match):
+        pad_to_bucket(sequences, bucket=bucket)
+
+
+def test_benchmark_quick_run_writes_json_and_chart(tmp_path):
+    import json
+
+    from benchmarks import run
+
+    run.main(
+        [
+            "--quick",
+            "--modes",
+            "eager",
+            "--rounds",
+            "1",
+            "--no-torch",
+            "--target-seconds",
+            "0.01",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    result = json.loads((tmp_path / "benchmark.json").read_text())
+    (only,) = result["runs"]
+    ours = only["contenders"]["GatedLSTM"]
+    assert set(only["contenders"]) == {
+        "GatedLSTM",
+        "keras.layers.LSTM",
+        "keras.layers.RNN(LSTMCell)",
+    }
+    assert ours["train_seq_per_s"] > 0 and ours["infer_seq_per_s"] > 0
+    assert ours["train_ratio_to keras.layers.LSTM"] > 0
+    assert 0 < ours["train_pct_of_matmul_limit"]
+    assert (tmp_path / "benchmark.png").stat().st_size > 1000
+
+
+def test_benchmark_rejects_malformed_sizes():
+    from benchmarks import run
+
+    with pytest.raises(SystemExit, match="--sizes: expected items like 64x100x32x128"):
+        run.main(["--sizes", "64x100x32", "--out", "unused"])
