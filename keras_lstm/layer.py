@@ -43,24 +43,33 @@ class GatedLSTM(keras.layers.RNN):
     """Long Short-Term Memory layer whose cell is `GatedLSTMCell`.
 
     A drop-in for `keras.layers.LSTM`: the same arguments, defaults, weights
-    and outputs. It runs the cell's readable gate equations in Keras's
-    recurrent loop, and never turns XLA off for the model around it (where
+    and outputs. It never turns XLA off for the model around it (where
     `keras.layers.LSTM` on a GPU switches to cuDNN and disables
     `jit_compile`).
 
+    How the sequence runs: on the TensorFlow backend, when the cell computes
+    the standard LSTM (tanh and sigmoid, no option that changes the maths)
+    and no recurrent dropout applies, a fused whole-sequence op with its own
+    gradient runs the recurrence (a native CPU kernel outside XLA, a
+    `tf.while_loop` under XLA and on GPU). Otherwise, and on the JAX and
+    torch backends, Keras's step loop calls the cell's `call`, which is also
+    the reference the fused op is tested against. Both give the same numbers.
+
+    The cell's arguments, with the same defaults as `keras.layers.LSTM` and
+    the same meaning as in `GatedLSTMCell` (each is also readable on the
+    layer, as `layer.units`, `layer.dropout`, ...): `units`, `activation`,
+    `recurrent_activation`, `use_bias`, `kernel_initializer`,
+    `recurrent_initializer`, `bias_initializer`, `unit_forget_bias`,
+    `kernel_regularizer`, `recurrent_regularizer`, `bias_regularizer`,
+    `kernel_constraint`, `recurrent_constraint`, `bias_constraint`,
+    `dropout`, `recurrent_dropout`, `seed`; and its options, each off by
+    default: `peephole=False`, `layer_norm=False`, `cifg=False`,
+    `proj_units=None`, `zoneout_h=0.0`, `zoneout_c=0.0`, `chrono_init=None`,
+    `cell_clip=None` (with `proj_units=P` the output and `h` have P
+    features).
+
     Args:
         units: Positive integer, the size of the hidden and cell states.
-        activation, recurrent_activation, use_bias, kernel_initializer,
-        recurrent_initializer, bias_initializer, unit_forget_bias,
-        kernel_regularizer, recurrent_regularizer, bias_regularizer,
-        kernel_constraint, recurrent_constraint, bias_constraint, dropout,
-        recurrent_dropout, seed: As in `GatedLSTMCell`, with the same
-            defaults as `keras.layers.LSTM`.
-        peephole, layer_norm, cifg, proj_units, zoneout_h, zoneout_c,
-        chrono_init, cell_clip: The cell's options, as in `GatedLSTMCell`,
-            each off by default (`False`, `False`, `False`, `None`, `0.0`,
-            `0.0`, `None`, `None`). With `proj_units=P` the output and `h`
-            have P features.
         activity_regularizer: Regularizer for the layer's output.
             Default: `None`.
         return_sequences: Return the whole output sequence `(batch, time,
@@ -235,9 +244,11 @@ class GatedLSTM(keras.layers.RNN):
 
     def _runs_fused_kernel(self, training) -> bool:
         """Whether `inner_loop` may use the fused op: TensorFlow backend, a cell
-        with the standard LSTM maths, and no recurrent dropout while training."""
+        with the standard LSTM maths, no recurrent dropout while training, and
+        no `unroll=True` (which asks for one op per step, as TFLite wants)."""
         return (
             keras.backend.backend() == "tensorflow"
+            and not self.unroll
             and self.cell.is_standard_lstm
             and not (training and self.cell.recurrent_dropout > 0)
         )

@@ -182,10 +182,14 @@ def export_for_serving(
                 "Pass streaming=False (or 'auto') to export serving_default only."
             )
 
-    archive = _archive(model, plan, jit_compile)
+    from keras_lstm import kernels
+
+    # Portable ops: the export must not need our native kernel's library.
+    with kernels.portable_ops():
+        archive = _archive(model, plan, jit_compile)
     created_base = not os.path.exists(base_dir)
     try:
-        with atomic_directory(version_dir, overwrite=overwrite) as tmp:
+        with kernels.portable_ops(), atomic_directory(version_dir, overwrite=overwrite) as tmp:
             with _quiet_tensorflow_logger():
                 archive.write_out(tmp, verbose=False)
             if warmup:
@@ -801,9 +805,12 @@ def export_tflite(
             )
             return dict(zip(names, keras.tree.flatten(outputs), strict=True))
 
-        archive.add_endpoint("serving_default", serve, input_signature=specs)
-        with _quiet_tensorflow_logger():
-            archive.write_out(saved_model_dir, verbose=False)
+        from keras_lstm import kernels
+
+        with kernels.portable_ops():  # TFLite has no kernel for our native op
+            archive.add_endpoint("serving_default", serve, input_signature=specs)
+            with _quiet_tensorflow_logger():
+                archive.write_out(saved_model_dir, verbose=False)
         converter = tf.lite.TFLiteConverter.from_saved_model(saved_model_dir)
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
         if allow_flex:

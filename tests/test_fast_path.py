@@ -147,6 +147,8 @@ def test_fused_op_is_the_path_taken_for_a_standard_cell(monkeypatch, rng):
         ({"dropout": 0.3}, True, True),
         ({"activation": "relu"}, False, False),
         ({"recurrent_activation": "hard_sigmoid"}, False, False),
+        ({"unroll": True}, False, False),
+        ({"peephole": True}, False, False),
     ],
     ids=[
         "recurrent_dropout_training_falls_back",
@@ -154,6 +156,8 @@ def test_fused_op_is_the_path_taken_for_a_standard_cell(monkeypatch, rng):
         "dropout_training_fused",
         "other_activation_falls_back",
         "other_recurrent_activation_falls_back",
+        "unroll_runs_one_op_per_step",
+        "cell_option_falls_back",
     ],
 )
 def test_fallback_rule(monkeypatch, rng, options, training, fused):
@@ -342,3 +346,25 @@ def test_benchmark_rejects_malformed_sizes():
 
     with pytest.raises(SystemExit, match="--sizes: expected items like 64x100x32x128"):
         run.main(["--sizes", "64x100x32", "--out", "unused"])
+
+
+def test_exports_hold_tensorflow_ops_only(tmp_path, rng):
+    """A SavedModel must load where our native kernel's library is not loaded."""
+    model = keras.Sequential([keras.Input((T, D)), GatedLSTM(H), keras.layers.Dense(1)])
+    x = rng.normal(size=(B, T, D)).astype("float32")
+    model(x)
+    model.export(tmp_path / "exported", verbose=False)
+    tf.saved_model.save(model, str(tmp_path / "saved"))
+    for folder in ("exported", "saved"):
+        graph = (tmp_path / folder / "saved_model.pb").read_bytes()
+        assert b"KerasLstmSequence" not in graph, folder
+    def op_types():
+        traced = tf.function(lambda x: model(x)).get_concrete_function(tf.TensorSpec((B, T, D)))
+        return {op.type for op in traced.graph.get_operations()}
+
+    assert _native.native_module() is not None
+    assert "KerasLstmSequence" in op_types()  # an ordinary trace does use the native op
+    with kernels.portable_ops():
+        assert "KerasLstmSequence" not in op_types()
+    loaded = tf.saved_model.load(str(tmp_path / "exported"))
+    np.testing.assert_allclose(loaded.serve(x), model(x), atol=1e-5)

@@ -20,10 +20,32 @@ runs the loop faster when each step projects its own input. This package depends
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import tensorflow as tf
 from tensorflow.python.ops import control_flow_util
+from tensorflow.python.saved_model import save_context
 
 from keras_lstm.kernels import _native, _while_loop
+
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def portable_ops():
+    """Within this block the fused op is built from TensorFlow's own ops only.
+
+    Graphs traced here (a SavedModel for TensorFlow Serving, a TFLite model)
+    then run where the native kernel's library is not loaded. Tracing inside
+    `tf.saved_model.save` is portable without it.
+    """
+    previous = getattr(_local, "portable", False)
+    _local.portable = True
+    try:
+        yield
+    finally:
+        _local.portable = previous
 
 
 def _in_xla_context() -> bool:
@@ -32,6 +54,8 @@ def _in_xla_context() -> bool:
 
 
 def _use_native(dtype) -> bool:
+    if getattr(_local, "portable", False) or save_context.in_save_context():
+        return False
     if dtype != tf.float32 or _in_xla_context() or tf.config.list_logical_devices("GPU"):
         return False
     return _native.native_module() is not None
@@ -87,6 +111,10 @@ def lstm_recurrence(
             xz = xz + bias
         xz = tf.reshape(xz, (steps, batch, kernel.shape[-1]))
         h_seq, c_seq = lstm_sequence(xz, recurrent_kernel, h0, c0, mask)
+    # The loops lose the static number of steps; later layers (an unrolled
+    # one, say) need it.
+    for sequence in (h_seq, c_seq):
+        sequence.set_shape(x.shape[:2].concatenate(h0.shape[-1:]))
     states = [h_seq[-1], c_seq[-1]]
 
     outputs = h_seq
