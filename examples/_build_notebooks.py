@@ -71,7 +71,7 @@ GATES = [
         step one day through its cell by hand and watch the gates.
         """,
     ),
-    ("code", setup("", "GatedLSTM, LSTMGates, datasets")),
+    ("code", setup("", "GatedLSTM, LSTMGates, datasets, plot_gates, trace_gates")),
     (
         "md",
         """
@@ -199,40 +199,62 @@ GATES = [
     (
         "md",
         """
-        ## The gates over the day
+        ## Every gate over the day, in one call
 
-        Top: the 24 hours the model reads (°F). Then the forget, input and
-        output gates of each unit (each axis zoomed to its range), and the
-        cell state $C_t$. A forget gate
-        near 1 keeps what the unit has stored; an input gate near 1 writes
-        the new candidate; the output gate decides how much of the memory
-        reaches $h_t$ and so the forecast.
+        The loop above is what `keras_lstm.trace_gates(model, inputs)` runs
+        for you, for every `GatedLSTM` in a model: it feeds each layer the
+        inputs (and mask, and initial state) it receives inside the model,
+        steps its cell with `return_gates=True` in inference mode, and returns
+        `{layer name: LSTMGates}` with `(batch, time, units)` arrays. The
+        model is left unchanged. Its hidden states must be the ones we just
+        stepped by hand.
         """,
     ),
     (
         "code",
         """\
-        hours = np.arange(24)
+        traced = trace_gates(model, x)  # {"gated_lstm": LSTMGates of (1, 24, UNITS) arrays}
+        gates = traced["gated_lstm"]
+        print({name: values.shape for name, values in gates._asdict().items()})
+        difference = np.max(np.abs(gates.hidden[0] - trace.hidden))
+        print(f"trace_gates vs. hand-stepped hidden state: max abs difference {difference:.2e}")
+        assert difference < 1e-5""",
+    ),
+    (
+        "md",
+        """
+        ## The gates over the day
+
+        First the 24 hours the model reads (°F), then `keras_lstm.plot_gates`:
+        one heat map per gate and state, units against the hour. The forget,
+        input and output gates run from 0 to 1, the candidate and hidden
+        state from -1 to 1, and the cell state $C_t$ on its own scale. A
+        forget gate near 1 keeps what the unit has stored; an input gate near
+        1 writes the new candidate; the output gate decides how much of the
+        memory reaches $h_t$ and so the forecast. On their fixed 0 to 1
+        scale the gates of a small model can look flat; the cell after the
+        plots prints each gate's range per unit.
+        """,
+    ),
+    (
+        "code",
+        """\
         when = test["time"][day].decode()
-        fig, axes = plt.subplots(5, 1, figsize=(8, 10), sharex=True)
-        axes[0].plot(hours, test["history"][day], "k.-")
-        axes[0].set_ylabel("temperature (°F)")
-        axes[0].set_title(f"the 24 hours before {when}")
-        for ax, name in zip(axes[1:], ["forget", "input", "output", "cell"], strict=True):
-            values = getattr(trace, name)
-            for unit in range(UNITS):
-                ax.plot(hours, values[:, unit], label=f"unit {unit}")
-            ax.set_ylabel(name if name == "cell" else f"{name} gate")
-        axes[1].legend(ncol=UNITS, fontsize=8)
-        axes[-1].set_xlabel("hour of the window")
-        fig.tight_layout()
+        fig, ax = plt.subplots(figsize=(8, 2))
+        ax.plot(np.arange(24), test["history"][day], "k.-")
+        ax.set_ylabel("°F")
+        ax.set_xlabel("hour of the window")
+        ax.set_title(f"the 24 hours before {when}")
+        plt.show()
+
+        plot_gates(traced, sample=0, layer="gated_lstm", figsize=(8, 10))
         plt.show()""",
     ),
     (
         "code",
         """\
         for name in ["forget", "input", "output"]:
-            values = getattr(trace, name)
+            values = getattr(gates, name)[0]  # (24, UNITS): sample 0
             print(f"{name:>6} gate per unit: mean {np.round(values.mean(0), 2)}, "
                   f"range {np.round(values.min(0), 2)} .. {np.round(values.max(0), 2)}")""",
     ),
@@ -243,7 +265,9 @@ GATES = [
         slowly: their cell state drifts with the day's trend. Units whose
         forget gate dips reset part of their memory whenever the input moves.
         `GatedLSTMCell` is the same cell `GatedLSTM` runs inside its loop,
-        so what you read here is what serves your predictions.
+        so what you read here is what serves your predictions. On your own
+        model, `trace_gates(model, x)` and `plot_gates(trace, sample=...,
+        layer=...)` are all it takes.
         """,
     ),
     ("code", DONE),
