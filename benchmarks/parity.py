@@ -78,7 +78,9 @@ def main() -> None:
     for name, (layer_kwargs, call_kwargs) in _configs(rng).items():
         reference = keras.layers.LSTM(H, **layer_kwargs)
         reference.build((B, T, D))
-        reference.set_weights([rng.normal(0, 0.4, w.shape).astype("float32") for w in reference.weights])
+        reference.set_weights(
+            [rng.normal(0, 0.4, w.shape).astype("float32") for w in reference.weights]
+        )
         for path in paths:
             if path == "native kernel" and not paths[path]():
                 continue
@@ -101,8 +103,10 @@ def main() -> None:
                 mode = "jit" if jit else "eager"
                 row = f"{name:<22} {path:<14} {mode:<6} {out_err:9.1e} {grad_err:10.1e}"
                 print(f"{row} {grad_relative:9.1e}")
-    print(f"largest difference: {worst:.1e}; largest relative gradient difference: "
-          f"{worst_relative:.1e}")
+    print(
+        f"largest difference: {worst:.1e}; largest relative gradient difference: "
+        f"{worst_relative:.1e}"
+    )
 
 
 if __name__ == "__main__":

@@ -103,7 +103,9 @@ def run(out: str = "keras-lstm-demo", epochs: int = 8, units: int = 32, verbose=
         f"{len(train.x)} train / {len(val.x)} validation / {len(test.x)} test windows of "
         f"{WINDOW} h"
     )
-    results = {"persistence (next hour = this hour)": float(np.mean(np.abs(test.last - test.truth)))}
+    results = {
+        "persistence (next hour = this hour)": float(np.mean(np.abs(test.last - test.truth)))
+    }
     models = {}
     for name, layer in [
         ("keras_lstm.GatedLSTM", GatedLSTM(units, name="gated_lstm")),
@@ -129,6 +131,8 @@ def run(out: str = "keras-lstm-demo", epochs: int = 8, units: int = 32, verbose=
         models["keras_lstm.GatedLSTM"].save(tmp)
     with atomic_file(os.path.join(out, "results.json")) as tmp:
         with open(tmp, "w") as f:
-            json.dump({"test_mae_fahrenheit": results, "scale": scale, "window": WINDOW}, f, indent=2)
+            json.dump(
+                {"test_mae_fahrenheit": results, "scale": scale, "window": WINDOW}, f, indent=2
+            )
     print(f"\nSaved the GatedLSTM model to {model_path}")
     return results

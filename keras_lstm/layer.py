@@ -270,7 +270,7 @@ class GatedLSTM(keras.layers.RNN):
                 raise ValueError(
                     f"`initial_state` must be a list of 2 tensors [h, c], {shapes}, got {got}."
                 )
-            for name, state in zip(("h", "c"), states):
+            for name, state in zip(("h", "c"), states, strict=False):
                 state_shape = tuple(state.shape)
                 if (
                     len(state_shape) != 2
@@ -287,7 +287,7 @@ class GatedLSTM(keras.layers.RNN):
             mask_shape = tuple(mask.shape)
             if len(mask_shape) != 2 or any(
                 m is not None and s is not None and m != s
-                for m, s in zip(mask_shape, (batch, time))
+                for m, s in zip(mask_shape, (batch, time), strict=False)
             ):
                 raise ValueError(
                     f"`mask` must have shape (batch, timesteps) = ({batch}, {time}), "

@@ -2,7 +2,6 @@
 
 import keras
 import numpy as np
-import pytest
 
 from keras_lstm import GatedLSTMCell, LSTMGates
 
@@ -50,7 +49,7 @@ def test_cell_steps_match_numpy_rederivation_of_the_equations(rng):
     for t in range(x.shape[1]):
         gates, states = cell(x[:, t], states, return_gates=True)
         assert isinstance(gates, LSTMGates)
-        for got, want in zip(gates, expected[t]):
+        for got, want in zip(gates, expected[t], strict=False):
             np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
         np.testing.assert_allclose(np.asarray(states[0]), expected[t][5], atol=1e-5)
         np.testing.assert_allclose(np.asarray(states[1]), expected[t][4], atol=1e-5)

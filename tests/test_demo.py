@@ -18,7 +18,9 @@ def test_windows_split_by_time_without_leakage():
     assert len(train.x) + len(val.x) + len(test.x) == len(temps) - 3 * demo.WINDOW
     np.testing.assert_allclose(test.truth[-1], temps[-1])
     np.testing.assert_allclose(test.last, temps[-len(test.x) - 1 : -1])
-    np.testing.assert_allclose(train.y[:, 0] * scale["delta_std"], train.truth - train.last, atol=1e-4)
+    np.testing.assert_allclose(
+        train.y[:, 0] * scale["delta_std"], train.truth - train.last, atol=1e-4
+    )
 
 
 def test_demo_beats_persistence_and_saves_a_loadable_model(tmp_path, capsys):
@@ -38,4 +40,6 @@ def test_demo_beats_persistence_and_saves_a_loadable_model(tmp_path, capsys):
     _, _, test, scale = demo.make_windows(times, temps)
     change = model.predict(test.x, verbose=0)[:, 0] * scale["delta_std"]
     np.testing.assert_allclose(np.mean(np.abs(test.last + change - test.truth)), ours, rtol=1e-4)
-    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []  # no temporary files left
+    assert [
+        p.name for p in out.iterdir() if p.name.startswith(".")
+    ] == []  # no temporary files left

@@ -50,7 +50,9 @@ def test_use_cudnn_true_is_refused_with_the_reason():
 
 @pytest.mark.parametrize("shape", [(4, 3), (2, 4, 5, 3), (3,)])
 def test_inputs_must_be_rank_3(shape):
-    with pytest.raises(ValueError, match=r"`inputs` must be a 3D tensor \(batch, timesteps, features\)"):
+    with pytest.raises(
+        ValueError, match=r"`inputs` must be a 3D tensor \(batch, timesteps, features\)"
+    ):
         GatedLSTM(4)(np.zeros(shape, "float32"))
 
 
@@ -74,13 +76,21 @@ def test_feature_size_mismatch_in_a_model_names_the_input():
 def test_initial_state_must_be_two_tensors_of_batch_by_units():
     x = np.zeros((2, 3, 5), "float32")
     h = np.zeros((2, 4), "float32")
-    with pytest.raises(ValueError, match=r"`initial_state` must be a list of 2 tensors \[h, c\].* got 1"):
+    with pytest.raises(
+        ValueError, match=r"`initial_state` must be a list of 2 tensors \[h, c\].* got 1"
+    ):
         GatedLSTM(4)(x, initial_state=[h])
-    with pytest.raises(ValueError, match=r"`initial_state` must be a list of 2 tensors.*single tensor"):
+    with pytest.raises(
+        ValueError, match=r"`initial_state` must be a list of 2 tensors.*single tensor"
+    ):
         GatedLSTM(4)(x, initial_state=h)
-    with pytest.raises(ValueError, match=r"`initial_state` c must have shape \(2, 4\), got \(2, 3\)"):
+    with pytest.raises(
+        ValueError, match=r"`initial_state` c must have shape \(2, 4\), got \(2, 3\)"
+    ):
         GatedLSTM(4)(x, initial_state=[h, np.zeros((2, 3), "float32")])
-    with pytest.raises(ValueError, match=r"`initial_state` h must have shape \(2, 4\), got \(3, 4\)"):
+    with pytest.raises(
+        ValueError, match=r"`initial_state` h must have shape \(2, 4\), got \(3, 4\)"
+    ):
         GatedLSTM(4)(x, initial_state=[np.zeros((3, 4), "float32"), h])
 
 
@@ -91,7 +101,9 @@ def test_stateful_needs_a_fixed_batch_size():
 
 def test_mask_must_be_batch_by_timesteps():
     x = np.zeros((2, 3, 5), "float32")
-    with pytest.raises(ValueError, match=r"`mask` must have shape \(batch, timesteps\) = \(2, 3\), got \(2, 4\)"):
+    with pytest.raises(
+        ValueError, match=r"`mask` must have shape \(batch, timesteps\) = \(2, 3\), got \(2, 4\)"
+    ):
         GatedLSTM(4)(x, mask=np.ones((2, 4), bool))
     with pytest.raises(ValueError, match=r"`mask` must have shape .* got \(2, 3, 1\)"):
         GatedLSTM(4)(x, mask=np.ones((2, 3, 1), bool))

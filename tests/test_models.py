@@ -20,7 +20,7 @@ def _assert_models_agree(ours, theirs, *inputs):
     _copy_weights(theirs, ours)
     feed = inputs[0] if len(inputs) == 1 else list(inputs)
     a, b = ours.predict(feed, verbose=0), theirs.predict(feed, verbose=0)
-    for got, want in zip(keras.tree.flatten(a), keras.tree.flatten(b)):
+    for got, want in zip(keras.tree.flatten(a), keras.tree.flatten(b), strict=False):
         np.testing.assert_allclose(got, want, atol=TOL)
 
 
@@ -58,7 +58,9 @@ def test_stacked_cells_match_stacked_lstm_cells():
     _assert_models_agree(
         _sequential(keras.layers.RNN([GatedLSTMCell(8), GatedLSTMCell(3)], return_sequences=True)),
         _sequential(
-            keras.layers.RNN([keras.layers.LSTMCell(8), keras.layers.LSTMCell(3)], return_sequences=True)
+            keras.layers.RNN(
+                [keras.layers.LSTMCell(8), keras.layers.LSTMCell(3)], return_sequences=True
+            )
         ),
         x,
     )
@@ -126,7 +128,9 @@ def test_stateful_model_streams_chunks_and_resets():
     whole = keras.Sequential([keras.Input((None, 3)), GatedLSTM(4, return_sequences=True)])
     _copy_weights(model, whole)
     chunks = [model.predict_on_batch(x[:, s : s + 4]) for s in (0, 4)]
-    np.testing.assert_allclose(np.concatenate(chunks, axis=1), whole.predict(x, verbose=0), atol=TOL)
+    np.testing.assert_allclose(
+        np.concatenate(chunks, axis=1), whole.predict(x, verbose=0), atol=TOL
+    )
     model.layers[0].reset_state()
     np.testing.assert_allclose(
         model.predict_on_batch(x[:, :4]), whole.predict(x[:, :4], verbose=0), atol=TOL

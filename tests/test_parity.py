@@ -51,10 +51,10 @@ def _assert_same(ours, theirs, x, jit=False, **call_kwargs):
     out_a, grad_a = _forward_and_gradients(ours, x, jit, **call_kwargs)
     out_b, grad_b = _forward_and_gradients(theirs, x, jit, **call_kwargs)
     assert len(out_a) == len(out_b)
-    for a, b in zip(out_a, out_b):
+    for a, b in zip(out_a, out_b, strict=False):
         np.testing.assert_allclose(a, b, atol=TOL, rtol=0)
     names = ["inputs", "kernel", "recurrent_kernel", "bias"]
-    for name, a, b in zip(names, grad_a, grad_b):
+    for name, a, b in zip(names, grad_a, grad_b, strict=False):
         np.testing.assert_allclose(a, b, atol=TOL, rtol=0, err_msg=f"gradient w.r.t. {name}")
     return out_a
 
@@ -111,13 +111,11 @@ def test_stateful_carries_state_across_calls_like_keras(x):
     ours, theirs = _pair(stateful=True, return_sequences=True)
     for chunk in (x[:, :3], x[:, 3:]):
         np.testing.assert_allclose(np.asarray(ours(chunk)), np.asarray(theirs(chunk)), atol=TOL)
-    for a, b in zip(ours.states, theirs.states):
+    for a, b in zip(ours.states, theirs.states, strict=False):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=TOL)
     # Two chunks with carried state equal one pass over the whole sequence.
     whole, _ = _pair(return_sequences=True)
-    np.testing.assert_allclose(
-        np.asarray(ours.states[0]), np.asarray(whole(x))[:, -1], atol=TOL
-    )
+    np.testing.assert_allclose(np.asarray(ours.states[0]), np.asarray(whole(x))[:, -1], atol=TOL)
     ours.reset_state()
     theirs.reset_state()
     assert not np.any(np.asarray(ours.states[0]))

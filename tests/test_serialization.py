@@ -64,12 +64,17 @@ def _models():
     return {
         "layer": seq(GatedLSTM(4), keras.layers.Dense(1)),
         "rnn_cell": seq(keras.layers.RNN(GatedLSTMCell(4))),
-        "stacked": seq(keras.layers.RNN([GatedLSTMCell(4), GatedLSTMCell(2)], return_sequences=True)),
+        "stacked": seq(
+            keras.layers.RNN([GatedLSTMCell(4), GatedLSTMCell(2)], return_sequences=True)
+        ),
         "bidirectional": seq(keras.layers.Bidirectional(GatedLSTM(4, return_sequences=True))),
         "bidirectional_cell": seq(keras.layers.Bidirectional(keras.layers.RNN(GatedLSTMCell(4)))),
         "masked": seq(keras.layers.Masking(0.0), GatedLSTM(4, go_backwards=True)),
         "embedding": seq(
-            keras.layers.Embedding(9, 3, mask_zero=True), GatedLSTM(4), shape=(steps,), dtype="int32"
+            keras.layers.Embedding(9, 3, mask_zero=True),
+            GatedLSTM(4),
+            shape=(steps,),
+            dtype="int32",
         ),
         "functional": functional,
         "stateful": keras.Sequential(
