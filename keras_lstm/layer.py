@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import keras
+from keras import ops
 
 from keras_lstm import _checks
 from keras_lstm.cell import GatedLSTMCell
@@ -220,12 +221,14 @@ class GatedLSTM(keras.layers.RNN):
     def inner_loop(self, sequences, initial_state, mask, training=False):
         # The fused whole-sequence op when it computes the same maths, else
         # Keras's step loop around the cell (the reference it is tested against).
+        if keras.tree.is_nested(mask):
+            mask = mask[0]
         if not self._runs_fused_kernel(training):
+            if self.unroll and self.go_backwards and mask is not None and self.zero_output_for_mask:
+                return self._unrolled_backwards_loop(sequences, initial_state, mask, training)
             return super().inner_loop(sequences, initial_state, mask, training=training)
         from keras_lstm import kernels
 
-        if keras.tree.is_nested(mask):
-            mask = mask[0]
         if training and self.cell.dropout > 0:
             # One mask per sequence, the one the cell would draw.
             sequences = sequences * self.cell.get_dropout_mask(sequences[:, 0, :])[:, None, :]
@@ -241,6 +244,27 @@ class GatedLSTM(keras.layers.RNN):
             return_sequences=self.return_sequences,
             zero_output_for_mask=self.zero_output_for_mask,
         )
+
+    def _unrolled_backwards_loop(self, sequences, initial_state, mask, training):
+        """Keras's unrolled loop, with masked outputs zeroed in the order they were made.
+
+        With `unroll=True`, `go_backwards=True` and `zero_output_for_mask`
+        (which `Bidirectional` turns on), Keras's TensorFlow loop zeroes the
+        reversed outputs with the mask in forward order; the symbolic loop and
+        the fused op are right. So zero them here instead.
+        """
+        self.zero_output_for_mask = False
+        try:
+            last_output, outputs, states = super().inner_loop(
+                sequences, initial_state, mask, training=training
+            )
+        finally:
+            self.zero_output_for_mask = True
+        # Steps were processed last to first: the last one made is input step 0.
+        made = ops.flip(mask, axis=1) if self.return_sequences else mask[:, :1]
+        outputs = ops.where(made[:, :, None], outputs, ops.zeros_like(outputs))
+        last_output = ops.where(mask[:, :1], last_output, ops.zeros_like(last_output))
+        return last_output, outputs, states
 
     def _runs_fused_kernel(self, training) -> bool:
         """Whether `inner_loop` may use the fused op: TensorFlow backend, a cell

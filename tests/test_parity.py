@@ -120,3 +120,21 @@ def test_stateful_carries_state_across_calls_like_keras(x):
     theirs.reset_state()
     assert not np.any(np.asarray(ours.states[0]))
     np.testing.assert_allclose(np.asarray(ours(x)), np.asarray(theirs(x)), atol=TOL)
+
+
+@pytest.mark.parametrize("return_sequences", [True, False])
+def test_unrolled_backward_layer_zeroes_masked_outputs_like_the_symbolic_loop(x, return_sequences):
+    # Bidirectional turns zero_output_for_mask on; Keras's own unrolled loop gets this wrong.
+    mask = np.ones((B, T), bool)
+    mask[0, 4:] = False
+    mask[1, :2] = False
+    kwargs = dict(go_backwards=True, return_sequences=return_sequences, zero_output_for_mask=True)
+    ours, reference = _pair(unroll=True, **kwargs)
+    symbolic = keras.layers.LSTM(H, use_cudnn=False, **kwargs)
+    symbolic.build((B, T, D))
+    symbolic.set_weights(reference.get_weights())
+    got = np.asarray(ours(x, mask=tf.constant(mask)))
+    want = np.asarray(symbolic(x, mask=tf.constant(mask)))
+    np.testing.assert_allclose(got, want, atol=TOL)
+    if return_sequences:
+        assert np.abs(want[0, : T - 4]).max() == 0 and np.abs(want[1, -2:]).max() == 0

@@ -123,3 +123,19 @@ def test_unrolled_model_with_a_free_batch_matches_keras(tmp_path, kind):
     x = np.random.default_rng(4).standard_normal((4, 7, 3)).astype("float32")
     x[1, -3:] = 0.0
     np.testing.assert_allclose(run(runner, x), reference.predict(x, verbose=0), atol=1e-4)
+
+
+def test_masked_bidirectional_model_matches_keras(tmp_path):
+    # The backward half reads padded steps first; its masked outputs must be zero.
+    model = keras.Sequential(
+        [
+            keras.Input((6, 2)),
+            keras.layers.Masking(0.0),
+            keras.layers.Bidirectional(GatedLSTM(4, return_sequences=True)),
+            keras.layers.Dense(1),
+        ]
+    )
+    x = np.random.default_rng(0).standard_normal((1, 6, 2)).astype("float32")
+    x[:, 4:] = 0.0
+    path = export_tflite(model, tmp_path / "m.tflite")
+    np.testing.assert_allclose(run(interpreter(path), x), model.predict(x, verbose=0), atol=1e-4)
