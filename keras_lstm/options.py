@@ -247,6 +247,14 @@ def _zoneout(new, prev, rate, training, seed_generator):
     if rate == 0.0:
         return new
     if training:
+        if keras.backend.backend() == "jax":
+            # Inside jax.lax.scan the seed generator's state cannot advance, so
+            # every step (and every batch) would reuse one mask.
+            raise NotImplementedError(
+                "`zoneout_h` and `zoneout_c` need a new random mask at every training step, "
+                "which Keras's JAX loop cannot draw. Train with zoneout under the TensorFlow "
+                "or torch backend; inference (which uses the expectation) runs on JAX."
+            )
         keep_prev = keras.random.uniform(ops.shape(new), seed=seed_generator) < rate
         return ops.where(keep_prev, prev, new)
     return rate * prev + (1.0 - rate) * new

@@ -289,3 +289,27 @@ def test_all_options_survive_keras_save_and_load_in_a_fresh_process(tmp_path, rn
     assert done.returncode == 0, done.stderr[-3000:]
     diff = float(done.stdout.split("max_abs_diff")[-1])
     assert diff < 1e-6
+
+
+def test_zoneout_training_on_jax_is_refused_and_inference_runs():
+    """JAX's scan cannot advance a seed per step, so training zoneout there says so."""
+    pytest.importorskip("jax", reason="needs the `jax` extra")
+    script = (
+        "import numpy as np, keras_lstm\n"
+        "layer = keras_lstm.GatedLSTM(4, zoneout_h=0.5, zoneout_c=0.2, return_sequences=True)\n"
+        "x = np.ones((2, 5, 3), 'float32')\n"
+        "print('inference', layer(x, training=False).shape)\n"
+        "try:\n"
+        "    layer(x, training=True)\n"
+        "except NotImplementedError as error:\n"
+        "    print('refused:', error)\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": root, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "inference (2, 5, 4)" in result.stdout
+    assert "refused: " in result.stdout
+    assert "`zoneout_h` and `zoneout_c` need a new random mask" in result.stdout
