@@ -33,9 +33,10 @@ def _export(args) -> int:
             args.version,
             jit_compile=not args.no_jit,
             streaming=False if args.no_streaming else "auto",
+            warmup=not args.no_warmup,
             overwrite=args.overwrite,
         )
-    except (ValueError, TypeError, OSError) as error:
+    except (ValueError, TypeError, OSError, ImportError) as error:
         print(f"keras-lstm export: {error}", file=sys.stderr)
         return 1
     print(path)
@@ -82,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--no-jit", action="store_true", help="do not compile with XLA")
     export.add_argument("--no-streaming", action="store_true", help="write serving_default only")
+    export.add_argument(
+        "--no-warmup", action="store_true", help="write no warmup requests (assets.extra/)"
+    )
     export.add_argument("--overwrite", action="store_true", help="replace an existing version")
     export.set_defaults(run=_export)
 

@@ -165,6 +165,8 @@ def export_for_serving(
     base_dir = os.path.abspath(os.fspath(base_dir))
     if os.path.exists(base_dir) and not os.path.isdir(base_dir):
         raise ValueError(f"`base_dir` must be a folder, but `{base_dir}` is a file.")
+    if warmup:
+        _serving_protos()  # say what is missing before any tracing
     version = _next_version(base_dir) if version is None else _version(version)
     version_dir = os.path.join(base_dir, str(version))
     if os.path.exists(version_dir) and not overwrite:
@@ -672,17 +674,22 @@ def _warmup_inputs(model, plan):
     return requests
 
 
-def _write_warmup(export_dir, model, plan, model_name):
-    """Write `assets.extra/tf_serving_warmup_requests` as TF Serving reads it."""
-    import tensorflow as tf
-
+def _serving_protos():
     try:
         from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
     except ImportError as error:
         raise ImportError(
             "Warmup requests are written with `tensorflow-serving-api`; install it "
-            "(`pip install keras-lstm[serving]`) or pass warmup=False."
+            "(`pip install keras-lstm[serving]`) or pass warmup=False (`--no-warmup`)."
         ) from error
+    return predict_pb2, prediction_log_pb2
+
+
+def _write_warmup(export_dir, model, plan, model_name):
+    """Write `assets.extra/tf_serving_warmup_requests` as TF Serving reads it."""
+    import tensorflow as tf
+
+    predict_pb2, prediction_log_pb2 = _serving_protos()
     path = os.path.join(export_dir, WARMUP_FILE)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with tf.io.TFRecordWriter(path) as writer:

@@ -448,3 +448,30 @@ def test_cli_export_of_a_missing_model_file_fails_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("keras-lstm export: ") and len(err.strip().splitlines()) == 1
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_cli_export_without_the_serving_protos_says_what_to_do(tmp_path, capsys, monkeypatch):
+    import builtins
+
+    from keras_lstm import cli
+
+    model = keras.Sequential([keras.Input((4, 2)), GatedLSTM(3)])
+    model.save(tmp_path / "m.keras")
+    real_import = builtins.__import__
+
+    def without_serving_api(name, *args, **kwargs):
+        if name.startswith("tensorflow_serving"):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", without_serving_api)
+    assert cli.main(["export", str(tmp_path / "m.keras"), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "tensorflow-serving-api" in err and "--no-warmup" in err
+    assert len(err.strip().splitlines()) == 1 and not os.path.exists(tmp_path / "out")
+
+    assert (
+        cli.main(["export", str(tmp_path / "m.keras"), str(tmp_path / "out"), "--no-warmup"]) == 0
+    )
+    assert os.path.exists(tmp_path / "out" / "1" / "saved_model.pb")
+    assert not os.path.exists(tmp_path / "out" / "1" / "assets.extra")
