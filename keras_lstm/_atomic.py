@@ -13,23 +13,22 @@ from collections.abc import Iterator
 def atomic_file(path: str | os.PathLike) -> Iterator[str]:
     """Yield a temporary path beside `path`; on success rename it to `path`.
 
-    The rename is atomic on one file system, so readers see either the old
-    file or the whole new one. On any exception the temporary file is removed
-    and `path` is left as it was.
+    The temporary file lives in a private folder next to `path` (so no other
+    process can take its name) and is flushed to disk before the rename,
+    which is atomic on one file system: readers see either the old file or
+    the whole new one. On any exception `path` is left as it was.
     """
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
+    path = os.path.abspath(os.fspath(path))
+    folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
-    stem, suffix = os.path.splitext(os.path.basename(path))
-    handle, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".tmp{suffix}", dir=folder)
-    os.close(handle)
-    os.remove(tmp)  # writers such as keras.saving want to create the file themselves
+    private = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    tmp = os.path.join(private, os.path.basename(path))
     try:
-        yield tmp
+        yield tmp  # writers such as keras.saving create the file themselves
+        _fsync(tmp)
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        shutil.rmtree(private, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -37,7 +36,8 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
     """Yield an empty temporary folder beside `path`; on success move it to `path`.
 
     An existing `path` is replaced only with `overwrite=True`, and then only
-    once the new folder is complete.
+    once the new folder is complete. If the swap itself fails, the old folder
+    is put back.
     """
     path = os.fspath(os.path.abspath(path))
     if os.path.exists(path) and not overwrite:
@@ -47,13 +47,28 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
     try:
         yield tmp
-        if os.path.exists(path):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".old", dir=parent)
-            os.replace(path, os.path.join(old, "previous"))
+        if not os.path.exists(path):
             os.replace(tmp, path)
+            return
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".old", dir=parent)
+        previous = os.path.join(old, "previous")
+        os.replace(path, previous)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            os.replace(previous, path)
+            raise
+        finally:
             shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fsync(path: str) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
