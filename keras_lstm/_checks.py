@@ -77,3 +77,33 @@ def sequence_shape(name: str, shape, expected_features: int | None = None) -> No
             f"`{name}` has {features} features (last axis of shape {tuple(shape)}), "
             f"but the layer was built for {expected_features}."
         )
+
+
+def float_tensor(name: str, tensor) -> None:
+    """The LSTM's maths needs floating-point inputs (cast token ids with an Embedding)."""
+    dtype = keras.backend.standardize_dtype(tensor.dtype)
+    if "float" not in dtype:
+        raise TypeError(
+            f"`{name}` must be a floating-point tensor, got dtype {dtype}. Cast it (for example "
+            "`keras.ops.cast(x, 'float32')`), or feed token ids through a keras.layers.Embedding."
+        )
+
+
+def step_states(name: str, states, sizes, batch) -> None:
+    """A cell step's states: one (batch, size) tensor per entry of `state_size`."""
+    if not isinstance(states, (list, tuple)) or len(states) != len(sizes):
+        got = len(states) if isinstance(states, (list, tuple)) else "a single tensor"
+        raise ValueError(
+            f"`{name}` must be a list of {len(sizes)} tensors [h, c] of shapes "
+            + " and ".join(f"(batch, {size})" for size in sizes)
+            + f", got {got}."
+        )
+    for label, state, size in zip(("h", "c"), states, sizes, strict=True):
+        shape = tuple(state.shape)
+        if (
+            len(shape) != 2
+            or shape[1] not in (None, size)
+            or None not in (batch, shape[0])
+            and shape[0] != batch
+        ):
+            raise ValueError(f"`{name}` {label} must have shape ({batch}, {size}), got {shape}.")

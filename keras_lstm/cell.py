@@ -268,7 +268,7 @@ class GatedLSTMCell(keras.layers.Layer, DropoutRNNCell):
         self._projection.build(self)
 
     def call(self, inputs, states, training=False, return_gates=False):
-        self._check_step_input(inputs)
+        self._check_step(inputs, states)
         h_prev, c_prev = states[0], states[1]
         x, h_in = self._apply_dropout(inputs, h_prev, training)
         sigmoid, tanh = self.recurrent_activation, self.activation
@@ -301,7 +301,7 @@ class GatedLSTMCell(keras.layers.Layer, DropoutRNNCell):
             h_prev = h_prev * self.get_recurrent_dropout_mask(h_prev)
         return inputs, h_prev
 
-    def _check_step_input(self, inputs):
+    def _check_step(self, inputs, states):
         expected = self.kernel.shape[0]
         got = inputs.shape[-1]
         if len(inputs.shape) != 2:
@@ -314,6 +314,8 @@ class GatedLSTMCell(keras.layers.Layer, DropoutRNNCell):
                 f"`inputs` has {got} features (last axis of shape {tuple(inputs.shape)}), "
                 f"but the cell was built for {expected}."
             )
+        _checks.float_tensor("inputs", inputs)
+        _checks.step_states("states", states, self.state_size, inputs.shape[0])
 
     @property
     def is_standard_lstm(self) -> bool:

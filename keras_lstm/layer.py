@@ -280,32 +280,12 @@ class GatedLSTM(keras.layers.RNN):
     def _check_call(self, sequences, initial_state, mask):
         shape = tuple(sequences.shape)
         _checks.sequence_shape("inputs", shape, self.cell.kernel.shape[0])
+        _checks.float_tensor("inputs", sequences)
         batch, time = shape[0], shape[1]
+        if time == 0:
+            raise ValueError(f"`inputs` has no time steps (shape {shape}); give at least one.")
         if initial_state is not None:
-            states = list(initial_state) if isinstance(initial_state, (list, tuple)) else None
-            sizes = dict(zip(("h", "c"), self.cell.state_size, strict=True))
-            if states is None or len(states) != 2:
-                got = len(states) if states is not None else "a single tensor"
-                shapes = (
-                    f"each of shape (batch, {sizes['h']})"
-                    if sizes["h"] == sizes["c"]
-                    else f"of shapes (batch, {sizes['h']}) and (batch, {sizes['c']})"
-                )
-                raise ValueError(
-                    f"`initial_state` must be a list of 2 tensors [h, c], {shapes}, got {got}."
-                )
-            for name, state in zip(("h", "c"), states, strict=False):
-                state_shape = tuple(state.shape)
-                if (
-                    len(state_shape) != 2
-                    or state_shape[1] != sizes[name]
-                    or None not in (batch, state_shape[0])
-                    and state_shape[0] != batch
-                ):
-                    raise ValueError(
-                        f"`initial_state` {name} must have shape ({batch}, {sizes[name]}), "
-                        f"got {state_shape}."
-                    )
+            _checks.step_states("initial_state", initial_state, self.cell.state_size, batch)
         if mask is not None:
             mask = keras.tree.flatten(mask)[0]
             mask_shape = tuple(mask.shape)

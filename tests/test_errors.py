@@ -114,3 +114,29 @@ def test_errors_are_raised_before_anything_is_built():
     with pytest.raises(ValueError):
         layer(np.zeros((4, 3), "float32"))
     assert not layer.built and layer.weights == []
+
+
+def test_integer_inputs_are_refused_with_the_way_out():
+    with pytest.raises(TypeError, match=r"`inputs` must be a floating-point tensor, got dtype int"):
+        GatedLSTM(4)(np.ones((2, 3, 5), "int32"))
+    cell = GatedLSTMCell(4)
+    cell.build((None, 5))
+    with pytest.raises(TypeError, match=r"`inputs` must be a floating-point tensor.*Embedding"):
+        cell(np.ones((2, 5), "int64"), [np.zeros((2, 4), "float32")] * 2)
+
+
+def test_sequences_need_at_least_one_step():
+    with pytest.raises(ValueError, match=r"`inputs` has no time steps \(shape \(2, 0, 5\)\)"):
+        GatedLSTM(4)(np.zeros((2, 0, 5), "float32"))
+
+
+def test_cell_states_must_be_h_and_c_of_the_right_width():
+    cell = GatedLSTMCell(4)
+    cell.build((None, 5))
+    x, h = np.zeros((2, 5), "float32"), np.zeros((2, 4), "float32")
+    with pytest.raises(ValueError, match=r"`states` must be a list of 2 tensors \[h, c\].*single"):
+        cell(x, h)
+    with pytest.raises(ValueError, match=r"`states` c must have shape \(2, 4\), got \(2, 3\)"):
+        cell(x, [h, np.zeros((2, 3), "float32")])
+    with pytest.raises(ValueError, match=r"`states` h must have shape \(2, 4\), got \(3, 4\)"):
+        cell(x, [np.zeros((3, 4), "float32"), h])
