@@ -92,7 +92,8 @@ class GatedLSTM(keras.layers.RNN):
         mask: Optional boolean `(batch, timesteps)`; `False` steps are skipped
             and carry the previous state through.
         training: Whether dropout applies.
-        initial_state: Optional `[h, c]`, each `(batch, units)`.
+        initial_state: Optional `[h, c]`: `h` of shape `(batch, units)` (or
+            `(batch, proj_units)` with a projection), `c` of shape `(batch, units)`.
 
     Example:
 
