@@ -40,7 +40,8 @@ _state_lock = threading.Lock()
 def _cpu_identity() -> str:
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("model name", "flags")):
+            # x86 names its CPU and flags; aarch64 its implementer, part and features.
+            if line.startswith(("model name", "flags", "Features", "CPU implementer", "CPU part")):
                 yield line
     yield platform.machine()
 
@@ -100,9 +101,11 @@ def _build(target: Path) -> None:
             os.unlink(tmp)
 
 
+def _supported_platform() -> bool:
+    return sys.platform.startswith("linux") and platform.machine() in ("x86_64", "aarch64")
+
+
 def _load():
-    if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "aarch64"):
-        raise RuntimeError(f"the native kernel is built for Linux only, not {sys.platform}")
     name = _library_name()
     errors = []
     for directory in _cache_dirs():
@@ -139,7 +142,8 @@ def native_module():
     with _state_lock:
         if "module" not in _state:
             module = None
-            if os.environ.get("KERAS_LSTM_NATIVE", "1") != "0":
+            # Elsewhere the TF-ops path is simply the implementation: no warning.
+            if os.environ.get("KERAS_LSTM_NATIVE", "1") != "0" and _supported_platform():
                 try:
                     module = _load()
                     _register_gradient(module)
