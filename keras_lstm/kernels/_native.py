@@ -119,6 +119,25 @@ def _load():
     raise RuntimeError("; ".join(errors))
 
 
+def _is_zero_fill(tensor) -> bool:
+    """Whether graph tensor `tensor` is zeros known when tracing (`Fill`, `Const`, `ZerosLike`).
+
+    `tf.GradientTape` hands a gradient function zeros of the full shape for
+    an output that nothing differentiates (the cell states `c` of every step,
+    when the loss does not use the final `c`). Passing them on would cost a
+    (T, B, H) buffer; the gradient op reads an empty tensor as zeros instead.
+    """
+    if tf.executing_eagerly() or not hasattr(tensor, "op"):
+        return False
+    kind = tensor.op.type
+    if kind == "ZerosLike":
+        return True
+    if kind not in ("Fill", "Const"):
+        return False
+    value = tf.get_static_value(tensor.op.inputs[1] if kind == "Fill" else tensor)
+    return value is not None and not value.any()
+
+
 def _register_gradient(module):
     @tf.RegisterGradient("KerasLstmSequence")
     def _grad(op, dh_seq, dc_seq, _dgates):
@@ -127,7 +146,8 @@ def _register_gradient(module):
         _, recurrent_kernel, h0, c0, mask = op.inputs
         h_seq, c_seq, gates = op.outputs
         dh_seq = tf.zeros_like(h_seq) if dh_seq is None else dh_seq
-        dc_seq = tf.zeros((0,), c_seq.dtype) if dc_seq is None else dc_seq
+        if dc_seq is None or _is_zero_fill(dc_seq):
+            dc_seq = tf.zeros((0,), c_seq.dtype)
         dz, dh0, dc0 = module.keras_lstm_sequence_grad(
             recurrent_kernel, h0, c0, mask, c_seq, gates, dh_seq, dc_seq
         )
