@@ -130,7 +130,7 @@ def test_fused_op_matches_the_cells_own_loop(implementation, rng):
 
 
 @pytest.mark.parametrize("uses_final_c", [False, True], ids=["output_only", "with_final_c"])
-def test_traced_native_gradient_keeps_no_unused_state_gradients_and_matches_keras(
+def test_traced_native_gradient_of_the_final_state_keeps_no_per_step_buffers(
     rng, uses_final_c
 ):
     if _native.native_module() is None:
@@ -156,10 +156,12 @@ def test_traced_native_gradient_keeps_no_unused_state_gradients_and_matches_kera
         np.testing.assert_allclose(ga, gb, atol=TOL, rtol=TOL)
     graph = step.get_concrete_function(x).graph
     (grad_op,) = [op for op in graph.get_operations() if op.type == "KerasLstmSequenceGrad"]
-    # The cell states' gradient is a (T, B, H) tensor only when the loss reads the final c;
-    # otherwise the op gets an empty one instead of a buffer of zeros.
-    dc_seq = grad_op.inputs[7]
-    assert dc_seq.shape.as_list() == ([T, B, H] if uses_final_c else [0])
+    # A loss on the final state alone sends (B, H) gradients to the op's final-state
+    # outputs; the (T, B, H) gradients of every step's h and c stay empty, not zeros.
+    dh_seq, dc_seq, dh_last, dc_last = grad_op.inputs[6:10]
+    assert dh_seq.shape.as_list() == dc_seq.shape.as_list() == [0]
+    assert dh_last.shape.as_list() == [B, H]
+    assert dc_last.shape.as_list() == ([B, H] if uses_final_c else [0])
     # dU is taken from slices of h, not from a concatenated copy of every h.
     assert not [op for op in graph.get_operations() if op.type == "ConcatV2"]
 

@@ -140,16 +140,18 @@ def _is_zero_fill(tensor) -> bool:
 
 def _register_gradient(module):
     @tf.RegisterGradient("KerasLstmSequence")
-    def _grad(op, dh_seq, dc_seq, _dgates):
+    def _grad(op, dh_seq, dc_seq, _dgates, dh_last, dc_last):
         from keras_lstm.kernels._while_loop import recurrent_kernel_grad
 
         _, recurrent_kernel, h0, c0, mask = op.inputs
-        h_seq, c_seq, gates = op.outputs
-        dh_seq = tf.zeros_like(h_seq) if dh_seq is None else dh_seq
-        if dc_seq is None or _is_zero_fill(dc_seq):
-            dc_seq = tf.zeros((0,), c_seq.dtype)
+        h_seq, c_seq = op.outputs[:2]
+        empty = tf.zeros((0,), c_seq.dtype)
+        dh_seq, dc_seq, dh_last, dc_last = (
+            empty if grad is None or _is_zero_fill(grad) else grad
+            for grad in (dh_seq, dc_seq, dh_last, dc_last)
+        )
         dz, dh0, dc0 = module.keras_lstm_sequence_grad(
-            recurrent_kernel, h0, c0, mask, c_seq, gates, dh_seq, dc_seq
+            recurrent_kernel, h0, c0, mask, c_seq, op.outputs[2], dh_seq, dc_seq, dh_last, dc_last
         )
         return dz, recurrent_kernel_grad(h0, h_seq, dz), dh0, dc0, None
 
@@ -175,8 +177,12 @@ def native_module():
 
 
 def lstm_sequence(xz, recurrent_kernel, h0, c0, mask=None):
-    """The native twin of `_while_loop.lstm_sequence` (float32, CPU)."""
+    """The native twin of `_while_loop.lstm_sequence` (float32, CPU).
+
+    Returns `(h_seq, c_seq, h_last, c_last)`: the final state comes as its own
+    tensors too, so that a loss on it alone sends back no (T, B, H) gradient.
+    """
     module = native_module()
     mask = tf.zeros((0,), tf.float32) if mask is None else tf.cast(mask, tf.float32)
-    h_seq, c_seq, _ = module.keras_lstm_sequence(xz, recurrent_kernel, h0, c0, mask)
-    return h_seq, c_seq
+    h_seq, c_seq, _, h_last, c_last = module.keras_lstm_sequence(xz, recurrent_kernel, h0, c0, mask)
+    return h_seq, c_seq, h_last, c_last
