@@ -48,12 +48,12 @@ def profile(size):
     module = _native.native_module()
     if module is not None:
         none = tf.zeros((0,))
-        h, c, g = module.keras_lstm_sequence(xz, u, h0, c0, none)
+        h, c, g, _, _ = module.keras_lstm_sequence(xz, u, h0, c0, none)
         parts["native forward recurrence"] = lambda: module.keras_lstm_sequence(
             xz, u, h0, c0, none
         )[0].numpy()
         parts["native backward recurrence"] = lambda: module.keras_lstm_sequence_grad(
-            u, h0, c0, none, c, g, h, c
+            u, h0, c0, none, c, g, h, c, none, none
         )[0].numpy()
     xla_forward = tf.function(
         lambda xz: _while_loop._forward(xz, u, h0, c0, None), jit_compile=True

@@ -129,6 +129,43 @@ def test_fused_op_matches_the_cells_own_loop(implementation, rng):
     _assert_same(_run(fused, x, mask, [h0, c0]), _run(generic, x, mask, [h0, c0]))
 
 
+@pytest.mark.parametrize("uses_final_c", [False, True], ids=["output_only", "with_final_c"])
+def test_traced_native_gradient_of_the_final_state_keeps_no_per_step_buffers(
+    rng, uses_final_c
+):
+    if _native.native_module() is None:
+        pytest.skip("the native kernel cannot be built here (no g++ or no TF headers)")
+    x = tf.constant(_data(rng)[0])
+    ours, reference = _pair(return_state=True)
+
+    def gradients_of(layer):
+        @tf.function
+        def step(x):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                out, _, c = layer(x)
+                loss = tf.reduce_sum(_ramp(out) * out * out)
+                if uses_final_c:
+                    loss += tf.reduce_sum(_ramp(c) * c * c)
+            return tape.gradient(loss, [x, *layer.trainable_weights])
+
+        return step
+
+    step = gradients_of(ours)
+    for ga, gb in zip(step(x), gradients_of(reference)(x), strict=True):
+        np.testing.assert_allclose(ga, gb, atol=TOL, rtol=TOL)
+    graph = step.get_concrete_function(x).graph
+    (grad_op,) = [op for op in graph.get_operations() if op.type == "KerasLstmSequenceGrad"]
+    # A loss on the final state alone sends (B, H) gradients to the op's final-state
+    # outputs; the (T, B, H) gradients of every step's h and c stay empty, not zeros.
+    dh_seq, dc_seq, dh_last, dc_last = grad_op.inputs[6:10]
+    assert dh_seq.shape.as_list() == dc_seq.shape.as_list() == [0]
+    assert dh_last.shape.as_list() == [B, H]
+    assert dc_last.shape.as_list() == ([B, H] if uses_final_c else [0])
+    # dU is taken from slices of h, not from a concatenated copy of every h.
+    assert not [op for op in graph.get_operations() if op.type == "ConcatV2"]
+
+
 def test_fused_op_is_the_path_taken_for_a_standard_cell(monkeypatch, rng):
     calls = []
     real = kernels.lstm_recurrence

@@ -62,10 +62,14 @@ def _use_native(dtype) -> bool:
 
 
 def lstm_sequence(xz, recurrent_kernel, h0, c0, mask=None):
-    """Time-major recurrence: `xz` (T, B, 4H) -> `(h_seq, c_seq)`, each (T, B, H)."""
+    """Time-major recurrence: `xz` (T, B, 4H) -> `(h_seq, c_seq, h_last, c_last)`.
+
+    `h_seq` and `c_seq` are (T, B, H); `h_last` and `c_last` (B, H) are the final state.
+    """
     if _use_native(xz.dtype):
         return _native.lstm_sequence(xz, recurrent_kernel, h0, c0, mask)
-    return _while_loop.lstm_sequence(xz, recurrent_kernel, h0, c0, mask)
+    h_seq, c_seq = _while_loop.lstm_sequence(xz, recurrent_kernel, h0, c0, mask)
+    return h_seq, c_seq, h_seq[-1], c_seq[-1]
 
 
 def lstm_recurrence(
@@ -103,6 +107,7 @@ def lstm_recurrence(
         h_seq, c_seq = _while_loop.lstm_sequence_projecting(
             x, kernel, bias, recurrent_kernel, h0, c0, mask
         )
+        h_last, c_last = h_seq[-1], c_seq[-1]
     else:
         # The input projection of every step in one matmul.
         steps, batch = tf.shape(x)[0], tf.shape(x)[1]
@@ -110,22 +115,24 @@ def lstm_recurrence(
         if bias is not None:
             xz = xz + bias
         xz = tf.reshape(xz, (steps, batch, kernel.shape[-1]))
-        h_seq, c_seq = lstm_sequence(xz, recurrent_kernel, h0, c0, mask)
+        h_seq, c_seq, h_last, c_last = lstm_sequence(xz, recurrent_kernel, h0, c0, mask)
     # The loops lose the static number of steps; later layers (an unrolled
     # one, say) need it.
     for sequence in (h_seq, c_seq):
         sequence.set_shape(x.shape[:2].concatenate(h0.shape[-1:]))
-    states = [h_seq[-1], c_seq[-1]]
+    states = [h_last, c_last]
 
     outputs = h_seq
+    last_output = h_last
     if mask is not None:
         if zero_output_for_mask:
             shown = mask
         else:
             # The output carried through masked steps starts at zero, not h0.
             shown = tf.cast(tf.math.cumsum(tf.cast(mask, tf.int32), axis=0), tf.bool)
-        outputs = tf.where(shown[:, :, None], h_seq, tf.zeros_like(h_seq))
-    last_output = outputs[-1]
+        last_output = tf.where(shown[-1][:, None], h_last, tf.zeros_like(h_last))
+        if return_sequences:
+            outputs = tf.where(shown[:, :, None], h_seq, tf.zeros_like(h_seq))
     if return_sequences:
         outputs = tf.transpose(outputs, (1, 0, 2))
     else:

@@ -122,17 +122,39 @@ def _load():
     raise RuntimeError("; ".join(errors))
 
 
+def _is_zero_fill(tensor) -> bool:
+    """Whether graph tensor `tensor` is zeros known when tracing (`Fill`, `Const`, `ZerosLike`).
+
+    `tf.GradientTape` hands a gradient function zeros of the full shape for
+    an output that nothing differentiates (the cell states `c` of every step,
+    when the loss does not use the final `c`). Passing them on would cost a
+    (T, B, H) buffer; the gradient op reads an empty tensor as zeros instead.
+    """
+    if tf.executing_eagerly() or not hasattr(tensor, "op"):
+        return False
+    kind = tensor.op.type
+    if kind == "ZerosLike":
+        return True
+    if kind not in ("Fill", "Const"):
+        return False
+    value = tf.get_static_value(tensor.op.inputs[1] if kind == "Fill" else tensor)
+    return value is not None and not value.any()
+
+
 def _register_gradient(module):
     @tf.RegisterGradient("KerasLstmSequence")
-    def _grad(op, dh_seq, dc_seq, _dgates):
+    def _grad(op, dh_seq, dc_seq, _dgates, dh_last, dc_last):
         from keras_lstm.kernels._while_loop import recurrent_kernel_grad
 
         _, recurrent_kernel, h0, c0, mask = op.inputs
-        h_seq, c_seq, gates = op.outputs
-        dh_seq = tf.zeros_like(h_seq) if dh_seq is None else dh_seq
-        dc_seq = tf.zeros((0,), c_seq.dtype) if dc_seq is None else dc_seq
+        h_seq, c_seq = op.outputs[:2]
+        empty = tf.zeros((0,), c_seq.dtype)
+        dh_seq, dc_seq, dh_last, dc_last = (
+            empty if grad is None or _is_zero_fill(grad) else grad
+            for grad in (dh_seq, dc_seq, dh_last, dc_last)
+        )
         dz, dh0, dc0 = module.keras_lstm_sequence_grad(
-            recurrent_kernel, h0, c0, mask, c_seq, gates, dh_seq, dc_seq
+            recurrent_kernel, h0, c0, mask, c_seq, op.outputs[2], dh_seq, dc_seq, dh_last, dc_last
         )
         return dz, recurrent_kernel_grad(h0, h_seq, dz), dh0, dc0, None
 
@@ -159,8 +181,12 @@ def native_module():
 
 
 def lstm_sequence(xz, recurrent_kernel, h0, c0, mask=None):
-    """The native twin of `_while_loop.lstm_sequence` (float32, CPU)."""
+    """The native twin of `_while_loop.lstm_sequence` (float32, CPU).
+
+    Returns `(h_seq, c_seq, h_last, c_last)`: the final state comes as its own
+    tensors too, so that a loss on it alone sends back no (T, B, H) gradient.
+    """
     module = native_module()
     mask = tf.zeros((0,), tf.float32) if mask is None else tf.cast(mask, tf.float32)
-    h_seq, c_seq, _ = module.keras_lstm_sequence(xz, recurrent_kernel, h0, c0, mask)
-    return h_seq, c_seq
+    h_seq, c_seq, _, h_last, c_last = module.keras_lstm_sequence(xz, recurrent_kernel, h0, c0, mask)
+    return h_seq, c_seq, h_last, c_last

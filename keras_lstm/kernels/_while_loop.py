@@ -112,11 +112,13 @@ def _backward(recurrent_kernel, c0, mask, c_seq, gates, dh_seq, dc_seq):
 
 def recurrent_kernel_grad(h0, h_seq, dz):
     """`sum_t h_{t-1}^T dz_t` as one matmul over all steps."""
+    # Two matmuls on leading-axis slices (which share their tensor's buffer)
+    # instead of one on `concat([h0, h_seq[:-1]])`, which would copy every h.
     units = tf.shape(h0)[-1]
-    h_prev = tf.concat([h0[None], h_seq[:-1]], axis=0)
-    return tf.matmul(
-        tf.reshape(h_prev, (-1, units)), tf.reshape(dz, (-1, 4 * units)), transpose_a=True
+    later = tf.matmul(
+        tf.reshape(h_seq[:-1], (-1, units)), tf.reshape(dz[1:], (-1, 4 * units)), transpose_a=True
     )
+    return later + tf.matmul(h0, dz[0], transpose_a=True)
 
 
 def lstm_sequence_projecting(x, kernel, bias, recurrent_kernel, h0, c0, mask=None):

@@ -123,13 +123,22 @@ class LstmSequenceOp : public OpKernel {
                 InvalidArgument("xz must have 4H = ", gates4, " features, got ",
                                 xz.dim_size(2)));
 
-    Tensor *h_out, *c_out, *gates_out;
+    Tensor *h_out, *c_out, *gates_out, *h_last_out, *c_last_out;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, {steps, batch, units}, &h_out));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, {steps, batch, units}, &c_out));
     // The gates take over xz's buffer when nothing else holds it (each step
     // reads its slice of xz before writing the same slice of gates).
     OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 2, xz.shape(), &gates_out));
-    if (steps == 0 || batch == 0) return;
+    // The final state again, as its own (batch, H) tensors: a loss that reads
+    // only these sends back a (batch, H) gradient, not a (T, batch, H) one.
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(3, h0.shape(), &h_last_out));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(4, c0.shape(), &c_last_out));
+    if (batch == 0) return;
+    if (steps == 0) {
+      h_last_out->flat<float>() = h0.flat<float>();
+      c_last_out->flat<float>() = c0.flat<float>();
+      return;
+    }
 
     const float* xz_p = xz.flat<float>().data();
     const float* mask_p = mask.NumElements() ? mask.flat<float>().data() : nullptr;
@@ -179,6 +188,9 @@ class LstmSequenceOp : public OpKernel {
           }
         }
       }
+      const int64_t last = ((steps - 1) * batch + b0) * H;
+      std::copy(h_p + last, h_p + last + rows * H, h_last_out->flat<float>().data() + b0 * H);
+      std::copy(c_p + last, c_p + last + rows * H, c_last_out->flat<float>().data() + b0 * H);
     });
   }
 };
@@ -196,6 +208,8 @@ class LstmSequenceGradOp : public OpKernel {
     const Tensor& gates = ctx->input(5);
     const Tensor& dh_seq = ctx->input(6);
     const Tensor& dc_seq = ctx->input(7);
+    const Tensor& dh_last = ctx->input(8);
+    const Tensor& dc_last = ctx->input(9);
     OP_REQUIRES(ctx, gates.dims() == 3,
                 InvalidArgument("gates must be (T, batch, 4H), got ", gates.shape().DebugString()));
     const int64_t steps = gates.dim_size(0), batch = gates.dim_size(1);
@@ -204,8 +218,10 @@ class LstmSequenceGradOp : public OpKernel {
     const int64_t H = u.dim_size(0), gates4 = 4 * H;
     const TensorShape state_seq({steps, batch, H});
     OP_REQUIRES(ctx, gates.dim_size(2) == gates4 && c_seq.shape() == state_seq &&
-                         dh_seq.shape() == state_seq &&
-                         (dc_seq.NumElements() == 0 || dc_seq.shape() == state_seq),
+                         (dh_seq.NumElements() == 0 || dh_seq.shape() == state_seq) &&
+                         (dc_seq.NumElements() == 0 || dc_seq.shape() == state_seq) &&
+                         (dh_last.NumElements() == 0 || dh_last.shape() == h0.shape()) &&
+                         (dc_last.NumElements() == 0 || dc_last.shape() == c0.shape()),
                 InvalidArgument("inconsistent shapes in the LSTM sequence gradient"));
 
     Tensor *dz_out, *dh0_out, *dc0_out;
@@ -219,9 +235,11 @@ class LstmSequenceGradOp : public OpKernel {
     const float* mask_p = mask.NumElements() ? mask.flat<float>().data() : nullptr;
     const float* c_p = c_seq.flat<float>().data();
     const float* g_p = gates.flat<float>().data();
-    const float* dh_p = dh_seq.flat<float>().data();
-    // An empty dc means no gradient reaches the cell states from outside.
+    // An empty gradient means that none reaches those outputs from outside.
+    const float* dh_p = dh_seq.NumElements() ? dh_seq.flat<float>().data() : nullptr;
     const float* dc_p = dc_seq.NumElements() ? dc_seq.flat<float>().data() : nullptr;
+    const float* dh_last_p = dh_last.NumElements() ? dh_last.flat<float>().data() : nullptr;
+    const float* dc_last_p = dc_last.NumElements() ? dc_last.flat<float>().data() : nullptr;
     const float* c0_p = c0.flat<float>().data();
     float* dz_p = dz_out->flat<float>().data();
     float* dh0_p = dh0_out->flat<float>().data();
@@ -232,13 +250,21 @@ class LstmSequenceGradOp : public OpKernel {
       const int rows = b1 - b0;
       // dh and dc carried from step t + 1 back to step t.
       ArrayMap dh(dh0_p + b0 * H, rows, H), dc(dc0_p + b0 * H, rows, H);
-      dh.setZero();
-      dc.setZero();
+      if (dh_last_p) {
+        dh = ConstArrayMap(dh_last_p + b0 * H, rows, H);
+      } else {
+        dh.setZero();
+      }
+      if (dc_last_p) {
+        dc = ConstArrayMap(dc_last_p + b0 * H, rows, H);
+      } else {
+        dc.setZero();
+      }
       Eigen::Array<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> dct(rows, H),
           keep(rows, 1), dz_step(rows, gates4);
       for (int64_t t = steps - 1; t >= 0; --t) {
         const int64_t s = (t * batch + b0) * H, s4 = (t * batch + b0) * gates4;
-        dh += ConstArrayMap(dh_p + s, rows, H);
+        if (dh_p) dh += ConstArrayMap(dh_p + s, rows, H);
         if (dc_p) dc += ConstArrayMap(dc_p + s, rows, H);
         const float* g = g_p + s4;
         ConstStrided i(g, rows, H, Eigen::OuterStride<>(gates4));
@@ -298,6 +324,8 @@ REGISTER_OP("KerasLstmSequence")
     .Output("h: float")
     .Output("c: float")
     .Output("gates: float")
+    .Output("h_last: float")
+    .Output("c_last: float")
     .SetShapeFn([](tensorflow::shape_inference::InferenceContext* c) {
       auto xz = c->input(0);
       auto units = c->Dim(c->input(1), 0);
@@ -306,6 +334,8 @@ REGISTER_OP("KerasLstmSequence")
       c->set_output(0, state);
       c->set_output(1, state);
       c->set_output(2, xz);
+      c->set_output(3, c->input(2));
+      c->set_output(4, c->input(3));
       return absl::OkStatus();
     });
 
@@ -318,6 +348,8 @@ REGISTER_OP("KerasLstmSequenceGrad")
     .Input("gates: float")
     .Input("dh: float")
     .Input("dc: float")
+    .Input("dh_last: float")
+    .Input("dc_last: float")
     .Output("dz: float")
     .Output("dh0: float")
     .Output("dc0: float")
