@@ -130,9 +130,7 @@ def test_fused_op_matches_the_cells_own_loop(implementation, rng):
 
 
 @pytest.mark.parametrize("uses_final_c", [False, True], ids=["output_only", "with_final_c"])
-def test_traced_native_gradient_of_the_final_state_keeps_no_per_step_buffers(
-    rng, uses_final_c
-):
+def test_traced_native_gradient_of_the_final_state_keeps_no_per_step_buffers(rng, uses_final_c):
     if _native.native_module() is None:
         pytest.skip("the native kernel cannot be built here (no g++ or no TF headers)")
     x = tf.constant(_data(rng)[0])
@@ -395,6 +393,7 @@ def test_exports_hold_tensorflow_ops_only(tmp_path, rng):
     for folder in ("exported", "saved"):
         graph = (tmp_path / folder / "saved_model.pb").read_bytes()
         assert b"KerasLstmSequence" not in graph, folder
+
     def op_types():
         traced = tf.function(lambda x: model(x)).get_concrete_function(tf.TensorSpec((B, T, D)))
         return {op.type for op in traced.graph.get_operations()}
