@@ -14,7 +14,8 @@ Keras 3's `model.fit` does not run under it (keras-team/keras#20585). On a
 real cluster each machine runs the worker part with its own TF_CONFIG; this
 script starts local workers only to show the whole thing on one computer.
 
-The data is a synthetic hourly temperature series, so nothing is downloaded.
+The data is the first 60 days of the hourly Seattle temperatures of 2010 that
+`vega_datasets` ships, so nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -33,24 +34,11 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
-def hourly_temperatures(days: int = 60, seed: int = 0):
-    """A daily cycle, a slow drift and noise: a stand-in for a weather station."""
-    rng = np.random.default_rng(seed)
-    times = np.arange("2010-01-01T00", days * 24, dtype="datetime64[h]")
-    hours = np.arange(len(times))
-    temps = (
-        50
-        + 8 * np.sin(2 * np.pi * (hours % 24 - 9) / 24)
-        + 5 * np.sin(2 * np.pi * hours / (24 * 11))
-        + rng.normal(0, 0.7, len(times)).cumsum() * 0.1
-    )
-    return times, temps
-
-
 def windows():
+    from keras_lstm.datasets import seattle_hourly_temperatures
     from keras_lstm.demo import make_windows
 
-    train, val, _, _ = make_windows(*hourly_temperatures())
+    train, val, _, _ = make_windows(*(part[: 60 * 24] for part in seattle_hourly_temperatures()))
     return train, val
 
 

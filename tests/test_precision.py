@@ -15,6 +15,7 @@ import pytest
 import tensorflow as tf
 
 from keras_lstm import GatedLSTM, GatedLSTMCell
+from keras_lstm.datasets import seattle_hourly_temperatures
 from keras_lstm.demo import WINDOW, build_model, make_windows
 
 POLICIES = ["mixed_float16", "mixed_bfloat16"]
@@ -39,27 +40,13 @@ def _dtype(tensor) -> str:
     return keras.backend.standardize_dtype(tensor.dtype)
 
 
-def _hourly_series(days=12, seed=0):
-    """A synthetic year-like hourly temperature: daily cycle, slow drift, noise."""
-    rng = np.random.default_rng(seed)
-    times = np.arange("2010-01-01T00", days * 24, dtype="datetime64[h]")
-    hours = np.arange(len(times))
-    temps = (
-        50
-        + 8 * np.sin(2 * np.pi * (hours % 24 - 9) / 24)
-        + 5 * np.sin(2 * np.pi * hours / (24 * 11))
-        + rng.normal(0, 0.7, len(times)).cumsum() * 0.1
-    )
-    return times, temps
-
-
 def _max_diff(a, b) -> float:
     return float(np.max(np.abs(np.asarray(a, "float32") - np.asarray(b, "float32"))))
 
 
 @pytest.mark.parametrize("policy", POLICIES, indirect=True)
 def test_mixed_policy_trains_forecaster_without_nan(policy):
-    train, val, _, _ = make_windows(*_hourly_series())
+    train, val, _, _ = make_windows(*(part[: 12 * 24] for part in seattle_hourly_temperatures()))
     model = build_model(GatedLSTM(8, name="gated_lstm"))
     layer = model.get_layer("gated_lstm")
     assert layer.compute_dtype == COMPUTE[policy]
