@@ -1,0 +1,381 @@
+// XLA lowering of the native LSTM ops, for `jit_compile=True` on CPU.
+//
+// XLA cannot run a TensorFlow op kernel, so under `jit_compile=True` the
+// ops KerasLstmSequence and KerasLstmSequenceGrad get XLA kernels here that
+// emit one custom call each. The custom-call targets are host functions of
+// this library, registered with XLA's custom-call registry under the names
+// below; they run the same maths as the TensorFlow kernels (lstm_core.h).
+//
+// The static sizes and which optional inputs are present travel in the
+// custom call's opaque string, e.g. "T=100 B=64 D=32 H=128 bias=1 mask=0
+// sequences=1 keep=1". An absent input (no bias, no mask, a gradient that is
+// zero) is a 0-element operand, as for the TensorFlow op.
+//
+// XLA runs a custom call on one of its threads and lends it no others, so the
+// batch rows are split across a small pool of our own, started on first use.
+
+#include <algorithm>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdio>
+#include <deque>
+#include <functional>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <sched.h>
+
+#include "lstm_core.h"
+#include "tensorflow/compiler/tf2xla/xla_op_kernel.h"
+#include "tensorflow/compiler/tf2xla/xla_op_registry.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "xla/hlo/builder/xla_builder.h"
+#include "xla/service/custom_call_status.h"
+#include "xla/service/custom_call_target_registry.h"
+#include "xla/shape_util.h"
+
+namespace {
+
+constexpr char kForwardTarget[] = "keras_lstm_sequence_forward";
+constexpr char kBackwardTarget[] = "keras_lstm_sequence_backward";
+
+// Fewer rows than this per thread costs more in scheduling than it saves.
+constexpr int64_t kMinRowsPerChunk = 4;
+
+// ---------------------------------------------------------------------------
+// Threads
+
+int UsableCpus() {
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+
+// A fixed set of worker threads fed from one queue. It is never destroyed:
+// its threads sleep until the process ends.
+class WorkerPool {
+ public:
+  explicit WorkerPool(int threads) {
+    for (int k = 0; k < threads; ++k) std::thread([this] { Serve(); }).detach();
+  }
+
+  void Schedule(std::function<void()> task) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      tasks_.push_back(std::move(task));
+    }
+    ready_.notify_one();
+  }
+
+ private:
+  void Serve() {
+    for (;;) {
+      std::function<void()> task;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        ready_.wait(lock, [this] { return !tasks_.empty(); });
+        task = std::move(tasks_.front());
+        tasks_.pop_front();
+      }
+      task();
+    }
+  }
+
+  std::mutex mu_;
+  std::condition_variable ready_;
+  std::deque<std::function<void()>> tasks_;
+};
+
+int MaxThreads() {
+  static const int threads = UsableCpus();
+  return threads;
+}
+
+WorkerPool& Workers() {
+  static WorkerPool* pool = new WorkerPool(MaxThreads() - 1);
+  return *pool;
+}
+
+// Runs work(row_begin, row_end) over [0, rows), in up to MaxThreads() chunks;
+// the calling thread takes the first chunk.
+void ForEachChunk(int64_t rows, const std::function<void(int64_t, int64_t)>& work) {
+  const int64_t chunks =
+      std::max<int64_t>(1, std::min<int64_t>(MaxThreads(), rows / kMinRowsPerChunk));
+  if (chunks == 1) {
+    work(0, rows);
+    return;
+  }
+  const int64_t per_chunk = (rows + chunks - 1) / chunks;
+  std::mutex mu;
+  std::condition_variable done;
+  int64_t pending = chunks - 1;
+  for (int64_t k = 1; k < chunks; ++k) {
+    const int64_t begin = k * per_chunk, end = std::min(rows, begin + per_chunk);
+    Workers().Schedule([&, begin, end] {
+      work(begin, end);
+      std::lock_guard<std::mutex> lock(mu);
+      if (--pending == 0) done.notify_one();
+    });
+  }
+  work(0, std::min(rows, per_chunk));
+  std::unique_lock<std::mutex> lock(mu);
+  done.wait(lock, [&] { return pending == 0; });
+}
+
+// ---------------------------------------------------------------------------
+// The opaque string: static sizes and flags, as "key=value" words.
+
+struct Sizes {
+  long long steps = 0, batch = 0, features = 0, units = 0;
+  int bias = 0, mask = 0, sequences = 0, keep = 0;
+  int dh_seq = 0, dc_seq = 0, dh_last = 0, dc_last = 0;
+};
+
+std::string ForwardOpaque(const Sizes& s) {
+  char text[256];
+  std::snprintf(text, sizeof(text), "T=%lld B=%lld D=%lld H=%lld bias=%d mask=%d sequences=%d keep=%d",
+                s.steps, s.batch, s.features, s.units, s.bias, s.mask, s.sequences, s.keep);
+  return text;
+}
+
+bool ParseForwardOpaque(const char* opaque, size_t length, Sizes* s) {
+  std::string text(opaque, length);
+  return std::sscanf(text.c_str(), "T=%lld B=%lld D=%lld H=%lld bias=%d mask=%d sequences=%d keep=%d",
+                     &s->steps, &s->batch, &s->features, &s->units, &s->bias, &s->mask,
+                     &s->sequences, &s->keep) == 8;
+}
+
+std::string BackwardOpaque(const Sizes& s) {
+  char text[256];
+  std::snprintf(text, sizeof(text), "T=%lld B=%lld H=%lld mask=%d dh=%d dc=%d dh_last=%d dc_last=%d",
+                s.steps, s.batch, s.units, s.mask, s.dh_seq, s.dc_seq, s.dh_last, s.dc_last);
+  return text;
+}
+
+bool ParseBackwardOpaque(const char* opaque, size_t length, Sizes* s) {
+  std::string text(opaque, length);
+  return std::sscanf(text.c_str(), "T=%lld B=%lld H=%lld mask=%d dh=%d dc=%d dh_last=%d dc_last=%d",
+                     &s->steps, &s->batch, &s->units, &s->mask, &s->dh_seq, &s->dc_seq,
+                     &s->dh_last, &s->dc_last) == 8;
+}
+
+// ---------------------------------------------------------------------------
+// Custom-call targets (XLA's API_VERSION_STATUS_RETURNING_UNIFIED): `out` is
+// an array of the result buffers (the result is a tuple), `in` the operands'.
+// The shapes were checked when the call was built, so nothing here can fail.
+
+void ForwardTarget(void* out, const void** in, const char* opaque, size_t opaque_length,
+                   XlaCustomCallStatus* /*status*/) {
+  Sizes s;
+  if (!ParseForwardOpaque(opaque, opaque_length, &s)) return;
+  float** outputs = static_cast<float**>(out);
+  const float* const* inputs = reinterpret_cast<const float* const*>(in);
+  keras_lstm::Forward args;
+  args.steps = s.steps;
+  args.batch = s.batch;
+  args.input_size = s.features;
+  args.units = s.units;
+  args.x = inputs[0];
+  args.kernel = inputs[1];
+  args.bias = s.bias ? inputs[2] : nullptr;
+  args.recurrent_kernel = inputs[3];
+  args.h0 = inputs[4];
+  args.c0 = inputs[5];
+  args.mask = s.mask ? inputs[6] : nullptr;
+  args.h_seq = s.keep || s.sequences ? outputs[0] : nullptr;
+  args.c_seq = s.keep ? outputs[1] : nullptr;
+  args.gates = s.keep ? outputs[2] : nullptr;
+  args.h_last = outputs[3];
+  args.c_last = outputs[4];
+  const int64_t state = s.batch * s.units;
+  if (s.batch == 0) return;
+  if (s.steps == 0) {
+    std::copy(args.h0, args.h0 + state, args.h_last);
+    std::copy(args.c0, args.c0 + state, args.c_last);
+    return;
+  }
+  std::vector<float> kernels((s.features + s.units) * 4 * s.units);
+  keras_lstm::StackKernels(args, kernels.data());
+  ForEachChunk(s.batch, [&](int64_t begin, int64_t end) {
+    keras_lstm::ForwardRows(args, kernels.data(), begin, end);
+  });
+}
+
+void BackwardTarget(void* out, const void** in, const char* opaque, size_t opaque_length,
+                    XlaCustomCallStatus* /*status*/) {
+  Sizes s;
+  if (!ParseBackwardOpaque(opaque, opaque_length, &s)) return;
+  float** outputs = static_cast<float**>(out);
+  const float* const* inputs = reinterpret_cast<const float* const*>(in);
+  keras_lstm::Backward args;
+  args.steps = s.steps;
+  args.batch = s.batch;
+  args.units = s.units;
+  args.recurrent_kernel = inputs[0];
+  args.c0 = inputs[2];
+  args.mask = s.mask ? inputs[3] : nullptr;
+  args.c_seq = inputs[4];
+  args.gates = inputs[5];
+  args.dh_seq = s.dh_seq ? inputs[6] : nullptr;
+  args.dc_seq = s.dc_seq ? inputs[7] : nullptr;
+  args.dh_last = s.dh_last ? inputs[8] : nullptr;
+  args.dc_last = s.dc_last ? inputs[9] : nullptr;
+  args.dz = outputs[0];
+  args.dh0 = outputs[1];
+  args.dc0 = outputs[2];
+  if (s.batch == 0) return;
+  const int64_t state = s.batch * s.units;
+  if (s.steps == 0) {
+    // No step: the final state is the initial one.
+    for (int64_t k = 0; k < state; ++k) {
+      args.dh0[k] = args.dh_last ? args.dh_last[k] : 0.f;
+      args.dc0[k] = args.dc_last ? args.dc_last[k] : 0.f;
+    }
+    return;
+  }
+  ForEachChunk(s.batch, [&](int64_t begin, int64_t end) {
+    keras_lstm::BackwardRows(args, begin, end);
+  });
+}
+
+XLA_CPU_REGISTER_CUSTOM_CALL_TARGET_WITH_SYM(kForwardTarget, ForwardTarget);
+XLA_CPU_REGISTER_CUSTOM_CALL_TARGET_WITH_SYM(kBackwardTarget, BackwardTarget);
+
+// ---------------------------------------------------------------------------
+// XLA kernels: check the static shapes, then emit the custom call.
+
+using tensorflow::TensorShape;
+using tensorflow::XlaOpKernel;
+using tensorflow::XlaOpKernelContext;
+using tensorflow::errors::InvalidArgument;
+
+// A row-major (default layout) float32 shape.
+xla::Shape F32(const TensorShape& shape) {
+  return xla::ShapeUtil::MakeShape(xla::F32, shape.dim_sizes());
+}
+
+const TensorShape kNone({0});
+
+// Emits a custom call of `target` with `operands` (all float32, row-major)
+// whose result is the tuple of `outputs`, and sets the op's outputs from it.
+void EmitCustomCall(
+    XlaOpKernelContext* ctx, const char* target, const std::string& opaque,
+    const std::vector<TensorShape>& outputs,
+    const std::vector<std::pair<xla::ShapeIndex, std::pair<int64_t, xla::ShapeIndex>>>& aliasing =
+        {}) {
+  std::vector<xla::XlaOp> operands;
+  std::vector<xla::Shape> operand_shapes;
+  for (int k = 0; k < ctx->num_inputs(); ++k) {
+    operands.push_back(ctx->Input(k));
+    operand_shapes.push_back(F32(ctx->InputShape(k)));
+  }
+  std::vector<xla::Shape> result_shapes;
+  for (const TensorShape& shape : outputs) result_shapes.push_back(F32(shape));
+  xla::XlaOp call = xla::CustomCallWithLayout(
+      ctx->builder(), target, operands, xla::ShapeUtil::MakeTupleShape(result_shapes),
+      operand_shapes, opaque, /*has_side_effect=*/false, aliasing, /*literal=*/nullptr,
+      xla::CustomCallSchedule::SCHEDULE_NONE,
+      xla::CustomCallApiVersion::API_VERSION_STATUS_RETURNING_UNIFIED);
+  for (int k = 0; k < static_cast<int>(outputs.size()); ++k) {
+    ctx->SetOutput(k, xla::GetTupleElement(call, k));
+  }
+}
+
+bool Present(const TensorShape& shape) { return shape.num_elements() > 0; }
+
+class LstmSequenceXlaOp : public XlaOpKernel {
+ public:
+  explicit LstmSequenceXlaOp(tensorflow::OpKernelConstruction* ctx) : XlaOpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("keep_for_gradient", &keep_for_gradient_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("return_sequences", &return_sequences_));
+  }
+
+  void Compile(XlaOpKernelContext* ctx) override {
+    const TensorShape x = ctx->InputShape(0), kernel = ctx->InputShape(1),
+                      bias = ctx->InputShape(2), u = ctx->InputShape(3),
+                      h0 = ctx->InputShape(4), c0 = ctx->InputShape(5),
+                      mask = ctx->InputShape(6);
+    OP_REQUIRES(ctx, x.dims() == 3,
+                InvalidArgument("x must be (T, batch, D), got ", x.DebugString()));
+    OP_REQUIRES(ctx, u.dims() == 2 && u.dim_size(1) == 4 * u.dim_size(0),
+                InvalidArgument("recurrent_kernel must be (H, 4H), got ", u.DebugString()));
+    Sizes s;
+    s.steps = x.dim_size(0);
+    s.batch = x.dim_size(1);
+    s.features = x.dim_size(2);
+    s.units = u.dim_size(0);
+    const TensorShape states({s.steps, s.batch, s.units}), state({s.batch, s.units});
+    OP_REQUIRES(ctx, kernel == TensorShape({s.features, 4 * s.units}),
+                InvalidArgument("kernel must be (D, 4H), got ", kernel.DebugString()));
+    OP_REQUIRES(ctx, !Present(bias) || bias == TensorShape({4 * s.units}),
+                InvalidArgument("bias must be empty or (4H), got ", bias.DebugString()));
+    OP_REQUIRES(ctx, h0 == state && c0 == state,
+                InvalidArgument("h0 and c0 must be (batch, H), got ", h0.DebugString(), " and ",
+                                c0.DebugString()));
+    OP_REQUIRES(ctx, !Present(mask) || mask == TensorShape({s.steps, s.batch}),
+                InvalidArgument("mask must be empty or (T, batch), got ", mask.DebugString()));
+    s.bias = Present(bias);
+    s.mask = Present(mask);
+    s.sequences = return_sequences_;
+    s.keep = keep_for_gradient_;
+    const bool keep = keep_for_gradient_;
+    EmitCustomCall(ctx, kForwardTarget, ForwardOpaque(s),
+                   {keep || return_sequences_ ? states : kNone, keep ? states : kNone,
+                    keep ? TensorShape({s.steps, s.batch, 4 * s.units}) : kNone, state, state});
+  }
+
+ private:
+  bool keep_for_gradient_ = true;
+  bool return_sequences_ = true;
+};
+
+class LstmSequenceGradXlaOp : public XlaOpKernel {
+ public:
+  explicit LstmSequenceGradXlaOp(tensorflow::OpKernelConstruction* ctx) : XlaOpKernel(ctx) {}
+
+  void Compile(XlaOpKernelContext* ctx) override {
+    const TensorShape u = ctx->InputShape(0), h0 = ctx->InputShape(1), c0 = ctx->InputShape(2),
+                      mask = ctx->InputShape(3), c_seq = ctx->InputShape(4),
+                      gates = ctx->InputShape(5), dh_seq = ctx->InputShape(6),
+                      dc_seq = ctx->InputShape(7), dh_last = ctx->InputShape(8),
+                      dc_last = ctx->InputShape(9);
+    OP_REQUIRES(ctx, gates.dims() == 3,
+                InvalidArgument("gates must be (T, batch, 4H), got ", gates.DebugString()));
+    Sizes s;
+    s.steps = gates.dim_size(0);
+    s.batch = gates.dim_size(1);
+    s.units = u.dims() == 2 ? u.dim_size(0) : -1;
+    const TensorShape states({s.steps, s.batch, s.units}), state({s.batch, s.units});
+    OP_REQUIRES(
+        ctx,
+        u == TensorShape({s.units, 4 * s.units}) && gates.dim_size(2) == 4 * s.units &&
+            h0 == state && c0 == state && c_seq == states &&
+            (!Present(mask) || mask == TensorShape({s.steps, s.batch})) &&
+            (!Present(dh_seq) || dh_seq == states) && (!Present(dc_seq) || dc_seq == states) &&
+            (!Present(dh_last) || dh_last == state) && (!Present(dc_last) || dc_last == state),
+        InvalidArgument("inconsistent shapes in the LSTM sequence gradient"));
+    s.mask = Present(mask);
+    s.dh_seq = Present(dh_seq);
+    s.dc_seq = Present(dc_seq);
+    s.dh_last = Present(dh_last);
+    s.dc_last = Present(dc_last);
+    // dz may take over the gates' buffer (BackwardRows reads each step's
+    // gates before writing its dz); XLA copies the gates first if they are
+    // still needed elsewhere.
+    EmitCustomCall(ctx, kBackwardTarget, BackwardOpaque(s), {gates, state, state},
+                   {{xla::ShapeIndex({0}), {5, xla::ShapeIndex({})}}});
+  }
+};
+
+// Registered straight into TensorFlow's kernel registry for the XLA CPU JIT
+// device, not through REGISTER_XLA_OP: XLA turns REGISTER_XLA_OP entries into
+// kernels once per process, at its first compilation, so a library loaded
+// after that (the usual case: loaded on first use) would be ignored.
+REGISTER_KERNEL_BUILDER(Name("KerasLstmSequence").Device(tensorflow::DEVICE_CPU_XLA_JIT),
+                        LstmSequenceXlaOp);
+REGISTER_KERNEL_BUILDER(Name("KerasLstmSequenceGrad").Device(tensorflow::DEVICE_CPU_XLA_JIT),
+                        LstmSequenceGradXlaOp);
+
+}  // namespace
