@@ -27,7 +27,7 @@ import tensorflow as tf
 from tensorflow.python.ops import control_flow_util
 from tensorflow.python.saved_model import save_context
 
-from keras_lstm.kernels import _native, _while_loop
+from keras_lstm.kernels import _native, _native_xla, _while_loop
 
 _local = threading.local()
 
@@ -56,9 +56,12 @@ def _in_xla_context() -> bool:
 def _use_native(dtype) -> bool:
     if getattr(_local, "portable", False) or save_context.in_save_context():
         return False
-    if dtype != tf.float32 or _in_xla_context() or tf.config.list_logical_devices("GPU"):
+    if dtype != tf.float32 or tf.config.list_logical_devices("GPU"):
         return False
-    return _native.native_module() is not None
+    if _native.native_module() is None:
+        return False
+    # Under XLA the op runs as a custom call of its own library (CPU only).
+    return not _in_xla_context() or _native_xla.xla_library() is not None
 
 
 def lstm_sequence(xz, recurrent_kernel, h0, c0, mask=None):

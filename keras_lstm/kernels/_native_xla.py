@@ -1,0 +1,119 @@
+"""Builds, caches and loads the XLA lowering of the native LSTM ops.
+
+`lstm_sequence_xla.cc` gives the ops of `lstm_sequence.cc` kernels for XLA's
+CPU compiler (`jit_compile=True`): each op becomes a custom call into this
+library, which runs the same maths as the TensorFlow kernels. It is its own
+shared library, built and cached like the main one (see `_native`) but only
+when a function is first compiled with XLA, and only after the main library
+loaded (which defines the ops). If it cannot be built, XLA keeps the
+`tf.while_loop` path after a one-line warning; the main library is unaffected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import tensorflow as tf
+
+from keras_lstm.kernels import _native
+
+_SOURCES = (
+    Path(__file__).with_name("lstm_sequence_xla.cc"),
+    Path(__file__).with_name("lstm_core.h"),
+)
+_FLAGS = ("-shared", "-fPIC", "-O3", "-march=native", "-w")
+_state: dict = {}
+_state_lock = threading.Lock()
+
+
+def _compile_flags() -> list[str]:
+    include = Path(tf.sysconfig.get_include())
+    # Headers of XLA's own dependencies, shipped in the wheel outside the include root.
+    return [
+        *tf.sysconfig.get_compile_flags(),
+        f"-I{_SOURCES[0].parent}",
+        f"-I{include / 'external' / 'highwayhash'}",
+        f"-I{include / 'external' / 'farmhash_archive' / 'src'}",
+    ]
+
+
+def _link_flags() -> list[str]:
+    # The XLA op kernel and custom-call registries live in libtensorflow_cc.
+    return [*tf.sysconfig.get_link_flags(), "-l:libtensorflow_cc.so.2"]
+
+
+def _library_name() -> str:
+    digest = hashlib.sha256()
+    for source in _SOURCES:
+        digest.update(source.read_bytes())
+    digest.update(tf.__version__.encode())
+    digest.update(" ".join(_FLAGS + tuple(_compile_flags()) + tuple(_link_flags())).encode())
+    digest.update("\n".join(_native._cpu_identity()).encode())
+    return f"lstm_sequence_xla_{digest.hexdigest()[:16]}.so"
+
+
+def _build(target: Path) -> None:
+    compiler = os.environ.get("CXX") or shutil.which("g++")
+    if compiler is None:
+        raise RuntimeError("no C++ compiler (g++) on PATH")
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    command = [compiler, *_FLAGS, *_compile_flags(), str(_SOURCES[0]), "-o", tmp, *_link_flags()]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+        if result.returncode != 0:
+            raise RuntimeError(f"g++ failed: {result.stderr.strip()[-500:]}")
+        os.replace(tmp, target)  # atomic: other processes see all or nothing
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def _load() -> Path:
+    name = _library_name()
+    errors = []
+    for directory in _native._cache_dirs():
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            target = directory / name
+            if not target.exists():
+                with _native._file_lock(directory / (name + ".lock")):
+                    if not target.exists():
+                        _build(target)
+            tf.load_library(str(target))
+            return target
+        except (OSError, RuntimeError, subprocess.SubprocessError, tf.errors.OpError) as error:
+            errors.append(f"{directory}: {error}")
+    raise RuntimeError("; ".join(errors))
+
+
+def xla_library():
+    """The path of the loaded XLA library, or `None` when it is disabled or cannot be built.
+
+    `None` too whenever the main native library is unavailable (including
+    `KERAS_LSTM_NATIVE=0`), since the ops it lowers are defined there.
+    """
+    if _native.native_module() is None:
+        return None
+    with _state_lock:
+        if "library" not in _state:
+            library = None
+            try:
+                library = _load()
+            except Exception as error:  # any failure means: XLA keeps the TF-ops path
+                warnings.warn(
+                    "keras_lstm: native LSTM kernel unavailable under XLA (jit_compile), "
+                    f"using TensorFlow ops there ({error})",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            _state["library"] = library
+        return _state["library"]

@@ -1,0 +1,152 @@
+"""Under `jit_compile=True` on CPU the native kernel runs as an XLA custom call.
+
+Outputs and gradients are compared with `keras.layers.LSTM` compiled the same
+way (an independent implementation); the compiled HLO is checked for our
+custom calls, so that a silent fallback to the `tf.while_loop` path fails.
+"""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_lstm import GatedLSTM, kernels
+from keras_lstm.kernels import _native, _native_xla
+
+B, T, D, H = 3, 6, 4, 5
+TOL = 1e-5
+FORWARD, BACKWARD = b"keras_lstm_sequence_forward", b"keras_lstm_sequence_backward"
+
+# Row 0 has a gap in the middle, row 1 starts masked, row 2 ends masked.
+MASK = np.array([[1, 1, 0, 0, 1, 1], [0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], dtype=bool)
+
+
+@pytest.fixture(scope="module")
+def xla_library():
+    if _native.native_module() is None or _native_xla.xla_library() is None:
+        pytest.skip("the native kernel's XLA library cannot be built here (no g++ or headers)")
+
+
+def _pair(**options):
+    ours, reference = GatedLSTM(H, **options), keras.layers.LSTM(H, **options)
+    ours.build((B, T, D))
+    reference.build((B, T, D))
+    # Non-trivial weights, a random bias too, so that every gate's gradient shows.
+    weights = [w + 0.1 for w in ours.get_weights()]
+    ours.set_weights(weights)
+    reference.set_weights(weights)
+    return ours, reference
+
+
+def _compiled_step(layer, training=True):
+    @tf.function(jit_compile=True)
+    def step(x, mask, h0, c0):
+        with tf.GradientTape() as tape:
+            tape.watch([x, h0, c0])
+            out = layer(x, mask=mask, initial_state=[h0, c0], training=training)
+            outs = out if isinstance(out, (list, tuple)) else [out]
+            # Each output weighted differently, so that no gradient is trivially symmetric.
+            loss = sum(tf.reduce_sum(o * o * _ramp(o)) for o in outs)
+        return outs, tape.gradient(loss, [x, h0, c0, *layer.trainable_weights])
+
+    return step
+
+
+def _ramp(o):
+    size = tf.size(o)
+    return tf.reshape(tf.cast(tf.range(1, size + 1), o.dtype) / tf.cast(size, o.dtype), o.shape)
+
+
+def _data(rng, mask=MASK):
+    x = rng.normal(size=(B, T, D)).astype("float32")
+    h0, c0 = (rng.normal(size=(B, H)).astype("float32") for _ in range(2))
+    return tuple(tf.constant(a) for a in (x, mask, h0, c0))
+
+
+def _hlo(step, args):
+    return step.experimental_get_compiler_ir(*args)(stage="hlo").encode()
+
+
+@pytest.mark.parametrize(
+    "options, training",
+    [
+        ({"return_sequences": True}, True),
+        ({"return_sequences": False, "return_state": True}, True),
+        ({"return_sequences": True, "go_backwards": True, "return_state": True}, True),
+        ({"return_sequences": True, "zero_output_for_mask": True}, False),
+    ],
+    ids=["sequences", "last_and_state", "backwards", "inference_zero_output_for_mask"],
+)
+def test_jit_outputs_and_gradients_match_keras_lstm(xla_library, rng, options, training):
+    ours, reference = _pair(**options)
+    args = _data(rng)
+    step = _compiled_step(ours, training)
+    outs, grads = step(*args)
+    outs_ref, grads_ref = _compiled_step(reference, training)(*args)
+    assert len(outs) == len(outs_ref)
+    for a, b in zip(outs, outs_ref, strict=True):
+        np.testing.assert_allclose(a, b, atol=TOL, rtol=TOL)
+    # x, h0, c0, kernel, recurrent_kernel, bias
+    for a, b in zip(grads, grads_ref, strict=True):
+        np.testing.assert_allclose(a, b, atol=TOL, rtol=TOL)
+    hlo = _hlo(step, args)
+    assert FORWARD in hlo and BACKWARD in hlo
+
+
+def test_jit_compiled_graph_runs_our_custom_calls_and_no_loop(xla_library, rng):
+    ours, _ = _pair(return_sequences=True)
+    hlo = _hlo(_compiled_step(ours), _data(rng))
+    assert FORWARD in hlo and BACKWARD in hlo
+    assert b" while(" not in hlo
+
+
+def test_jit_compiled_fit_reduces_the_loss(xla_library, rng):
+    model = keras.Sequential([keras.Input((T, D)), GatedLSTM(H), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.Adam(0.05), loss="mse", jit_compile=True)
+    x = rng.normal(size=(8, T, D)).astype("float32")
+    y = x.sum(axis=(1, 2))[:, None] / 10
+    history = model.fit(x, y, epochs=8, batch_size=8, verbose=0).history["loss"]
+    assert history[-1] < 0.7 * history[0]
+    np.testing.assert_allclose(model.predict(x, verbose=0), model(x), atol=TOL)
+
+
+def _while_loop_hlo(rng):
+    ours, _ = _pair(return_sequences=True)
+    hlo = _hlo(_compiled_step(ours), _data(rng))
+    return FORWARD not in hlo and b" while(" in hlo
+
+
+def test_native_switched_off_keeps_the_while_loop_under_jit(monkeypatch, rng):
+    monkeypatch.setattr(_native, "_state", {})
+    monkeypatch.setattr(_native_xla, "_state", {})
+    monkeypatch.setenv("KERAS_LSTM_NATIVE", "0")
+    assert _native_xla.xla_library() is None
+    assert _while_loop_hlo(rng)
+
+
+def test_xla_library_failure_falls_back_with_one_warning(xla_library, monkeypatch, tmp_path, rng):
+    monkeypatch.setattr(_native_xla, "_state", {})
+    monkeypatch.setenv("KERAS_LSTM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", "/bin/false")  # a compiler that always fails
+    with pytest.warns(RuntimeWarning, match="unavailable under XLA"):
+        assert _native_xla.xla_library() is None
+    assert _native_xla.xla_library() is None  # the failure is remembered: no second build
+    # Outside XLA the main library still runs; under XLA, the while loop.
+    assert kernels._use_native(tf.float32)
+    assert _while_loop_hlo(rng)
+
+
+def test_portable_ops_keep_tensorflow_ops_under_jit(xla_library, rng):
+    ours, _ = _pair(return_sequences=True)
+    step = _compiled_step(ours)
+    args = _data(rng)
+    with kernels.portable_ops():
+        graph = step.get_concrete_function(*args).graph
+    assert not [op for op in graph.get_operations() if op.type.startswith("KerasLstm")]
+
+
+def test_float16_keeps_the_while_loop_under_jit(xla_library, rng):
+    layer = GatedLSTM(H, dtype="mixed_float16", return_sequences=True)
+    layer.build((B, T, D))
+    hlo = _hlo(_compiled_step(layer), _data(rng))
+    assert FORWARD not in hlo and b" while(" in hlo
