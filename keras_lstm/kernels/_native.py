@@ -196,7 +196,15 @@ def native_module():
 
 
 def lstm_sequence(
-    x, kernel, bias, recurrent_kernel, h0, c0, mask=None, keep_for_gradient=True, return_sequences=True
+    x,
+    kernel,
+    bias,
+    recurrent_kernel,
+    h0,
+    c0,
+    mask=None,
+    keep_for_gradient=True,
+    return_sequences=True,
 ):
     """The native twin of `_while_loop.lstm_sequence_projecting` (float32, CPU).
 
