@@ -169,7 +169,8 @@ struct Backward {
 
 // Carries dh and dc back through the steps: dz_t from the gates, then
 // dh_{t-1} = dz_t U^T and dc_{t-1} = dc_t * f. `dz` may share `gates`'s
-// buffer: each step reads its slice of gates before writing its slice of dz.
+// buffer: each row reads a gate before it writes that gate's gradient in
+// its place.
 inline void BackwardRows(const Backward& a, int64_t row_begin, int64_t row_end) {
   const int64_t rows = row_end - row_begin, B = a.batch, H = a.units, G = 4 * H;
   if (rows <= 0) return;
@@ -185,8 +186,7 @@ inline void BackwardRows(const Backward& a, int64_t row_begin, int64_t row_end) 
   } else {
     dc.setZero();
   }
-  Array dz_step(rows, G);
-  Row dct(H), tanh_c(H);
+  Row dct(H), tanh_c(H), di(H);
   for (int64_t t = a.steps - 1; t >= 0; --t) {
     const int64_t at = t * B + row_begin;
     if (a.dh_seq) dh += ConstArrayMap(a.dh_seq + at * H, rows, H);
@@ -195,7 +195,7 @@ inline void BackwardRows(const Backward& a, int64_t row_begin, int64_t row_end) 
     const float* m = a.mask ? a.mask + at : nullptr;
     for (int64_t r = 0; r < rows; ++r) {
       const float* g = a.gates + (at + r) * G;
-      float* dz = dz_step.data() + r * G;
+      float* dz = a.dz + (at + r) * G;
       RowMap dhr(dh.data() + r * H, H), dcr(dc.data() + r * H, H);
       if (m && m[r] == 0.f) {
         // A masked step passed h and c through: dh and dc flow on unchanged,
@@ -205,20 +205,21 @@ inline void BackwardRows(const Backward& a, int64_t row_begin, int64_t row_end) 
       }
       ConstRowMap i(g, H), f(g + H, H), cand(g + 2 * H, H), o(g + 3 * H, H);
       ConstRowMap c(a.c_seq + (at + r) * H, H), cp(c_prev + r * H, H);
-      RowMap di(dz, H), df(dz + H, H), dg(dz + 2 * H, H), dout(dz + 3 * H, H);
+      RowMap dz_i(dz, H), dz_f(dz + H, H), dz_g(dz + 2 * H, H), dz_o(dz + 3 * H, H);
+      // In this order, each gate is read before its gradient overwrites it.
       tanh_c = c.tanh();
       dct = dcr + dhr * o * (1.f - tanh_c.square());
-      dout = dhr * tanh_c * o * (1.f - o);
-      di = dct * cand * i * (1.f - i);
-      df = dct * cp * f * (1.f - f);
-      dg = dct * i * (1.f - cand.square());
+      dz_o = dhr * tanh_c * o * (1.f - o);
       dcr = dct * f;
+      dz_f = dct * cp * f * (1.f - f);
+      di = dct * cand * i * (1.f - i);
+      dz_g = dct * i * (1.f - cand.square());
+      dz_i = di;
       // Replaced below by dz U^T, accumulated onto the rows a mask kept.
       dhr.setZero();
     }
-    MultiplyInto(MatrixMap(dh.data(), rows, H), ConstMatrixMap(dz_step.data(), rows, G),
+    MultiplyInto(MatrixMap(dh.data(), rows, H), ConstMatrixMap(a.dz + at * G, rows, G),
                  U.transpose(), /*accumulate=*/true);
-    std::copy(dz_step.data(), dz_step.data() + rows * G, a.dz + at * G);
   }
 }
 
