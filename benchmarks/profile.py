@@ -2,8 +2,10 @@
 
 Run `python -m benchmarks.profile [--sizes 64x100x32x128,...]`. Each part of
 the fused op's training step is timed alone (median of several calls): the
-input projection, the native forward and backward recurrences, the three
-weight/input gradient matmuls, and the same recurrences compiled by XLA.
+native forward pass (input projection included), the native backward
+recurrence, the three weight/input gradient matmuls, the input projection as
+one TensorFlow matmul (what the TF-ops path does), and the recurrences
+compiled by XLA.
 """
 
 from __future__ import annotations
@@ -48,10 +50,17 @@ def profile(size):
     module = _native.native_module()
     if module is not None:
         none = tf.zeros((0,))
-        h, c, g, _, _ = module.keras_lstm_sequence(xz, u, h0, c0, none)
-        parts["native forward recurrence"] = lambda: module.keras_lstm_sequence(
-            xz, u, h0, c0, none
-        )[0].numpy()
+        bias = tf.zeros((4 * units,))
+        xs = tf.reshape(x, (steps, batch, features))
+        h, c, g, _, _ = module.keras_lstm_sequence(xs, w, bias, u, h0, c0, none)
+        parts["native forward, projection included (training)"] = lambda: (
+            module.keras_lstm_sequence(xs, w, bias, u, h0, c0, none)[3].numpy()
+        )
+        parts["native forward, projection included (inference)"] = lambda: (
+            module.keras_lstm_sequence(
+                xs, w, bias, u, h0, c0, none, keep_for_gradient=False, return_sequences=False
+            )[3].numpy()
+        )
         parts["native backward recurrence"] = lambda: module.keras_lstm_sequence_grad(
             u, h0, c0, none, c, g, h, c, none, none
         )[0].numpy()

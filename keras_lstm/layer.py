@@ -221,6 +221,7 @@ class GatedLSTM(keras.layers.RNN):
             go_backwards=self.go_backwards,
             return_sequences=self.return_sequences,
             zero_output_for_mask=self.zero_output_for_mask,
+            training=training,
         )
 
     def _unrolled_backwards_loop(self, sequences, initial_state, mask, training):

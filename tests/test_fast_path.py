@@ -101,12 +101,37 @@ def _assert_same(a, b):
 )
 @pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "mask_with_gaps"])
 @pytest.mark.parametrize("with_state", [False, True], ids=["zero_state", "initial_state"])
-def test_fused_op_matches_keras_lstm(implementation, rng, options, masked, with_state):
+@pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
+def test_fused_op_matches_keras_lstm(implementation, rng, options, masked, with_state, training):
+    # In inference the native op keeps nothing for the backward pass, and a
+    # gradient runs the forward pass again: both must give Keras's gradients.
     x, h0, c0 = _data(rng)
     ours, reference = _pair(**options)
     mask = tf.constant(MASK) if masked else None
     state = [h0, c0] if with_state else None
-    _assert_same(_run(ours, x, mask, state), _run(reference, x, mask, state))
+    _assert_same(
+        _run(ours, x, mask, state, training=training),
+        _run(reference, x, mask, state, training=training),
+    )
+
+
+@pytest.mark.parametrize("return_sequences", [False, True], ids=["last", "sequences"])
+def test_native_op_keeps_per_step_buffers_only_for_training(rng, return_sequences):
+    if _native.native_module() is None:
+        pytest.skip("the native kernel cannot be built here (no g++ or no TF headers)")
+    x = tf.constant(_data(rng)[0])
+    layer = GatedLSTM(H, return_sequences=return_sequences)
+    layer(x)
+
+    def kept(training):
+        graph = tf.function(lambda x: layer(x, training=training)).get_concrete_function(x).graph
+        (op,) = [op for op in graph.get_operations() if op.type == "KerasLstmSequence"]
+        return [output.shape.as_list() for output in op.outputs[:3]]
+
+    # h, c and the gates of every step: the backward pass reads all three.
+    assert kept(True) == [[T, B, H], [T, B, H], [T, B, 4 * H]]
+    # Inference keeps the sequence of h only when it is the output.
+    assert kept(False) == [[T, B, H] if return_sequences else [0], [0], [0]]
 
 
 def test_fused_op_matches_keras_lstm_on_a_batch_split_across_threads(implementation, rng):

@@ -5,16 +5,18 @@ gates; tanh candidate and output) over a whole batch of sequences as one
 differentiable op and returns exactly what `keras.backend.rnn` returns. It
 picks one of two implementations of the same maths:
 
-- a native C++ kernel (`lstm_sequence.cc`), built on first use, for float32
-  on CPU outside XLA: one matmul per step and one fused pointwise pass, the
-  batch split across threads;
+- a native C++ kernel (`lstm_sequence.cc`, maths in `lstm_core.h`), built on
+  first use, for float32 on CPU outside XLA: one matmul per step (input
+  projection included) and one fused pointwise pass, the batch split across
+  threads;
 - TensorFlow ops in two `tf.while_loop`s with a custom gradient, everywhere
   else (under `jit_compile=True`, on GPU, other dtypes, or when the native
   kernel cannot be built).
 
-The weight and input gradients are large matmuls over all steps at once, and
-so is the input projection `x W + b`, except under XLA, whose CPU backend
-runs the loop faster when each step projects its own input. This package depends on nothing else in
+The weight and input gradients are large matmuls over all steps at once. The
+TF-ops path projects the inputs `x W + b` of all steps in one matmul too,
+except under XLA, whose CPU backend runs the loop faster when each step
+projects its own input (as the native kernel does). This package depends on nothing else in
 `keras_lstm`.
 """
 
@@ -64,17 +66,6 @@ def _use_native(dtype) -> bool:
     return not _in_xla_context() or _native_xla.xla_library() is not None
 
 
-def lstm_sequence(xz, recurrent_kernel, h0, c0, mask=None):
-    """Time-major recurrence: `xz` (T, B, 4H) -> `(h_seq, c_seq, h_last, c_last)`.
-
-    `h_seq` and `c_seq` are (T, B, H); `h_last` and `c_last` (B, H) are the final state.
-    """
-    if _use_native(xz.dtype):
-        return _native.lstm_sequence(xz, recurrent_kernel, h0, c0, mask)
-    h_seq, c_seq = _while_loop.lstm_sequence(xz, recurrent_kernel, h0, c0, mask)
-    return h_seq, c_seq, h_seq[-1], c_seq[-1]
-
-
 def lstm_recurrence(
     inputs,
     kernel,
@@ -86,6 +77,7 @@ def lstm_recurrence(
     go_backwards=False,
     return_sequences=True,
     zero_output_for_mask=False,
+    training=True,
 ):
     """Runs an LSTM over batch-major `inputs` (B, T, D), Keras-compatible.
 
@@ -93,7 +85,9 @@ def lstm_recurrence(
     `outputs` is (B, T, H) (in processing order when `go_backwards`) or
     (B, 1, H) without `return_sequences`; a masked step keeps the previous
     state and outputs the previous output (zeros before any unmasked step,
-    or zeros always with `zero_output_for_mask`).
+    or zeros always with `zero_output_for_mask`). With `training=False` the
+    native kernel keeps nothing for the backward pass (a gradient, if one is
+    asked for anyway, runs the forward pass again).
     """
     dtype = inputs.dtype
     kernel = tf.cast(kernel, dtype)
@@ -106,7 +100,19 @@ def lstm_recurrence(
         mask = None if mask is None else tf.reverse(mask, [0])
 
     bias = None if bias is None else tf.cast(bias, dtype)
-    if _in_xla_context():
+    if _use_native(dtype):
+        h_seq, c_seq, h_last, c_last = _native.lstm_sequence(
+            x,
+            kernel,
+            bias,
+            recurrent_kernel,
+            h0,
+            c0,
+            mask,
+            keep_for_gradient=bool(training) if isinstance(training, bool) else True,
+            return_sequences=return_sequences,
+        )
+    elif _in_xla_context():
         h_seq, c_seq = _while_loop.lstm_sequence_projecting(
             x, kernel, bias, recurrent_kernel, h0, c0, mask
         )
@@ -118,12 +124,13 @@ def lstm_recurrence(
         if bias is not None:
             xz = xz + bias
         xz = tf.reshape(xz, (steps, batch, kernel.shape[-1]))
-        h_seq, c_seq, h_last, c_last = lstm_sequence(xz, recurrent_kernel, h0, c0, mask)
-    # The loops lose the static number of steps; later layers (an unrolled
-    # one, say) need it.
-    for sequence in (h_seq, c_seq):
-        sequence.set_shape(x.shape[:2].concatenate(h0.shape[-1:]))
+        h_seq, c_seq = _while_loop.lstm_sequence(xz, recurrent_kernel, h0, c0, mask)
+        h_last, c_last = h_seq[-1], c_seq[-1]
     states = [h_last, c_last]
+    if return_sequences:
+        # The loops lose the static number of steps; later layers (an
+        # unrolled one, say) need it.
+        h_seq.set_shape(x.shape[:2].concatenate(h0.shape[-1:]))
 
     outputs = h_seq
     last_output = h_last

@@ -32,6 +32,7 @@ from pathlib import Path
 import tensorflow as tf
 
 _SOURCE = Path(__file__).with_name("lstm_sequence.cc")
+_HEADERS = (Path(__file__).with_name("lstm_core.h"),)
 _FLAGS = ("-shared", "-fPIC", "-O3", "-march=native", "-w")
 _state: dict = {}
 _state_lock = threading.Lock()
@@ -57,7 +58,8 @@ def _cache_dirs():
 
 def _library_name() -> str:
     digest = hashlib.sha256()
-    digest.update(_SOURCE.read_bytes())
+    for source in (_SOURCE, *_HEADERS):
+        digest.update(source.read_bytes())
     digest.update(tf.__version__.encode())
     digest.update(" ".join(_FLAGS + tuple(tf.sysconfig.get_compile_flags())).encode())
     digest.update("\n".join(_cpu_identity()).encode())
@@ -86,6 +88,7 @@ def _build(target: Path) -> None:
         compiler,
         *_FLAGS,
         *tf.sysconfig.get_compile_flags(),
+        f"-I{_SOURCE.parent}",
         str(_SOURCE),
         "-o",
         tmp,
@@ -146,17 +149,29 @@ def _register_gradient(module):
     def _grad(op, dh_seq, dc_seq, _dgates, dh_last, dc_last):
         from keras_lstm.kernels._while_loop import recurrent_kernel_grad
 
-        _, recurrent_kernel, h0, c0, mask = op.inputs
-        h_seq, c_seq = op.outputs[:2]
-        empty = tf.zeros((0,), c_seq.dtype)
+        x, kernel, bias, recurrent_kernel, h0, c0, mask = op.inputs
+        h_seq, c_seq, gates = op.outputs[:3]
+        if not op.get_attr("keep_for_gradient"):
+            # Run in inference mode, which keeps nothing for the gradient:
+            # run the forward pass again, keeping it.
+            h_seq, c_seq, gates, _, _ = module.keras_lstm_sequence(
+                x, kernel, bias, recurrent_kernel, h0, c0, mask
+            )
+        empty = tf.zeros((0,), x.dtype)
         dh_seq, dc_seq, dh_last, dc_last = (
             empty if grad is None or _is_zero_fill(grad) else grad
             for grad in (dh_seq, dc_seq, dh_last, dc_last)
         )
         dz, dh0, dc0 = module.keras_lstm_sequence_grad(
-            recurrent_kernel, h0, c0, mask, c_seq, op.outputs[2], dh_seq, dc_seq, dh_last, dc_last
+            recurrent_kernel, h0, c0, mask, c_seq, gates, dh_seq, dc_seq, dh_last, dc_last
         )
-        return dz, recurrent_kernel_grad(h0, h_seq, dz), dh0, dc0, None
+        # The input and weight gradients as single matmuls over all steps.
+        flat_dz = tf.reshape(dz, (-1, dz.shape[-1]))
+        dx = tf.reshape(tf.matmul(flat_dz, kernel, transpose_b=True), tf.shape(x))
+        dkernel = tf.matmul(tf.reshape(x, (-1, x.shape[-1])), flat_dz, transpose_a=True)
+        dbias = tf.reduce_sum(flat_dz, axis=0) if bias.shape[0] else None
+        drecurrent = recurrent_kernel_grad(h0, h_seq, dz)
+        return dx, dkernel, dbias, drecurrent, dh0, dc0, None
 
 
 def native_module():
@@ -180,13 +195,37 @@ def native_module():
         return _state["module"]
 
 
-def lstm_sequence(xz, recurrent_kernel, h0, c0, mask=None):
-    """The native twin of `_while_loop.lstm_sequence` (float32, CPU).
+def lstm_sequence(
+    x,
+    kernel,
+    bias,
+    recurrent_kernel,
+    h0,
+    c0,
+    mask=None,
+    keep_for_gradient=True,
+    return_sequences=True,
+):
+    """The native twin of `_while_loop.lstm_sequence_projecting` (float32, CPU).
 
-    Returns `(h_seq, c_seq, h_last, c_last)`: the final state comes as its own
-    tensors too, so that a loss on it alone sends back no (T, B, H) gradient.
+    `x` is time-major (T, B, D). Returns `(h_seq, c_seq, h_last, c_last)`: the final
+    state comes as its own tensors too, so that a loss on it alone sends back no
+    (T, B, H) gradient. Without `keep_for_gradient` the op keeps nothing for the
+    backward pass (a gradient then runs the forward pass again) and `c_seq` is
+    empty; `h_seq` is empty unless `return_sequences` or `keep_for_gradient`.
     """
     module = native_module()
     mask = tf.zeros((0,), tf.float32) if mask is None else tf.cast(mask, tf.float32)
-    h_seq, c_seq, _, h_last, c_last = module.keras_lstm_sequence(xz, recurrent_kernel, h0, c0, mask)
+    bias = tf.zeros((0,), tf.float32) if bias is None else bias
+    h_seq, c_seq, _, h_last, c_last = module.keras_lstm_sequence(
+        x,
+        kernel,
+        bias,
+        recurrent_kernel,
+        h0,
+        c0,
+        mask,
+        keep_for_gradient=keep_for_gradient,
+        return_sequences=return_sequences,
+    )
     return h_seq, c_seq, h_last, c_last
