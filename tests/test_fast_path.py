@@ -269,8 +269,8 @@ def test_stateful_carries_state_like_keras(implementation, rng):
 
 
 @pytest.mark.parametrize("go_backwards", [False, True], ids=["forwards", "backwards"])
-def test_jit_compiled_gradients_match_keras(rng, go_backwards):
-    # Under XLA the native kernel must step aside for the while-loop path.
+def test_jit_compiled_gradients_match_keras(implementation, rng, go_backwards):
+    # Under XLA the native kernel runs as a custom call (tests/test_xla_native.py).
     x, h0, c0 = _data(rng)
     ours, reference = _pair(return_sequences=True, go_backwards=go_backwards)
 

@@ -6,12 +6,13 @@ differentiable op and returns exactly what `keras.backend.rnn` returns. It
 picks one of two implementations of the same maths:
 
 - a native C++ kernel (`lstm_sequence.cc`, maths in `lstm_core.h`), built on
-  first use, for float32 on CPU outside XLA: one matmul per step (input
-  projection included) and one fused pointwise pass, the batch split across
-  threads;
+  first use, for float32 on CPU: one matmul per step (input projection
+  included) and one fused pointwise pass, the batch split across threads.
+  Under XLA (`jit_compile=True`) the same op runs as a custom call from a
+  second library (`lstm_sequence_xla.cc`, see `_native_xla`);
 - TensorFlow ops in two `tf.while_loop`s with a custom gradient, everywhere
-  else (under `jit_compile=True`, on GPU, other dtypes, or when the native
-  kernel cannot be built).
+  else (on GPU, other dtypes, in exports, or when a native library cannot be
+  built).
 
 The weight and input gradients are large matmuls over all steps at once. The
 TF-ops path projects the inputs `x W + b` of all steps in one matmul too,
