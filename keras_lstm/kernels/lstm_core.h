@@ -87,32 +87,45 @@ inline void ForwardRows(const Forward& a, const float* kernels, int64_t row_begi
   const int64_t rows = row_end - row_begin, B = a.batch, D = a.input_size, H = a.units;
   const int64_t G = 4 * H, K = D + H;
   if (rows <= 0) return;
-  ConstMatrixMap weights(kernels, K, G);
+  ConstMatrixMap weights(kernels, K, G), recurrent(kernels + D * G, H, G);
+  // A batch of a few rows (one block): one product projects the inputs of
+  // every step first, so that each step's vector-matrix products read U only.
+  const bool project_first = rows == B && rows <= kMaxRowsForGemv;
+  std::vector<float> projected(project_first && !a.gates ? a.steps * rows * G : 0);
+  if (project_first) {
+    MatrixMap xz(a.gates ? a.gates : projected.data(), a.steps * rows, G);
+    xz.noalias() = ConstMatrixMap(a.x, a.steps * rows, D) * ConstMatrixMap(kernels, D, G);
+    if (a.bias) xz.rowwise() += Eigen::Map<const Eigen::RowVectorXf>(a.bias, G);
+  }
   // [x_t, h_{t-1}] of this block; z when the gates are not kept; h and c
   // (two of each, this step's and the previous one) when not kept.
-  Matrix xh(rows, K);
-  std::vector<float> scratch((a.gates ? 0 : rows * G) + (a.h_seq ? 0 : 2 * rows * H) +
-                             (a.c_seq ? 0 : 2 * rows * H));
+  Matrix xh(project_first ? 0 : rows, K);
+  std::vector<float> scratch((a.gates || project_first ? 0 : rows * G) +
+                             (a.h_seq ? 0 : 2 * rows * H) + (a.c_seq ? 0 : 2 * rows * H));
   float* z_scratch = scratch.data();
-  float* h_scratch = z_scratch + (a.gates ? 0 : rows * G);
+  float* h_scratch = z_scratch + (a.gates || project_first ? 0 : rows * G);
   float* c_scratch = h_scratch + (a.h_seq ? 0 : 2 * rows * H);
 
   const float* h_prev = a.h0 + row_begin * H;
   const float* c_prev = a.c0 + row_begin * H;
   for (int64_t t = 0; t < a.steps; ++t) {
     const int64_t at = t * B + row_begin;
-    float* z = a.gates ? a.gates + at * G : z_scratch;
+    float* z = a.gates ? a.gates + at * G : project_first ? projected.data() + at * G : z_scratch;
     float* h = a.h_seq ? a.h_seq + at * H : h_scratch + (t & 1) * rows * H;
     float* c = a.c_seq ? a.c_seq + at * H : c_scratch + (t & 1) * rows * H;
-    xh.leftCols(D) = ConstMatrixMap(a.x + at * D, rows, D);
-    xh.rightCols(H) = ConstMatrixMap(h_prev, rows, H);
     MatrixMap Z(z, rows, G);
-    if (a.bias) {
-      Z.rowwise() = Eigen::Map<const Eigen::RowVectorXf>(a.bias, G);
+    if (project_first) {
+      MultiplyInto(Z, ConstMatrixMap(h_prev, rows, H), recurrent, /*accumulate=*/true);
     } else {
-      Z.setZero();
+      xh.leftCols(D) = ConstMatrixMap(a.x + at * D, rows, D);
+      xh.rightCols(H) = ConstMatrixMap(h_prev, rows, H);
+      if (a.bias) {
+        Z.rowwise() = Eigen::Map<const Eigen::RowVectorXf>(a.bias, G);
+      } else {
+        Z.setZero();
+      }
+      MultiplyInto(Z, xh, weights, /*accumulate=*/true);
     }
-    MultiplyInto(Z, xh, weights, /*accumulate=*/true);
 
     // Pre-activations become activations in place: they are what the
     // backward pass needs.
