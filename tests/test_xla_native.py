@@ -5,6 +5,10 @@ way (an independent implementation); the compiled HLO is checked for our
 custom calls, so that a silent fallback to the `tf.while_loop` path fails.
 """
 
+import os
+import subprocess
+import sys
+
 import keras
 import numpy as np
 import pytest
@@ -150,3 +154,31 @@ def test_float16_keeps_the_while_loop_under_jit(xla_library, rng):
     layer.build((B, T, D))
     hlo = _hlo(_compiled_step(layer), _data(rng))
     assert FORWARD not in hlo and b" while(" in hlo
+
+
+_COUNT_WORKERS = """
+import os, sys
+import tensorflow as tf
+if int(sys.argv[1]):
+    tf.config.threading.set_intra_op_parallelism_threads(int(sys.argv[1]))
+from keras_lstm import GatedLSTM
+layer = GatedLSTM(4)
+tf.function(layer, jit_compile=True)(tf.ones((8, 3, 2))).numpy()
+names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+print(len(os.sched_getaffinity(0)), names.count("keras_lstm_xla"))
+"""
+
+
+@pytest.mark.parametrize("intra_op_threads", [0, 1], ids=["default", "one_thread"])
+def test_custom_call_threads_follow_the_intra_op_setting(xla_library, intra_op_threads):
+    result = subprocess.run(
+        [sys.executable, "-c", _COUNT_WORKERS, str(intra_op_threads)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    cpus, workers = map(int, result.stdout.split()[-2:])
+    # The calling thread takes one chunk; the pool holds the others.
+    assert workers == (min(cpus, intra_op_threads) if intra_op_threads else cpus) - 1

@@ -12,6 +12,7 @@ loaded (which defines the ops). If it cannot be built, XLA keeps the
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import os
 import shutil
@@ -89,6 +90,10 @@ def _load() -> Path:
                     if not target.exists():
                         _build(target)
             tf.load_library(str(target))
+            # The custom calls split the batch over their own threads: no more
+            # than TensorFlow's intra-op setting, when one was made (0: none).
+            threads = tf.config.threading.get_intra_op_parallelism_threads()
+            ctypes.CDLL(str(target)).keras_lstm_xla_set_max_threads(ctypes.c_int(threads))
             return target
         except (OSError, RuntimeError, subprocess.SubprocessError, tf.errors.OpError) as error:
             errors.append(f"{directory}: {error}")

@@ -12,7 +12,9 @@
 // zero) is a 0-element operand, as for the TensorFlow op.
 //
 // XLA runs a custom call on one of its threads and lends it no others, so the
-// batch rows are split across a small pool of our own, started on first use.
+// batch rows are split across a small pool of our own, started on first use:
+// one thread per CPU the process may run on, or TensorFlow's intra-op thread
+// setting if that is smaller (passed in by keras_lstm_xla_set_max_threads).
 
 #include <algorithm>
 #include <condition_variable>
@@ -25,6 +27,7 @@
 #include <thread>
 #include <vector>
 
+#include <pthread.h>
 #include <sched.h>
 
 #include "lstm_core.h"
@@ -71,6 +74,7 @@ class WorkerPool {
 
  private:
   void Serve() {
+    pthread_setname_np(pthread_self(), "keras_lstm_xla");  // as `top -H` and tests see it
     for (;;) {
       std::function<void()> task;
       {
@@ -88,8 +92,13 @@ class WorkerPool {
   std::deque<std::function<void()>> tasks_;
 };
 
+// TensorFlow's intra-op thread setting, when one was made (0: none); set
+// once, right after loading, by SetMaxThreads below.
+int intra_op_threads = 0;
+
 int MaxThreads() {
-  static const int threads = UsableCpus();
+  static const int threads =
+      intra_op_threads > 0 ? std::min(intra_op_threads, UsableCpus()) : UsableCpus();
   return threads;
 }
 
@@ -379,3 +388,6 @@ REGISTER_KERNEL_BUILDER(Name("KerasLstmSequenceGrad").Device(tensorflow::DEVICE_
                         LstmSequenceGradXlaOp);
 
 }  // namespace
+
+// Called once from Python after loading, before any custom call runs.
+extern "C" void keras_lstm_xla_set_max_threads(int threads) { intra_op_threads = threads; }
