@@ -142,38 +142,44 @@ struct Sizes {
   int dh_seq = 0, dc_seq = 0, dh_last = 0, dc_last = 0;
 };
 
+// One format each for writing and reading.
+constexpr char kForwardFormat[] =
+    "T=%lld B=%lld D=%lld H=%lld bias=%d mask=%d sequences=%d keep=%d";
+constexpr char kBackwardFormat[] =
+    "T=%lld B=%lld H=%lld mask=%d dh=%d dc=%d dh_last=%d dc_last=%d";
+
 std::string ForwardOpaque(const Sizes& s) {
   char text[256];
-  std::snprintf(text, sizeof(text), "T=%lld B=%lld D=%lld H=%lld bias=%d mask=%d sequences=%d keep=%d",
-                s.steps, s.batch, s.features, s.units, s.bias, s.mask, s.sequences, s.keep);
+  std::snprintf(text, sizeof(text), kForwardFormat, s.steps, s.batch, s.features, s.units, s.bias,
+                s.mask, s.sequences, s.keep);
   return text;
 }
 
 bool ParseForwardOpaque(const char* opaque, size_t length, Sizes* s) {
-  std::string text(opaque, length);
-  return std::sscanf(text.c_str(), "T=%lld B=%lld D=%lld H=%lld bias=%d mask=%d sequences=%d keep=%d",
-                     &s->steps, &s->batch, &s->features, &s->units, &s->bias, &s->mask,
-                     &s->sequences, &s->keep) == 8;
+  const std::string text(opaque, length);
+  return std::sscanf(text.c_str(), kForwardFormat, &s->steps, &s->batch, &s->features, &s->units,
+                     &s->bias, &s->mask, &s->sequences, &s->keep) == 8;
 }
 
 std::string BackwardOpaque(const Sizes& s) {
   char text[256];
-  std::snprintf(text, sizeof(text), "T=%lld B=%lld H=%lld mask=%d dh=%d dc=%d dh_last=%d dc_last=%d",
-                s.steps, s.batch, s.units, s.mask, s.dh_seq, s.dc_seq, s.dh_last, s.dc_last);
+  std::snprintf(text, sizeof(text), kBackwardFormat, s.steps, s.batch, s.units, s.mask, s.dh_seq,
+                s.dc_seq, s.dh_last, s.dc_last);
   return text;
 }
 
 bool ParseBackwardOpaque(const char* opaque, size_t length, Sizes* s) {
-  std::string text(opaque, length);
-  return std::sscanf(text.c_str(), "T=%lld B=%lld H=%lld mask=%d dh=%d dc=%d dh_last=%d dc_last=%d",
-                     &s->steps, &s->batch, &s->units, &s->mask, &s->dh_seq, &s->dc_seq,
-                     &s->dh_last, &s->dc_last) == 8;
+  const std::string text(opaque, length);
+  return std::sscanf(text.c_str(), kBackwardFormat, &s->steps, &s->batch, &s->units, &s->mask,
+                     &s->dh_seq, &s->dc_seq, &s->dh_last, &s->dc_last) == 8;
 }
 
 // ---------------------------------------------------------------------------
 // Custom-call targets (XLA's API_VERSION_STATUS_RETURNING_UNIFIED): `out` is
 // an array of the result buffers (the result is a tuple), `in` the operands'.
-// The shapes were checked when the call was built, so nothing here can fail.
+// The shapes were checked when the call was built and the opaque string is
+// ours, so nothing here can fail (XLA's status setter is not exported by the
+// TensorFlow wheel anyway).
 
 void ForwardTarget(void* out, const void** in, const char* opaque, size_t opaque_length,
                    XlaCustomCallStatus* /*status*/) {
@@ -198,13 +204,7 @@ void ForwardTarget(void* out, const void** in, const char* opaque, size_t opaque
   args.gates = s.keep ? outputs[2] : nullptr;
   args.h_last = outputs[3];
   args.c_last = outputs[4];
-  const int64_t state = s.batch * s.units;
-  if (s.batch == 0) return;
-  if (s.steps == 0) {
-    std::copy(args.h0, args.h0 + state, args.h_last);
-    std::copy(args.c0, args.c0 + state, args.c_last);
-    return;
-  }
+  // With no step, ForwardRows copies h0 and c0 to the final state.
   std::vector<float> kernels((s.features + s.units) * 4 * s.units);
   keras_lstm::StackKernels(args, kernels.data());
   ForEachChunk(s.batch, [&](int64_t begin, int64_t end) {
@@ -234,16 +234,7 @@ void BackwardTarget(void* out, const void** in, const char* opaque, size_t opaqu
   args.dz = outputs[0];
   args.dh0 = outputs[1];
   args.dc0 = outputs[2];
-  if (s.batch == 0) return;
-  const int64_t state = s.batch * s.units;
-  if (s.steps == 0) {
-    // No step: the final state is the initial one.
-    for (int64_t k = 0; k < state; ++k) {
-      args.dh0[k] = args.dh_last ? args.dh_last[k] : 0.f;
-      args.dc0[k] = args.dc_last ? args.dc_last[k] : 0.f;
-    }
-    return;
-  }
+  // With no step, BackwardRows passes dh_last and dc_last (or zeros) to dh0 and dc0.
   ForEachChunk(s.batch, [&](int64_t begin, int64_t end) {
     keras_lstm::BackwardRows(args, begin, end);
   });
