@@ -62,8 +62,9 @@ def _ramp(o):
 
 
 def _data(rng, mask=MASK):
-    x = rng.normal(size=(B, T, D)).astype("float32")
-    h0, c0 = (rng.normal(size=(B, H)).astype("float32") for _ in range(2))
+    batch = mask.shape[0]
+    x = rng.normal(size=(batch, T, D)).astype("float32")
+    h0, c0 = (rng.normal(size=(batch, H)).astype("float32") for _ in range(2))
     return tuple(tf.constant(a) for a in (x, mask, h0, c0))
 
 
@@ -95,6 +96,16 @@ def test_jit_outputs_and_gradients_match_keras_lstm(xla_library, rng, options, t
         np.testing.assert_allclose(a, b, atol=TOL, rtol=TOL)
     hlo = _hlo(step, args)
     assert FORWARD in hlo and BACKWARD in hlo
+
+
+def test_jit_matches_keras_lstm_on_a_batch_split_across_threads(xla_library, rng):
+    # 16 rows: as many chunks as there are CPUs (up to 4), so the pool's threads take part.
+    mask = rng.random((16, T)) > 0.3
+    ours, reference = _pair(return_sequences=True, return_state=True)
+    args = _data(rng, mask)
+    for a, b in zip(_compiled_step(ours)(*args), _compiled_step(reference)(*args), strict=True):
+        for x, y in zip(a, b, strict=True):
+            np.testing.assert_allclose(x, y, atol=TOL, rtol=TOL)
 
 
 def test_jit_compiled_graph_runs_our_custom_calls_and_no_loop(xla_library, rng):
