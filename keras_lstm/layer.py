@@ -51,8 +51,8 @@ class GatedLSTM(keras.layers.RNN):
     How the sequence runs: on the TensorFlow backend, when the cell computes
     the standard LSTM (tanh and sigmoid, no option that changes the maths)
     and no recurrent dropout applies, a fused whole-sequence op with its own
-    gradient runs the recurrence (a native CPU kernel outside XLA, a
-    `tf.while_loop` under XLA and on GPU). Otherwise, and on the JAX and
+    gradient runs the recurrence (a native CPU kernel, under XLA as a custom
+    call; a `tf.while_loop` on GPU and in exports). Otherwise, and on the JAX and
     torch backends, Keras's step loop calls the cell's `call`, which is also
     the reference the fused op is tested against. Both give the same numbers.
 
