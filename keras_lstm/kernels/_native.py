@@ -162,14 +162,14 @@ def _register_gradient(module):
             empty if grad is None or _is_zero_fill(grad) else grad
             for grad in (dh_seq, dc_seq, dh_last, dc_last)
         )
-        dz, dh0, dc0 = module.keras_lstm_sequence_grad(
+        dz, dh0, dc0, dbias = module.keras_lstm_sequence_grad(
             recurrent_kernel, h0, c0, mask, c_seq, gates, dh_seq, dc_seq, dh_last, dc_last
         )
         # The input and weight gradients as single matmuls over all steps.
         flat_dz = tf.reshape(dz, (-1, dz.shape[-1]))
         dx = tf.reshape(tf.matmul(flat_dz, kernel, transpose_b=True), tf.shape(x))
         dkernel = tf.matmul(tf.reshape(x, (-1, x.shape[-1])), flat_dz, transpose_a=True)
-        dbias = tf.reduce_sum(flat_dz, axis=0) if bias.shape[0] else None
+        dbias = dbias if bias.shape[0] else None
         drecurrent = recurrent_kernel_grad(h0, h_seq, dz)
         return dx, dkernel, dbias, drecurrent, dh0, dc0, None
 

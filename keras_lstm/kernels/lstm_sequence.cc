@@ -5,8 +5,8 @@
 // pointwise pass, so x W + b of a step is made while it is in cache instead
 // of as a (T, B, 4H) tensor. KerasLstmSequenceGrad carries the gradient back
 // through the steps and returns the gradient of the pre-activations, dz,
-// from which the caller makes dx, dW, dU and db as large matrix products over
-// all steps. The maths lives in lstm_core.h; this file adapts it to
+// and the bias gradient db, from which the caller makes dx, dW and dU as
+// large matrix products over all steps. The maths lives in lstm_core.h; this file adapts it to
 // TensorFlow: shapes, outputs, and the worker threads the batch is split
 // across.
 
@@ -33,26 +33,31 @@ using tensorflow::errors::InvalidArgument;
 // Fewer rows than this per thread costs more in scheduling than it saves.
 constexpr int64_t kMinRowsPerChunk = 4;
 
-// Runs work(row_begin, row_end) over [0, rows) on the op's CPU worker pool.
-void ForEachChunk(OpKernelContext* ctx, int64_t rows,
-                  const std::function<void(int64_t, int64_t)>& work) {
+// How many chunks ForEachChunk cuts `rows` into.
+int64_t NumChunks(OpKernelContext* ctx, int64_t rows) {
   auto* workers = ctx->device()->tensorflow_cpu_worker_threads();
-  int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(workers->num_threads,
-                                                          rows / kMinRowsPerChunk));
+  return std::max<int64_t>(1, std::min<int64_t>(workers->num_threads, rows / kMinRowsPerChunk));
+}
+
+// Runs work(chunk, row_begin, row_end) over [0, rows) on the op's CPU worker
+// pool, chunk numbering the NumChunks(ctx, rows) chunks.
+void ForEachChunk(OpKernelContext* ctx, int64_t rows,
+                  const std::function<void(int64_t, int64_t, int64_t)>& work) {
+  const int64_t chunks = NumChunks(ctx, rows);
   if (chunks == 1) {
-    work(0, rows);
+    work(0, 0, rows);
     return;
   }
-  int64_t per_chunk = (rows + chunks - 1) / chunks;
+  const int64_t per_chunk = (rows + chunks - 1) / chunks;
   tensorflow::BlockingCounter pending(chunks - 1);
   for (int64_t k = 1; k < chunks; ++k) {
-    int64_t begin = k * per_chunk, end = std::min(rows, begin + per_chunk);
-    workers->workers->Schedule([&, begin, end] {
-      work(begin, end);
+    const int64_t begin = std::min(rows, k * per_chunk), end = std::min(rows, begin + per_chunk);
+    ctx->device()->tensorflow_cpu_worker_threads()->workers->Schedule([&, k, begin, end] {
+      work(k, begin, end);
       pending.DecrementCount();
     });
   }
-  work(0, std::min(rows, per_chunk));
+  work(0, 0, std::min(rows, per_chunk));
   pending.Wait();
 }
 
@@ -143,7 +148,7 @@ class LstmSequenceOp : public OpKernel {
     args.c_last = c_last_out->flat<float>().data();
     std::vector<float> kernels((features + units) * 4 * units);
     keras_lstm::StackKernels(args, kernels.data());
-    ForEachChunk(ctx, batch, [&](int64_t begin, int64_t end) {
+    ForEachChunk(ctx, batch, [&](int64_t, int64_t begin, int64_t end) {
       keras_lstm::ForwardRows(args, kernels.data(), begin, end);
     });
   }
@@ -182,11 +187,14 @@ class LstmSequenceGradOp : public OpKernel {
                          (dc_last.NumElements() == 0 || dc_last.shape() == c0.shape()),
                 InvalidArgument("inconsistent shapes in the LSTM sequence gradient"));
 
-    Tensor *dz_out, *dh0_out, *dc0_out;
+    Tensor *dz_out, *dh0_out, *dc0_out, *db_out;
     // dz takes over the gates' buffer when nothing else holds it.
     OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({5}, 0, gates.shape(), &dz_out));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, h0.shape(), &dh0_out));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, c0.shape(), &dc0_out));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(3, TensorShape({4 * units}), &db_out));
+    auto db = db_out->flat<float>();
+    db.setZero();
     if (batch == 0) return;
 
     keras_lstm::Backward args;
@@ -205,9 +213,15 @@ class LstmSequenceGradOp : public OpKernel {
     args.dz = dz_out->flat<float>().data();
     args.dh0 = dh0_out->flat<float>().data();
     args.dc0 = dc0_out->flat<float>().data();
-    ForEachChunk(ctx, batch, [&](int64_t begin, int64_t end) {
-      keras_lstm::BackwardRows(args, begin, end);
+    // Each chunk sums its own rows' bias gradient; then the chunks' sums add up.
+    const int64_t chunks = NumChunks(ctx, batch);
+    std::vector<float> db_chunks(chunks * 4 * units, 0.f);
+    ForEachChunk(ctx, batch, [&](int64_t chunk, int64_t begin, int64_t end) {
+      keras_lstm::BackwardRows(args, begin, end, db_chunks.data() + chunk * 4 * units);
     });
+    for (int64_t k = 0; k < chunks; ++k) {
+      for (int64_t j = 0; j < 4 * units; ++j) db(j) += db_chunks[k * 4 * units + j];
+    }
   }
 };
 
@@ -262,10 +276,14 @@ REGISTER_OP("KerasLstmSequenceGrad")
     .Output("dz: float")
     .Output("dh0: float")
     .Output("dc0: float")
+    .Output("db: float")
     .SetShapeFn([](tensorflow::shape_inference::InferenceContext* c) {
       c->set_output(0, c->input(5));
       c->set_output(1, c->input(1));
       c->set_output(2, c->input(2));
+      tensorflow::shape_inference::DimensionHandle gates4;
+      TF_RETURN_IF_ERROR(c->Multiply(c->Dim(c->input(0), 0), 4, &gates4));
+      c->set_output(3, c->Vector(gates4));
       return absl::OkStatus();
     });
 

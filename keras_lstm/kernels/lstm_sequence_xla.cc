@@ -107,13 +107,17 @@ WorkerPool& Workers() {
   return *pool;
 }
 
-// Runs work(row_begin, row_end) over [0, rows), in up to MaxThreads() chunks;
-// the calling thread takes the first chunk.
-void ForEachChunk(int64_t rows, const std::function<void(int64_t, int64_t)>& work) {
-  const int64_t chunks =
-      std::max<int64_t>(1, std::min<int64_t>(MaxThreads(), rows / kMinRowsPerChunk));
+// How many chunks ForEachChunk cuts `rows` into.
+int64_t NumChunks(int64_t rows) {
+  return std::max<int64_t>(1, std::min<int64_t>(MaxThreads(), rows / kMinRowsPerChunk));
+}
+
+// Runs work(chunk, row_begin, row_end) over [0, rows), in NumChunks(rows)
+// chunks; the calling thread takes the first chunk.
+void ForEachChunk(int64_t rows, const std::function<void(int64_t, int64_t, int64_t)>& work) {
+  const int64_t chunks = NumChunks(rows);
   if (chunks == 1) {
-    work(0, rows);
+    work(0, 0, rows);
     return;
   }
   const int64_t per_chunk = (rows + chunks - 1) / chunks;
@@ -121,14 +125,14 @@ void ForEachChunk(int64_t rows, const std::function<void(int64_t, int64_t)>& wor
   std::condition_variable done;
   int64_t pending = chunks - 1;
   for (int64_t k = 1; k < chunks; ++k) {
-    const int64_t begin = k * per_chunk, end = std::min(rows, begin + per_chunk);
-    Workers().Schedule([&, begin, end] {
-      work(begin, end);
+    const int64_t begin = std::min(rows, k * per_chunk), end = std::min(rows, begin + per_chunk);
+    Workers().Schedule([&, k, begin, end] {
+      work(k, begin, end);
       std::lock_guard<std::mutex> lock(mu);
       if (--pending == 0) done.notify_one();
     });
   }
-  work(0, std::min(rows, per_chunk));
+  work(0, 0, std::min(rows, per_chunk));
   std::unique_lock<std::mutex> lock(mu);
   done.wait(lock, [&] { return pending == 0; });
 }
@@ -207,7 +211,7 @@ void ForwardTarget(void* out, const void** in, const char* opaque, size_t opaque
   // With no step, ForwardRows copies h0 and c0 to the final state.
   std::vector<float> kernels((s.features + s.units) * 4 * s.units);
   keras_lstm::StackKernels(args, kernels.data());
-  ForEachChunk(s.batch, [&](int64_t begin, int64_t end) {
+  ForEachChunk(s.batch, [&](int64_t, int64_t begin, int64_t end) {
     keras_lstm::ForwardRows(args, kernels.data(), begin, end);
   });
 }
@@ -235,9 +239,17 @@ void BackwardTarget(void* out, const void** in, const char* opaque, size_t opaqu
   args.dh0 = outputs[1];
   args.dc0 = outputs[2];
   // With no step, BackwardRows passes dh_last and dc_last (or zeros) to dh0 and dc0.
-  ForEachChunk(s.batch, [&](int64_t begin, int64_t end) {
-    keras_lstm::BackwardRows(args, begin, end);
+  // Each chunk sums its own rows' bias gradient; then the chunks' sums add up.
+  const int64_t gates4 = 4 * s.units, chunks = NumChunks(s.batch);
+  std::vector<float> db_chunks(chunks * gates4, 0.f);
+  ForEachChunk(s.batch, [&](int64_t chunk, int64_t begin, int64_t end) {
+    keras_lstm::BackwardRows(args, begin, end, db_chunks.data() + chunk * gates4);
   });
+  float* db = outputs[3];
+  std::fill(db, db + gates4, 0.f);
+  for (int64_t k = 0; k < chunks; ++k) {
+    for (int64_t j = 0; j < gates4; ++j) db[j] += db_chunks[k * gates4 + j];
+  }
 }
 
 XLA_CPU_REGISTER_CUSTOM_CALL_TARGET_WITH_SYM(kForwardTarget, ForwardTarget);
@@ -364,7 +376,8 @@ class LstmSequenceGradXlaOp : public XlaOpKernel {
     // dz may take over the gates' buffer (BackwardRows reads each step's
     // gates before writing its dz); XLA copies the gates first if they are
     // still needed elsewhere.
-    EmitCustomCall(ctx, kBackwardTarget, BackwardOpaque(s), {gates, state, state},
+    EmitCustomCall(ctx, kBackwardTarget, BackwardOpaque(s),
+                   {gates, state, state, TensorShape({4 * s.units})},
                    {{xla::ShapeIndex({0}), {5, xla::ShapeIndex({})}}});
   }
 };
