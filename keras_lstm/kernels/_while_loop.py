@@ -127,6 +127,10 @@ def recurrent_kernel_grad(h0, h_seq, dz):
     later = tf.matmul(
         tf.reshape(h_seq[:-1], (-1, units)), tf.reshape(dz[1:], (-1, 4 * units)), transpose_a=True
     )
+    from keras_lstm.kernels._native import _is_zero_fill
+
+    if _is_zero_fill(h0):  # the usual zero initial state adds nothing
+        return later
     return later + tf.matmul(h0, dz[0], transpose_a=True)
 
 
