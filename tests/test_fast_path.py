@@ -6,6 +6,10 @@ final states and gradients with `keras.layers.LSTM` (an independent
 implementation) or with GatedLSTM's generic step loop around the cell.
 """
 
+import re
+import shutil
+from pathlib import Path
+
 import keras
 import numpy as np
 import pytest
@@ -310,6 +314,24 @@ def test_native_kernel_failure_falls_back_with_one_warning(monkeypatch, tmp_path
     x, _, _ = _data(rng)
     ours, reference = _pair(return_sequences=True)
     np.testing.assert_allclose(np.asarray(ours(x)), np.asarray(reference(x)), atol=TOL)
+
+
+def test_the_package_ships_every_local_header_the_native_sources_include():
+    # The kernels are compiled from the installed package on first use: a header
+    # left out of the wheel turns every native path into the fallback.
+    folder = Path(_native.__file__).parent
+    for source in folder.glob("*.cc"):
+        for name in re.findall(r'#include "([^"/]+)"', source.read_text()):
+            assert (folder / name).is_file(), f"{source.name} includes {name}, not installed"
+
+
+@pytest.mark.skipif(
+    shutil.which("g++") is None or not _native._supported_platform(),
+    reason="no C++ compiler or an unsupported platform: the TF-ops path is the implementation",
+)
+def test_native_kernel_builds_where_a_compiler_is_present(monkeypatch):
+    monkeypatch.delenv("KERAS_LSTM_NATIVE", raising=False)
+    assert _native.native_module() is not None
 
 
 def test_native_kernel_can_be_switched_off(monkeypatch):
