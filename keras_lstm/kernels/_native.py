@@ -78,24 +78,16 @@ def _file_lock(path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _build(target: Path) -> None:
+def compile_library(target: Path, source: Path, compile_flags, link_flags) -> None:
+    """Compiles `source` into the shared library `target`, atomically."""
     compiler = os.environ.get("CXX") or shutil.which("g++")
     if compiler is None:
         raise RuntimeError("no C++ compiler (g++) on PATH")
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
-    command = [
-        compiler,
-        *_FLAGS,
-        *tf.sysconfig.get_compile_flags(),
-        f"-I{_SOURCE.parent}",
-        str(_SOURCE),
-        "-o",
-        tmp,
-        *tf.sysconfig.get_link_flags(),
-    ]
+    command = [compiler, *_FLAGS, *compile_flags, str(source), "-o", tmp, *link_flags]
     try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        result = subprocess.run(command, capture_output=True, text=True, timeout=900)
         if result.returncode != 0:
             raise RuntimeError(f"g++ failed: {result.stderr.strip()[-500:]}")
         os.replace(tmp, target)  # atomic: other processes see all or nothing
@@ -104,12 +96,12 @@ def _build(target: Path) -> None:
             os.unlink(tmp)
 
 
-def _supported_platform() -> bool:
-    return sys.platform.startswith("linux") and platform.machine() in ("x86_64", "aarch64")
+def load_cached(name: str, build, load):
+    """`load(path)` of library `name` from the first usable cache directory.
 
-
-def _load():
-    name = _library_name()
+    The library is built there first with `build(path)` if missing, behind a
+    lock file so that two processes do not build it at once.
+    """
     errors = []
     for directory in _cache_dirs():
         try:
@@ -118,11 +110,24 @@ def _load():
             if not target.exists():
                 with _file_lock(directory / (name + ".lock")):
                     if not target.exists():
-                        _build(target)
-            return tf.load_op_library(str(target))
+                        build(target)
+            return load(target)
         except (OSError, RuntimeError, subprocess.SubprocessError, tf.errors.OpError) as error:
             errors.append(f"{directory}: {error}")
     raise RuntimeError("; ".join(errors))
+
+
+def _build(target: Path) -> None:
+    compile_flags = [*tf.sysconfig.get_compile_flags(), f"-I{_SOURCE.parent}"]
+    compile_library(target, _SOURCE, compile_flags, tf.sysconfig.get_link_flags())
+
+
+def _supported_platform() -> bool:
+    return sys.platform.startswith("linux") and platform.machine() in ("x86_64", "aarch64")
+
+
+def _load():
+    return load_cached(_library_name(), _build, lambda target: tf.load_op_library(str(target)))
 
 
 def _is_zero_fill(tensor) -> bool:

@@ -11,13 +11,8 @@ loaded (which defines the ops). If it cannot be built, XLA keeps the
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import hashlib
-import os
-import shutil
-import subprocess
-import tempfile
 import threading
 import warnings
 from pathlib import Path
@@ -30,7 +25,7 @@ _SOURCES = (
     Path(__file__).with_name("lstm_sequence_xla.cc"),
     Path(__file__).with_name("lstm_core.h"),
 )
-_FLAGS = ("-shared", "-fPIC", "-O3", "-march=native", "-w")
+_FLAGS = _native._FLAGS
 _state: dict = {}
 _state_lock = threading.Lock()
 
@@ -62,42 +57,20 @@ def _library_name() -> str:
 
 
 def _build(target: Path) -> None:
-    compiler = os.environ.get("CXX") or shutil.which("g++")
-    if compiler is None:
-        raise RuntimeError("no C++ compiler (g++) on PATH")
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    command = [compiler, *_FLAGS, *_compile_flags(), str(_SOURCES[0]), "-o", tmp, *_link_flags()]
-    try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=900)
-        if result.returncode != 0:
-            raise RuntimeError(f"g++ failed: {result.stderr.strip()[-500:]}")
-        os.replace(tmp, target)  # atomic: other processes see all or nothing
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    _native.compile_library(target, _SOURCES[0], _compile_flags(), _link_flags())
+
+
+def _load_library(target: Path) -> Path:
+    tf.load_library(str(target))
+    # The custom calls split the batch over their own threads: no more than
+    # TensorFlow's intra-op setting, when one was made (0: none).
+    threads = tf.config.threading.get_intra_op_parallelism_threads()
+    ctypes.CDLL(str(target)).keras_lstm_xla_set_max_threads(ctypes.c_int(threads))
+    return target
 
 
 def _load() -> Path:
-    name = _library_name()
-    errors = []
-    for directory in _native._cache_dirs():
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-            target = directory / name
-            if not target.exists():
-                with _native._file_lock(directory / (name + ".lock")):
-                    if not target.exists():
-                        _build(target)
-            tf.load_library(str(target))
-            # The custom calls split the batch over their own threads: no more
-            # than TensorFlow's intra-op setting, when one was made (0: none).
-            threads = tf.config.threading.get_intra_op_parallelism_threads()
-            ctypes.CDLL(str(target)).keras_lstm_xla_set_max_threads(ctypes.c_int(threads))
-            return target
-        except (OSError, RuntimeError, subprocess.SubprocessError, tf.errors.OpError) as error:
-            errors.append(f"{directory}: {error}")
-    raise RuntimeError("; ".join(errors))
+    return _native.load_cached(_library_name(), _build, _load_library)
 
 
 def xla_library():
