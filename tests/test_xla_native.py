@@ -6,6 +6,7 @@ custom calls, so that a silent fallback to the `tf.while_loop` path fails.
 """
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -29,6 +30,16 @@ MASK = np.array([[1, 1, 0, 0, 1, 1], [0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], dt
 def xla_library():
     if _native.native_module() is None or _native_xla.xla_library() is None:
         pytest.skip("the native kernel's XLA library cannot be built here (no g++ or headers)")
+
+
+@pytest.mark.skipif(
+    shutil.which("g++") is None or not _native._supported_platform(),
+    reason="no C++ compiler or an unsupported platform: XLA runs the TF-ops loop",
+)
+def test_xla_library_builds_where_a_compiler_is_present(monkeypatch):
+    # Where g++ is, the tests above must not skip: a broken build fails here.
+    monkeypatch.delenv("KERAS_LSTM_NATIVE", raising=False)
+    assert _native_xla.xla_library() is not None
 
 
 def _pair(**options):
