@@ -16,7 +16,7 @@ import pytest
 import tensorflow as tf
 
 from keras_lstm import GatedLSTM, kernels
-from keras_lstm.kernels import _native
+from keras_lstm.kernels import _build, _native
 
 B, T, D, H = 3, 6, 4, 5
 TOL = 1e-5
@@ -326,7 +326,7 @@ def test_the_package_ships_every_local_header_the_native_sources_include():
 
 
 @pytest.mark.skipif(
-    shutil.which("g++") is None or not _native._supported_platform(),
+    shutil.which("g++") is None or not _build.supported_platform(),
     reason="no C++ compiler or an unsupported platform: the TF-ops path is the implementation",
 )
 def test_native_kernel_builds_where_a_compiler_is_present(monkeypatch):

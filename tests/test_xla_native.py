@@ -16,7 +16,7 @@ import pytest
 import tensorflow as tf
 
 from keras_lstm import GatedLSTM, kernels
-from keras_lstm.kernels import _native, _native_xla
+from keras_lstm.kernels import _build, _native, _native_xla
 
 B, T, D, H = 3, 6, 4, 5
 TOL = 1e-5
@@ -33,7 +33,7 @@ def xla_library():
 
 
 @pytest.mark.skipif(
-    shutil.which("g++") is None or not _native._supported_platform(),
+    shutil.which("g++") is None or not _build.supported_platform(),
     reason="no C++ compiler or an unsupported platform: XLA runs the TF-ops loop",
 )
 def test_xla_library_builds_where_a_compiler_is_present(monkeypatch):
@@ -154,7 +154,7 @@ def test_xla_library_failure_falls_back_with_one_warning(xla_library, monkeypatc
     monkeypatch.setattr(_native_xla, "_state", {})
     monkeypatch.setenv("KERAS_LSTM_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CXX", "/bin/false")  # a compiler that always fails
-    with pytest.warns(RuntimeWarning, match="unavailable under XLA"):
+    with pytest.warns(RuntimeWarning, match=r"under XLA \(jit_compile\) unavailable"):
         assert _native_xla.xla_library() is None
     assert _native_xla.xla_library() is None  # the failure is remembered: no second build
     # Outside XLA the main library still runs; under XLA, the while loop.

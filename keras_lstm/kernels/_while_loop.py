@@ -11,7 +11,8 @@ all steps afterwards.
 from __future__ import annotations
 
 import tensorflow as tf
-from tensorflow.python.ops import control_flow_util
+
+from keras_lstm.kernels._gradients import projection_grads, recurrent_kernel_grad
 
 
 def _split_gates(gates):
@@ -111,29 +112,6 @@ def _backward(recurrent_kernel, c0, mask, c_seq, gates, dh_seq, dc_seq):
     return dz_ta.stack(), dh0, dc0
 
 
-def recurrent_kernel_grad(h0, h_seq, dz):
-    """`sum_t h_{t-1}^T dz_t` as one matmul over all steps."""
-    units = tf.shape(h0)[-1]
-    if control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()):
-        # XLA copies a slice that feeds a matmul, and dz[1:] is 4x the size of
-        # h: one matmul on a copy of the shifted h moves less (measured: 22.5
-        # against 25.0 ms a training step at B=64, T=100, D=32, H=128).
-        h_prev = tf.concat([h0[None], h_seq[:-1]], axis=0)
-        return tf.matmul(
-            tf.reshape(h_prev, (-1, units)), tf.reshape(dz, (-1, 4 * units)), transpose_a=True
-        )
-    # Two matmuls on leading-axis slices (which share their tensor's buffer)
-    # instead of one on `concat([h0, h_seq[:-1]])`, which would copy every h.
-    later = tf.matmul(
-        tf.reshape(h_seq[:-1], (-1, units)), tf.reshape(dz[1:], (-1, 4 * units)), transpose_a=True
-    )
-    from keras_lstm.kernels._native import _is_zero_fill
-
-    if _is_zero_fill(h0):  # the usual zero initial state adds nothing
-        return later
-    return later + tf.matmul(h0, dz[0], transpose_a=True)
-
-
 def lstm_sequence_projecting(x, kernel, bias, recurrent_kernel, h0, c0, mask=None):
     """As `lstm_sequence`, but from time-major `x` (T, B, D), projecting each step in the loop.
 
@@ -142,14 +120,6 @@ def lstm_sequence_projecting(x, kernel, bias, recurrent_kernel, h0, c0, mask=Non
     D=32, H=128). The gradients of `x`, `kernel` and `bias` are still single
     matmuls (or a sum) over all steps.
     """
-    features = x.shape[-1]
-
-    def grads_of_projection(x, kernel, dz):
-        flat_dz = tf.reshape(dz, (-1, dz.shape[-1]))
-        dx = tf.reshape(tf.matmul(flat_dz, kernel, transpose_b=True), tf.shape(x))
-        dkernel = tf.matmul(tf.reshape(x, (-1, features)), flat_dz, transpose_a=True)
-        return dx, dkernel, tf.reduce_sum(flat_dz, axis=0)
-
     if bias is None:
 
         @tf.custom_gradient
@@ -160,7 +130,7 @@ def lstm_sequence_projecting(x, kernel, bias, recurrent_kernel, h0, c0, mask=Non
 
             def grad(dh_seq, dc_seq):
                 dz, dh0, dc0 = _backward(recurrent_kernel, c0, mask, c_seq, gates, dh_seq, dc_seq)
-                dx, dkernel, _ = grads_of_projection(x, kernel, dz)
+                dx, dkernel = projection_grads(x, kernel, dz)
                 return dx, dkernel, recurrent_kernel_grad(h0, h_seq, dz), dh0, dc0
 
             return (h_seq, c_seq), grad
@@ -175,7 +145,8 @@ def lstm_sequence_projecting(x, kernel, bias, recurrent_kernel, h0, c0, mask=Non
 
         def grad(dh_seq, dc_seq):
             dz, dh0, dc0 = _backward(recurrent_kernel, c0, mask, c_seq, gates, dh_seq, dc_seq)
-            dx, dkernel, dbias = grads_of_projection(x, kernel, dz)
+            dx, dkernel = projection_grads(x, kernel, dz)
+            dbias = tf.reduce_sum(tf.reshape(dz, (-1, dz.shape[-1])), axis=0)
             return dx, dkernel, dbias, recurrent_kernel_grad(h0, h_seq, dz), dh0, dc0
 
         return (h_seq, c_seq), grad

@@ -1,10 +1,17 @@
-// The maths of the native LSTM kernels, free of any framework.
+// The interface of the native LSTM maths, free of any framework and of Eigen.
 //
 // `ForwardRows` and `BackwardRows` run batch rows [row_begin, row_end) of a
 // whole sequence. Rows never interact, so callers split the batch into
 // contiguous chunks, one per thread, and each chunk runs its whole time loop
 // without synchronisation. The TensorFlow ops (lstm_sequence.cc) and the XLA
-// custom calls both call these functions.
+// custom calls (lstm_sequence_xla.cc) both call them.
+//
+// The maths itself is lstm_core.cc, the only file compiled for the CPU it
+// runs on (-march=native and friends); the framework glue around it is
+// compiled for the generic target, so only that one file differs between
+// CPUs. The XLA library does not compile the maths again: it calls the main
+// library's copy through the two extern "C" entry points below, whose
+// addresses it is given when it is loaded.
 //
 // Layouts are row-major and time-major: x is (T, B, D), sequences of states
 // are (T, B, H), gates are (T, B, 4H) in Keras's order input, forget,
@@ -17,50 +24,8 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <vector>
-
-#include "Eigen/Core"
 
 namespace keras_lstm {
-
-using Matrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-using MatrixMap = Eigen::Map<Matrix>;
-using ConstMatrixMap = Eigen::Map<const Matrix>;
-using Array = Eigen::Array<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-using ArrayMap = Eigen::Map<Array>;
-using ConstArrayMap = Eigen::Map<const Array>;
-using Row = Eigen::Array<float, 1, Eigen::Dynamic>;
-using RowMap = Eigen::Map<Row>;
-using ConstRowMap = Eigen::Map<const Row>;
-
-// Below this many rows a matrix product repacks the whole weight matrix for
-// little work; row-by-row vector-matrix products skip the packing.
-constexpr int64_t kMaxRowsForGemv = 4;
-
-// out (+)= a * b, by GEMV when `a` has few rows.
-template <typename A, typename B>
-void MultiplyInto(MatrixMap out, const A& a, const B& b, bool accumulate) {
-  if (a.rows() <= kMaxRowsForGemv) {
-    for (Eigen::Index r = 0; r < a.rows(); ++r) {
-      if (accumulate) {
-        out.row(r).noalias() += a.row(r) * b;
-      } else {
-        out.row(r).noalias() = a.row(r) * b;
-      }
-    }
-  } else if (accumulate) {
-    out.noalias() += a * b;
-  } else {
-    out.noalias() = a * b;
-  }
-}
-
-// sigmoid(x) = 1 / (1 + e^-x), computed as (1 + tanh(x / 2)) / 2: one
-// vectorised tanh instead of an exp and a division.
-template <typename T>
-auto Sigmoid(const T& x) {
-  return 0.5f + 0.5f * (0.5f * x).tanh();
-}
 
 struct Forward {
   int64_t steps = 0, batch = 0, input_size = 0, units = 0;
@@ -77,84 +42,6 @@ struct Forward {
   float* h_last = nullptr;                  // (B, H)
   float* c_last = nullptr;                  // (B, H)
 };
-
-// One step a row block: z = [x_t, h_{t-1}] [W; U] + b as one matrix product
-// over the stacked weights `kernels` ((D + H, 4H), see StackKernels), then
-//   i = sigmoid(z_i)   f = sigmoid(z_f)   g = tanh(z_g)   o = sigmoid(z_o)
-//   c = f * c_{t-1} + i * g               h = o * tanh(c)
-inline void ForwardRows(const Forward& a, const float* kernels, int64_t row_begin,
-                        int64_t row_end) {
-  const int64_t rows = row_end - row_begin, B = a.batch, D = a.input_size, H = a.units;
-  const int64_t G = 4 * H, K = D + H;
-  if (rows <= 0) return;
-  ConstMatrixMap weights(kernels, K, G), recurrent(kernels + D * G, H, G);
-  // A batch of a few rows (one block): one product projects the inputs of
-  // every step first, so that each step's vector-matrix products read U only.
-  const bool project_first = rows == B && rows <= kMaxRowsForGemv;
-  std::vector<float> projected(project_first && !a.gates ? a.steps * rows * G : 0);
-  if (project_first) {
-    MatrixMap xz(a.gates ? a.gates : projected.data(), a.steps * rows, G);
-    xz.noalias() = ConstMatrixMap(a.x, a.steps * rows, D) * ConstMatrixMap(kernels, D, G);
-    if (a.bias) xz.rowwise() += Eigen::Map<const Eigen::RowVectorXf>(a.bias, G);
-  }
-  // [x_t, h_{t-1}] of this block; z when the gates are not kept; h and c
-  // (two of each, this step's and the previous one) when not kept.
-  Matrix xh(project_first ? 0 : rows, K);
-  std::vector<float> scratch((a.gates || project_first ? 0 : rows * G) +
-                             (a.h_seq ? 0 : 2 * rows * H) + (a.c_seq ? 0 : 2 * rows * H));
-  float* z_scratch = scratch.data();
-  float* h_scratch = z_scratch + (a.gates || project_first ? 0 : rows * G);
-  float* c_scratch = h_scratch + (a.h_seq ? 0 : 2 * rows * H);
-
-  const float* h_prev = a.h0 + row_begin * H;
-  const float* c_prev = a.c0 + row_begin * H;
-  for (int64_t t = 0; t < a.steps; ++t) {
-    const int64_t at = t * B + row_begin;
-    float* z = a.gates ? a.gates + at * G : project_first ? projected.data() + at * G : z_scratch;
-    float* h = a.h_seq ? a.h_seq + at * H : h_scratch + (t & 1) * rows * H;
-    float* c = a.c_seq ? a.c_seq + at * H : c_scratch + (t & 1) * rows * H;
-    MatrixMap Z(z, rows, G);
-    if (project_first) {
-      MultiplyInto(Z, ConstMatrixMap(h_prev, rows, H), recurrent, /*accumulate=*/true);
-    } else {
-      xh.leftCols(D) = ConstMatrixMap(a.x + at * D, rows, D);
-      xh.rightCols(H) = ConstMatrixMap(h_prev, rows, H);
-      if (a.bias) {
-        Z.rowwise() = Eigen::Map<const Eigen::RowVectorXf>(a.bias, G);
-      } else {
-        Z.setZero();
-      }
-      MultiplyInto(Z, xh, weights, /*accumulate=*/true);
-    }
-
-    // Pre-activations become activations in place: they are what the
-    // backward pass needs.
-    for (int64_t r = 0; r < rows; ++r) {
-      float* zr = z + r * G;
-      RowMap i(zr, H), f(zr + H, H), g(zr + 2 * H, H), o(zr + 3 * H, H);
-      i = Sigmoid(i);
-      f = Sigmoid(f);
-      g = g.tanh();
-      o = Sigmoid(o);
-      RowMap c_new(c + r * H, H), h_new(h + r * H, H);
-      c_new = f * ConstRowMap(c_prev + r * H, H) + i * g;
-      h_new = o * c_new.tanh();
-    }
-    if (a.mask) {
-      const float* m = a.mask + at;
-      for (int64_t r = 0; r < rows; ++r) {
-        if (m[r] == 0.f) {
-          std::copy(h_prev + r * H, h_prev + (r + 1) * H, h + r * H);
-          std::copy(c_prev + r * H, c_prev + (r + 1) * H, c + r * H);
-        }
-      }
-    }
-    h_prev = h;
-    c_prev = c;
-  }
-  std::copy(h_prev, h_prev + rows * H, a.h_last + row_begin * H);
-  std::copy(c_prev, c_prev + rows * H, a.c_last + row_begin * H);
-}
 
 // [W; U]: the input and recurrent kernels stacked, (D + H, 4H), so that a
 // step's projection is one matrix product.
@@ -180,66 +67,28 @@ struct Backward {
   float* dc0 = nullptr;                     // (B, H)
 };
 
+// One step a row block: z = [x_t, h_{t-1}] [W; U] + b as one matrix product
+// over the stacked weights `kernels` ((D + H, 4H), see StackKernels), then
+//   i = sigmoid(z_i)   f = sigmoid(z_f)   g = tanh(z_g)   o = sigmoid(z_o)
+//   c = f * c_{t-1} + i * g               h = o * tanh(c)
+void ForwardRows(const Forward& a, const float* kernels, int64_t row_begin, int64_t row_end);
+
 // Carries dh and dc back through the steps: dz_t from the gates, then
 // dh_{t-1} = dz_t U^T and dc_{t-1} = dc_t * f. `dz` may share `gates`'s
-// buffer: each row reads a gate before it writes that gate's gradient in
-// its place. `db` (4H), if not null, accumulates these rows' bias gradient,
-// the sum of their dz over all steps, made while each row is in cache (a
-// separate reduction over the (T, B, 4H) dz would read it all once more).
-inline void BackwardRows(const Backward& a, int64_t row_begin, int64_t row_end,
-                         float* db = nullptr) {
-  const int64_t rows = row_end - row_begin, B = a.batch, H = a.units, G = 4 * H;
-  if (rows <= 0) return;
-  ConstMatrixMap U(a.recurrent_kernel, H, G);
-  ArrayMap dh(a.dh0 + row_begin * H, rows, H), dc(a.dc0 + row_begin * H, rows, H);
-  if (a.dh_last) {
-    dh = ConstArrayMap(a.dh_last + row_begin * H, rows, H);
-  } else {
-    dh.setZero();
-  }
-  if (a.dc_last) {
-    dc = ConstArrayMap(a.dc_last + row_begin * H, rows, H);
-  } else {
-    dc.setZero();
-  }
-  Row dct(H), tanh_c(H), di(H);
-  for (int64_t t = a.steps - 1; t >= 0; --t) {
-    const int64_t at = t * B + row_begin;
-    if (a.dh_seq) dh += ConstArrayMap(a.dh_seq + at * H, rows, H);
-    if (a.dc_seq) dc += ConstArrayMap(a.dc_seq + at * H, rows, H);
-    const float* c_prev = t ? a.c_seq + (at - B) * H : a.c0 + row_begin * H;
-    const float* m = a.mask ? a.mask + at : nullptr;
-    for (int64_t r = 0; r < rows; ++r) {
-      const float* g = a.gates + (at + r) * G;
-      float* dz = a.dz + (at + r) * G;
-      RowMap dhr(dh.data() + r * H, H), dcr(dc.data() + r * H, H);
-      if (m && m[r] == 0.f) {
-        // A masked step passed h and c through: dh and dc flow on unchanged,
-        // and the step's gates get no gradient.
-        std::fill(dz, dz + G, 0.f);
-        continue;
-      }
-      ConstRowMap i(g, H), f(g + H, H), cand(g + 2 * H, H), o(g + 3 * H, H);
-      ConstRowMap c(a.c_seq + (at + r) * H, H), cp(c_prev + r * H, H);
-      RowMap dz_i(dz, H), dz_f(dz + H, H), dz_g(dz + 2 * H, H), dz_o(dz + 3 * H, H);
-      // In this order, each gate is read before its gradient overwrites it.
-      tanh_c = c.tanh();
-      dct = dcr + dhr * o * (1.f - tanh_c.square());
-      dz_o = dhr * tanh_c * o * (1.f - o);
-      dcr = dct * f;
-      dz_f = dct * cp * f * (1.f - f);
-      di = dct * cand * i * (1.f - i);
-      dz_g = dct * i * (1.f - cand.square());
-      dz_i = di;
-      if (db) RowMap(db, G) += ConstRowMap(dz, G);
-      // Replaced below by dz U^T, accumulated onto the rows a mask kept.
-      dhr.setZero();
-    }
-    MultiplyInto(MatrixMap(dh.data(), rows, H), ConstMatrixMap(a.dz + at * G, rows, G),
-                 U.transpose(), /*accumulate=*/true);
-  }
-}
+// buffer. `db` (4H), if not null, accumulates these rows' bias gradient.
+void BackwardRows(const Backward& a, int64_t row_begin, int64_t row_end, float* db = nullptr);
+
+// The same two functions as C symbols of the main library, for the XLA one.
+using ForwardRowsFn = void (*)(const Forward*, const float*, int64_t, int64_t);
+using BackwardRowsFn = void (*)(const Backward*, int64_t, int64_t, float*);
 
 }  // namespace keras_lstm
+
+extern "C" {
+void keras_lstm_forward_rows(const keras_lstm::Forward* a, const float* kernels, int64_t row_begin,
+                             int64_t row_end);
+void keras_lstm_backward_rows(const keras_lstm::Backward* a, int64_t row_begin, int64_t row_end,
+                              float* db);
+}
 
 #endif  // KERAS_LSTM_KERNELS_LSTM_CORE_H_

@@ -6,9 +6,9 @@
 // of as a (T, B, 4H) tensor. KerasLstmSequenceGrad carries the gradient back
 // through the steps and returns the gradient of the pre-activations, dz,
 // and the bias gradient db, from which the caller makes dx, dW and dU as
-// large matrix products over all steps. The maths lives in lstm_core.h; this file adapts it to
+// large matrix products over all steps. The maths lives in lstm_core.cc; this file adapts it to
 // TensorFlow: shapes, outputs, and the worker threads the batch is split
-// across.
+// across. It is compiled for the generic target (lstm_core.h says why).
 
 #include <algorithm>
 #include <functional>

@@ -4,7 +4,10 @@
 // ops KerasLstmSequence and KerasLstmSequenceGrad get XLA kernels here that
 // emit one custom call each. The custom-call targets are host functions of
 // this library, registered with XLA's custom-call registry under the names
-// below; they run the same maths as the TensorFlow kernels (lstm_core.h).
+// below; they run the same maths as the TensorFlow kernels: the main
+// library's own ForwardRows and BackwardRows (lstm_core.h), whose addresses
+// keras_lstm_xla_init hands this library once it is loaded, so the maths is
+// compiled once, for this CPU, and both paths give the same bits.
 //
 // The static sizes and which optional inputs are present travel in the
 // custom call's opaque string, e.g. "T=100 B=64 D=32 H=128 bias=1 mask=0
@@ -14,7 +17,7 @@
 // XLA runs a custom call on one of its threads and lends it no others, so the
 // batch rows are split across a small pool of our own, started on first use:
 // one thread per CPU the process may run on, or TensorFlow's intra-op thread
-// setting if that is smaller (passed in by keras_lstm_xla_set_max_threads).
+// setting if that is smaller (passed in by keras_lstm_xla_init).
 
 #include <algorithm>
 #include <condition_variable>
@@ -92,8 +95,11 @@ class WorkerPool {
   std::deque<std::function<void()>> tasks_;
 };
 
-// TensorFlow's intra-op thread setting, when one was made (0: none); set
-// once, right after loading, by SetMaxThreads below.
+// Set once, right after loading and before any custom call runs, by
+// keras_lstm_xla_init below: the maths of the main library, and TensorFlow's
+// intra-op thread setting, when one was made (0: none).
+keras_lstm::ForwardRowsFn forward_rows = nullptr;
+keras_lstm::BackwardRowsFn backward_rows = nullptr;
 int intra_op_threads = 0;
 
 int MaxThreads() {
@@ -212,7 +218,7 @@ void ForwardTarget(void* out, const void** in, const char* opaque, size_t opaque
   std::vector<float> kernels((s.features + s.units) * 4 * s.units);
   keras_lstm::StackKernels(args, kernels.data());
   ForEachChunk(s.batch, [&](int64_t, int64_t begin, int64_t end) {
-    keras_lstm::ForwardRows(args, kernels.data(), begin, end);
+    forward_rows(&args, kernels.data(), begin, end);
   });
 }
 
@@ -243,7 +249,7 @@ void BackwardTarget(void* out, const void** in, const char* opaque, size_t opaqu
   const int64_t gates4 = 4 * s.units, chunks = NumChunks(s.batch);
   std::vector<float> db_chunks(chunks * gates4, 0.f);
   ForEachChunk(s.batch, [&](int64_t chunk, int64_t begin, int64_t end) {
-    keras_lstm::BackwardRows(args, begin, end, db_chunks.data() + chunk * gates4);
+    backward_rows(&args, begin, end, db_chunks.data() + chunk * gates4);
   });
   float* db = outputs[3];
   std::fill(db, db + gates4, 0.f);
@@ -393,5 +399,11 @@ REGISTER_KERNEL_BUILDER(Name("KerasLstmSequenceGrad").Device(tensorflow::DEVICE_
 
 }  // namespace
 
-// Called once from Python after loading, before any custom call runs.
-extern "C" void keras_lstm_xla_set_max_threads(int threads) { intra_op_threads = threads; }
+// Called once from Python after loading, before any custom call runs, with
+// the main library's keras_lstm_forward_rows and keras_lstm_backward_rows.
+extern "C" void keras_lstm_xla_init(keras_lstm::ForwardRowsFn forward,
+                                    keras_lstm::BackwardRowsFn backward, int threads) {
+  forward_rows = forward;
+  backward_rows = backward;
+  intra_op_threads = threads;
+}

