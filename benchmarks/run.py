@@ -421,7 +421,7 @@ def main(argv=None) -> int:
         ),
         "machine": _machine(),
         "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
-        "native_kernel": kernels._native.native_module() is not None,
+        "native_kernel": kernels.native_available(),
         "rounds": rounds,
         "runs": [],
     }

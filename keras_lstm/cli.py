@@ -53,6 +53,18 @@ def _serve_check(args) -> int:
         return 1
 
 
+def _doctor(args) -> int:
+    from keras_lstm import _doctor
+
+    return _doctor.doctor()
+
+
+def _build(args) -> int:
+    from keras_lstm import _doctor
+
+    return _doctor.build(force=args.force, jit_compile=not args.no_xla, prune=args.prune)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="keras-lstm", description="An LSTM for Keras 3 whose gates are code you can read."
@@ -98,6 +110,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve_check.add_argument("base_dir", help="the folder holding numbered versions")
     serve_check.set_defaults(run=_serve_check)
+
+    doctor = commands.add_parser(
+        "doctor",
+        help="say which path GatedLSTM runs here (native, under XLA, TensorFlow ops) and why",
+        description="Print the Python, Keras and TensorFlow versions, the CPU and its vector "
+        "extensions, the compiler, the kernel cache and its libraries, and which path GatedLSTM "
+        "runs. Builds nothing. Exits 1 where the native kernel should run but cannot.",
+    )
+    doctor.set_defaults(run=_doctor)
+
+    build = commands.add_parser(
+        "build",
+        help="build the native kernel now (for an image or a cluster node), exit 1 if it cannot",
+        description="Build the native LSTM kernel and its XLA library into the cache "
+        "(KERAS_LSTM_CACHE_DIR, else ~/.cache/keras_lstm), both at once, and load them. A "
+        "library already built and intact is kept; a failed one is tried again.",
+    )
+    build.add_argument("--force", action="store_true", help="rebuild libraries already built")
+    build.add_argument("--no-xla", action="store_true", help="skip the XLA (jit_compile) library")
+    build.add_argument(
+        "--prune", action="store_true", help="remove the cache's libraries of other keys"
+    )
+    build.set_defaults(run=_build)
     return parser
 
 

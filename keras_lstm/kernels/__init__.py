@@ -19,20 +19,129 @@ TF-ops path projects the inputs `x W + b` of all steps in one matmul too,
 except under XLA, whose CPU backend runs the loop faster when each step
 projects its own input (as the native kernel does). This package depends on nothing else in
 `keras_lstm`.
+
+Public names: `native_available` (is the native kernel in use here?) and
+`build_native` (build it now, e.g. when making a Docker image); `keras-lstm
+doctor` and `keras-lstm build` are their command-line faces.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import threading
+import warnings
 
 import tensorflow as tf
-from tensorflow.python.ops import control_flow_util
 from tensorflow.python.saved_model import save_context
 
-from keras_lstm.kernels import _native, _native_xla, _while_loop
+from keras_lstm.kernels import _cache, _native, _native_xla, _while_loop
+from keras_lstm.kernels._gradients import in_xla_context
 
 _local = threading.local()
+
+__all__ = ["build_native", "lstm_recurrence", "native_available", "portable_ops"]
+
+
+def native_available(jit_compile: bool = False) -> bool:
+    """Whether the fused LSTM op runs the native kernel in this process.
+
+    Builds the kernel on the first call of a process if it is not in the
+    cache yet (about 25 s; 40 s more for the XLA library with
+    `jit_compile=True`), as the first `GatedLSTM` call would. `False` where it
+    is switched off (`KERAS_LSTM_NATIVE=0`), on a platform other than Linux on
+    x86-64 or aarch64, or where the build failed (after one warning).
+
+    Args:
+        jit_compile: Ask about XLA (`jit_compile=True`) instead: whether the
+            native kernel runs there as a custom call.
+
+    Example:
+
+    >>> from keras_lstm.kernels import native_available
+    >>> native_available() in (True, False)
+    True
+    """
+    if _native.native_module() is None:
+        return False
+    return not jit_compile or _native_xla.xla_library() is not None
+
+
+def build_native(force: bool = False, jit_compile: bool = True) -> dict:
+    """Builds the native kernel now (and its XLA library), and loads it.
+
+    For an image or a cluster node that should not compile on first use:
+    run it (or `keras-lstm build`) once at build time with the same
+    `KERAS_LSTM_CACHE_DIR` the jobs will use. The two libraries compile at the
+    same time. A library already built and intact is kept unless `force`; a
+    build that failed before is tried again.
+
+    Args:
+        force: Rebuild even a library that is already built.
+        jit_compile: Build the XLA library too.
+
+    Returns:
+        `{"native": record, "xla": record}`: how each library was built (its
+        path, compiler, CPU flags, seconds), as kept in the cache.
+
+    Raises:
+        RuntimeError: One line a library that could not be built or loaded,
+            with the reason.
+
+    Example:
+
+    >>> from keras_lstm.kernels import build_native
+    >>> records = build_native()  # doctest: +SKIP
+    >>> records["native"]["cpu_flags"]  # doctest: +SKIP
+    ['-march=native', '-mno-avx512fp16']
+    """
+    reason = _native.disabled_reason()
+    if reason is not None:
+        raise RuntimeError(f"the native kernel is not built here: {reason}")
+    wanted = {"native": (_native.library(), _native.library_name())}
+    if jit_compile:
+        wanted["xla"] = (_native_xla.library(), _native_xla.library_name())
+    errors = {}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(wanted)) as pool:
+        futures = {
+            key: pool.submit(_build_unless_built, library, name, force)
+            for key, (library, name) in wanted.items()
+        }
+        for key, future in futures.items():
+            try:
+                future.result()
+            except Exception as error:
+                errors[key] = error
+    # Load what was built, as the layer will; an explicit build forgets this
+    # process's earlier failures, and says its own instead of warning.
+    _native._state.clear()
+    _native_xla._state.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        if "native" not in errors and _native.native_module() is None:
+            errors["native"] = _native._state["error"]
+        if (
+            "xla" in wanted
+            and "xla" not in errors
+            and "native" not in errors
+            and (_native_xla.xla_library() is None)
+        ):
+            errors["xla"] = _native_xla._state["error"]
+    if errors:
+        lines = (f"{key} library: {str(error).splitlines()[0]}" for key, error in errors.items())
+        raise RuntimeError("; ".join(lines))
+    records = {"native": _native._state["record"]}
+    if "xla" in wanted:
+        records["xla"] = _native_xla._state["record"]
+    return records
+
+
+def _build_unless_built(library, name, force):
+    """Builds `library` unless built and intact (or `force`); a recorded failure is retried."""
+    try:
+        return _cache.load_or_build(library, name, force=force)
+    except _cache.FailedBefore:
+        return _cache.load_or_build(library, name, force=True)
 
 
 @contextlib.contextmanager
@@ -51,11 +160,6 @@ def portable_ops():
         _local.portable = previous
 
 
-def _in_xla_context() -> bool:
-    graph = tf.compat.v1.get_default_graph()
-    return control_flow_util.GraphOrParentsInXlaContext(graph)
-
-
 def _use_native(dtype) -> bool:
     if getattr(_local, "portable", False) or save_context.in_save_context():
         return False
@@ -64,7 +168,7 @@ def _use_native(dtype) -> bool:
     if _native.native_module() is None:
         return False
     # Under XLA the op runs as a custom call of its own library (CPU only).
-    return not _in_xla_context() or _native_xla.xla_library() is not None
+    return not in_xla_context() or _native_xla.xla_library() is not None
 
 
 def lstm_recurrence(
@@ -113,7 +217,7 @@ def lstm_recurrence(
             keep_for_gradient=bool(training) if isinstance(training, bool) else True,
             return_sequences=return_sequences,
         )
-    elif _in_xla_context():
+    elif in_xla_context():
         h_seq, c_seq = _while_loop.lstm_sequence_projecting(
             x, kernel, bias, recurrent_kernel, h0, c0, mask
         )

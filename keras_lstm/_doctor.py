@@ -1,0 +1,172 @@
+"""`keras-lstm doctor` and `keras-lstm build`: what runs here and why, and building ahead."""
+
+from __future__ import annotations
+
+import platform
+import sys
+import time
+import warnings
+
+# The vector extensions that decide how the kernel is built and how fast it runs.
+_FEATURES = {
+    "x86_64": (
+        "avx2",
+        "fma",
+        "avx512f",
+        "avx512bw",
+        "avx512vl",
+        "avx512_vnni",
+        "avx512_bf16",
+        "avx512_fp16",
+        "amx_tile",
+        "amx_bf16",
+    ),
+    "aarch64": ("asimd", "asimdhp", "sve", "sve2", "bf16", "i8mm"),
+}
+
+_OPTIONS_NOTE = (
+    "an option that changes the maths (peephole, layer_norm, cifg, proj_units, zoneout_h, "
+    "zoneout_c, cell_clip), recurrent_dropout while training, or unroll=True"
+)
+
+
+def _library_state(module, compiler: str):
+    """`(state, detail)` of one library in the cache, without building it."""
+    from keras_lstm.kernels import _cache
+
+    entry = _cache.Entry(_cache.open_cache(), module.library_name())
+    failure = _cache.failed_record(entry, compiler)
+    if failure is not None:
+        return "failed", f"{failure.get('reason')} (log: {entry.failure})"
+    record = _cache.verified_record(entry, compiler)
+    if record is None:
+        return "missing", entry.library.name
+    flags = " ".join(record.get("cpu_flags", [])) or "no CPU flags"
+    built = record.get("built", "?").replace("T", " ")[:16]
+    return "built", (
+        f"{entry.library.name}: built {built} in {record.get('seconds')} s, "
+        f"{record.get('flag_set')} ({flags}), digest checked"
+    )
+
+
+def report() -> tuple[list[str], int]:
+    """The doctor's lines and exit status (1 where a native kernel that should run cannot)."""
+    import keras
+    import tensorflow as tf
+
+    import keras_lstm
+    from keras_lstm.kernels import _build, _cache, _native, _native_xla
+
+    lines = [f"keras-lstm {keras_lstm.__version__}"]
+    add = lines.append
+    add(f"  Python       {platform.python_version()} ({sys.platform}, {_build.machine()})")
+    backend = keras.backend.backend()
+    add(f"  Keras        {keras.__version__}, backend {backend}")
+    gpus = tf.config.list_physical_devices("GPU")
+    add(f"  TensorFlow   {tf.__version__} ({f'{len(gpus)} GPU' if gpus else 'CPU only'})")
+    features = _build.cpu_features()
+    wanted = _FEATURES.get(_build.machine(), ())
+    have = [f for f in wanted if f in features]
+    lacks = [f for f in wanted if f not in features]
+    add(f"  CPU          {_build.cpu_name()}")
+    add(f"               has: {' '.join(have) or '-'}; lacks: {' '.join(lacks) or '-'}")
+    compiler = _build.compiler_identity()
+    add(f"  Compiler     {compiler if compiler != 'none' else 'none (set CXX or install g++)'}")
+    sets = ", ".join(f"{s.name} ({' '.join(s.flags) or 'none'})" for s in _build.target_flag_sets())
+    add(f"  CPU flags    tried in turn: {sets}")
+    status = 0
+    disabled = _native.disabled_reason()
+    directory = _cache.cache_dir()
+    try:
+        _cache.open_cache()
+        cache_problem = None
+        add(f"  Cache        {directory} (private to this user)")
+    except _cache.CacheError as error:
+        cache_problem = str(error)
+        add(f"  Cache        {directory}: {cache_problem}")
+
+    states = {}
+    if disabled is None and cache_problem is None:
+        for key, module in (("native", _native), ("xla", _native_xla)):
+            try:
+                states[key] = _library_state(module, compiler)
+            except _cache.CacheError as error:
+                states[key] = ("unsafe", str(error))
+            add(f"    {key:<6}     {states[key][0]}: {states[key][1]}")
+        others = _cache.other_keys(directory, {_native.library_name(), _native_xla.library_name()})
+        if others:
+            add(f"    other      {len(others)} files of other keys (`keras-lstm build --prune`)")
+
+    add("GatedLSTM runs")
+    if backend != "tensorflow":
+        add(
+            f"  every call   Keras's step loop around GatedLSTMCell (the fused op is for the "
+            f"TensorFlow backend; this one is {backend})"
+        )
+        return lines, status
+    if disabled is not None:
+        add(f"  every call   TensorFlow ops (tf.while_loop): {disabled}")
+    elif cache_problem is not None:
+        add(f"  every call   TensorFlow ops (tf.while_loop): {cache_problem}")
+        status = 1
+    else:
+        for key, mode, how in (
+            ("native", "eager/graph ", "native kernel"),
+            ("xla", "jit_compile ", "native kernel as an XLA custom call"),
+        ):
+            state, detail = states[key]
+            if state == "built":
+                status = max(status, _check_loads(key, _native, _native_xla))
+                text = how if status == 0 else f"TensorFlow ops: built but does not load ({detail})"
+            elif state == "missing":
+                cost = "about 25 s" if key == "native" else "about 40 s"
+                text = (
+                    f"{how}, after a one-time build on first use ({cost}; "
+                    "`keras-lstm build` builds it now)"
+                )
+            else:
+                text = f"TensorFlow ops (tf.while_loop): {detail}"
+                status = 1
+            add(f"  {mode} {text}")
+        if gpus:
+            add("  on a GPU     TensorFlow ops (the native kernel is for the CPU)")
+    add("  other dtypes TensorFlow ops (the native kernel is float32; mixed precision keeps them)")
+    add(f"  with {_OPTIONS_NOTE}: Keras's step loop around GatedLSTMCell")
+    return lines, status
+
+
+def _check_loads(key, native, native_xla) -> int:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        loaded = native.native_module() if key == "native" else native_xla.xla_library()
+    return 0 if loaded is not None else 1
+
+
+def doctor() -> int:
+    lines, status = report()
+    print("\n".join(lines))
+    return status
+
+
+def build(force: bool, jit_compile: bool, prune: bool) -> int:
+    from keras_lstm.kernels import _cache, _native, _native_xla, build_native
+
+    started = time.monotonic()
+    try:
+        records = build_native(force=force, jit_compile=jit_compile)
+    except RuntimeError as error:
+        print(f"keras-lstm build: {error}", file=sys.stderr)
+        print("keras-lstm build: `keras-lstm doctor` shows the compiler's output", file=sys.stderr)
+        return 1
+    for key, record in records.items():
+        flags = " ".join(record.get("cpu_flags", [])) or "no CPU flags"
+        print(
+            f"{key:<6} {record['path']} ({record.get('flag_set')}: {flags}; built in "
+            f"{record.get('seconds')} s)"
+        )
+    print(f"ready in {time.monotonic() - started:.1f} s")
+    if prune:
+        keep = {_native.library_name(), _native_xla.library_name()}
+        removed = _cache.prune(_cache.open_cache(), keep)
+        print(f"removed {len(removed)} files of other keys")
+    return 0
