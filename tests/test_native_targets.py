@@ -1,0 +1,103 @@
+"""The kernel's maths compiles for CPUs this machine is not (compile only, nothing runs).
+
+The native kernel is built on the user's machine with `-march=native` (and
+friends, `_build.target_flag_sets`), so a CPU we never run on can break the
+build where CI cannot see it: `-march=native` on an Intel CPU with
+AVX512-FP16 once failed in the Eigen headers of the TensorFlow wheel. Here
+`lstm_core.cc`, the one file compiled for the CPU (the glue is compiled for
+the generic target, so it is the same on every CPU), is compiled with exactly
+the build's flags, `native` replaced by each named target: x86-64 levels,
+Intel server generations, AMD Zen, and aarch64 cores through a cross
+compiler (`aarch64-linux-gnu-g++`, Debian's `g++-aarch64-linux-gnu`) when the
+machine is x86-64. A target the compiler does not know is skipped, named.
+
+The default suite compiles each target to an object file; that includes the
+inlining of intrinsics, where a target mismatch shows only at code generation.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from keras_lstm.kernels import _build, _native
+
+MATHS = Path(_native.__file__).with_name("lstm_core.cc")
+
+
+def _compiler_for(arch: str) -> str | None:
+    if arch == _build.machine():
+        return _build.find_compiler()
+    return shutil.which(f"{arch}-linux-gnu-g++")
+
+
+@functools.cache
+def _accepts(compiler: str, flags: tuple[str, ...]) -> bool:
+    probe = subprocess.run(
+        [compiler, *flags, "-x", "c++", "-E", "-", "-o", "/dev/null"],
+        input="",
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return probe.returncode == 0
+
+
+CASES = [("x86_64", t) for t in _build.X86_64_TARGETS] + [
+    ("aarch64", t) for t in _build.AARCH64_TARGETS
+]
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """Compiles every case the compilers here accept, two at a time: {case: (status, log)}."""
+    folder = tmp_path_factory.mktemp("targets")
+    include_flags = _native.library().compile_flags
+
+    def compile_case(case):
+        arch, target = case
+        compiler = _compiler_for(arch)
+        flags = _build.flags_for_target(target, arch)
+        if compiler is None or not _accepts(compiler, flags):
+            return None
+        out = folder / f"{arch}-{target}.o"
+        command = [
+            compiler,
+            *_build.COMMON_FLAGS,
+            *_build.MATHS_FLAGS,
+            *flags,
+            *include_flags,
+            "-c",
+            str(MATHS),
+            "-o",
+            str(out),
+        ]
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        return result.returncode, " ".join(command) + "\n" + result.stderr[-3000:]
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(zip(CASES, pool.map(compile_case, CASES), strict=True))
+
+
+@pytest.mark.skipif(not _build.supported_platform(), reason="the kernel builds on Linux only")
+@pytest.mark.parametrize(("arch", "target"), CASES, ids=[f"{a}-{t}" for a, t in CASES])
+def test_the_kernel_maths_compiles_for(compiled, arch, target):
+    outcome = compiled[(arch, target)]
+    if outcome is None:
+        compiler = _compiler_for(arch)
+        if compiler is None:
+            pytest.skip(f"no {arch} compiler here (install g++-{arch.replace('_', '-')}-linux-gnu)")
+        pytest.skip(f"{compiler} does not know {arch} target {target!r}")
+    status, log = outcome
+    assert status == 0, log
+
+
+def test_the_native_target_of_this_machine_is_among_the_checked_ones():
+    # The matrix would mean little if the build used other flags than those it checks.
+    first = _build.target_flag_sets()[0].flags
+    assert first == _build.flags_for_target("native")
