@@ -36,7 +36,7 @@ MASK = np.array(
 @pytest.fixture(params=["native", "while_loop"])
 def implementation(request, monkeypatch):
     if request.param == "native":
-        if _native.native_module() is None:
+        if not kernels.native_available():
             pytest.skip("the native kernel cannot be built here (no g++ or no TF headers)")
     else:
         monkeypatch.setattr(kernels, "_use_native", lambda dtype: False)
@@ -121,7 +121,7 @@ def test_fused_op_matches_keras_lstm(implementation, rng, options, masked, with_
 
 @pytest.mark.parametrize("return_sequences", [False, True], ids=["last", "sequences"])
 def test_native_op_keeps_per_step_buffers_only_for_training(rng, return_sequences):
-    if _native.native_module() is None:
+    if not kernels.native_available():
         pytest.skip("the native kernel cannot be built here (no g++ or no TF headers)")
     x = tf.constant(_data(rng)[0])
     layer = GatedLSTM(H, return_sequences=return_sequences)
@@ -160,7 +160,7 @@ def test_fused_op_matches_the_cells_own_loop(implementation, rng):
 
 @pytest.mark.parametrize("uses_final_c", [False, True], ids=["output_only", "with_final_c"])
 def test_traced_native_gradient_of_the_final_state_keeps_no_per_step_buffers(rng, uses_final_c):
-    if _native.native_module() is None:
+    if not kernels.native_available():
         pytest.skip("the native kernel cannot be built here (no g++ or no TF headers)")
     x = tf.constant(_data(rng)[0])
     ours, reference = _pair(return_state=True)
@@ -331,7 +331,7 @@ def test_the_package_ships_every_local_header_the_native_sources_include():
 )
 def test_native_kernel_builds_where_a_compiler_is_present(monkeypatch):
     monkeypatch.delenv("KERAS_LSTM_NATIVE", raising=False)
-    assert _native.native_module() is not None
+    assert kernels.native_available()
 
 
 def test_native_kernel_can_be_switched_off(monkeypatch):
@@ -445,7 +445,7 @@ def test_exports_hold_tensorflow_ops_only(tmp_path, rng):
         traced = tf.function(lambda x: model(x)).get_concrete_function(tf.TensorSpec((B, T, D)))
         return {op.type for op in traced.graph.get_operations()}
 
-    assert _native.native_module() is not None
+    assert kernels.native_available()
     assert "KerasLstmSequence" in op_types()  # an ordinary trace does use the native op
     with kernels.portable_ops():
         assert "KerasLstmSequence" not in op_types()

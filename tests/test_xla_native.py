@@ -28,7 +28,7 @@ MASK = np.array([[1, 1, 0, 0, 1, 1], [0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], dt
 
 @pytest.fixture(scope="module")
 def xla_library():
-    if _native.native_module() is None or _native_xla.xla_library() is None:
+    if not kernels.native_available(jit_compile=True):
         pytest.skip("the native kernel's XLA library cannot be built here (no g++ or headers)")
 
 
@@ -39,7 +39,7 @@ def xla_library():
 def test_xla_library_builds_where_a_compiler_is_present(monkeypatch):
     # Where g++ is, the tests above must not skip: a broken build fails here.
     monkeypatch.delenv("KERAS_LSTM_NATIVE", raising=False)
-    assert _native_xla.xla_library() is not None
+    assert kernels.native_available(jit_compile=True)
 
 
 def _pair(**options):

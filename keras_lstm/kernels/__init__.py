@@ -91,9 +91,9 @@ def build_native(force: bool = False, jit_compile: bool = True) -> dict:
     Example:
 
     >>> from keras_lstm.kernels import build_native
-    >>> records = build_native()  # doctest: +SKIP
-    >>> records["native"]["cpu_flags"]  # doctest: +SKIP
-    ['-march=native', '-mno-avx512fp16']
+    >>> native = build_native()["native"]  # doctest: +SKIP
+    >>> native["flag_set"], native["cpu_flags"]  # doctest: +SKIP
+    ('native', ['-march=native', '-mno-avx512fp16'])
     """
     reason = _native.disabled_reason()
     if reason is not None:
