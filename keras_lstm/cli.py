@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -53,13 +54,20 @@ def _serve_check(args) -> int:
         return 1
 
 
+def _quiet_tensorflow() -> None:
+    # TensorFlow's start-up lines would drown a report of a dozen lines.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
 def _doctor(args) -> int:
+    _quiet_tensorflow()
     from keras_lstm import _doctor
 
     return _doctor.doctor()
 
 
 def _build(args) -> int:
+    _quiet_tensorflow()
     from keras_lstm import _doctor
 
     return _doctor.build(force=args.force, jit_compile=not args.no_xla, prune=args.prune)

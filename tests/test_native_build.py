@@ -222,6 +222,20 @@ def test_the_lock_is_not_truncated(cache, tiny):
     assert lock.read_text() == "kept"
 
 
+def test_a_failed_forced_rebuild_keeps_the_library_that_works(
+    cache, tiny, tmp_path, counting_compiler, monkeypatch
+):
+    _cache.load_or_build(tiny, _name(tiny))
+    failing = Compiler(tmp_path, "failing-g++", 'echo "error: broken" >&2; exit 1\n')
+    monkeypatch.setenv("CXX", str(failing.path))
+    with pytest.raises(_build.BuildError):
+        _cache.load_or_build(tiny, _name(tiny), _load, force=True)
+    monkeypatch.setenv("CXX", str(counting_compiler.path))
+    assert _cache.load_or_build(tiny, _name(tiny), _load)[0] == 42
+    assert counting_compiler.compiles() == 2  # the first build only: nothing was rebuilt
+    assert not (cache / f"{_name(tiny)}.failed.json").exists()
+
+
 # --- a damaged cache heals ---------------------------------------------------------------
 
 

@@ -357,26 +357,34 @@ def load_or_build(library: _build.Library, name: str, load=None, force: bool = F
 
 
 def _build_into(library: _build.Library, entry: Entry, compiler: str) -> dict:
-    _remove(entry.library, entry.record, entry.failure)
-    work = Path(
-        tempfile.mkdtemp(prefix=f".build-{library.stem}-{os.getpid()}-", dir=entry.directory)
-    )
+    """Builds `library` and installs it as `entry` with its record; on failure records why.
+
+    The library in place is replaced only by a finished build (one rename), so
+    a failed rebuild (`keras-lstm build --force` with a broken compiler) leaves
+    an intact library working, and records no failure over it.
+    """
+    _remove(entry.failure)
+    prefix = f".build-{library.stem}-{os.getpid()}-"  # the pid: see remove_stale_builds
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir=entry.directory))
     try:
         built = work / entry.library.name
         try:
             outcome = _build.build_library(library, built, work)
         except _build.BuildError as error:
-            with contextlib.suppress(OSError):
-                _write_json(
-                    entry.failure,
-                    {
-                        "reason": error.reason,
-                        "compiler": compiler,
-                        "when": _now(),
-                        "attempts": error.attempts,
-                        "log": error.log[-20000:],
-                    },
-                )
+            # The library in place, if its digest matches, stays (whoever built it).
+            if verified_record(entry, "none") is None:
+                _remove(entry.library, entry.record)
+                with contextlib.suppress(OSError):
+                    _write_json(
+                        entry.failure,
+                        {
+                            "reason": error.reason,
+                            "compiler": compiler,
+                            "when": _now(),
+                            "attempts": error.attempts,
+                            "log": error.log[-20000:],
+                        },
+                    )
             raise
         with open(built, "rb") as handle:
             os.fsync(handle.fileno())
@@ -388,6 +396,8 @@ def _build_into(library: _build.Library, entry: Entry, compiler: str) -> dict:
             "built": _now(),
             **dataclasses.asdict(outcome),
         }
+        # Library first, then its record: a reader between the two sees a
+        # mismatch, takes the lock and finds both once this build is done.
         os.replace(built, entry.library)
         _write_json(entry.record, record)
     finally:
