@@ -79,14 +79,23 @@ def sequence_shape(name: str, shape, expected_features: int | None = None) -> No
         )
 
 
-def float_tensor(name: str, tensor) -> None:
-    """The LSTM's maths needs floating-point inputs (cast token ids with an Embedding)."""
-    dtype = keras.backend.standardize_dtype(tensor.dtype)
-    if "float" not in dtype:
-        raise TypeError(
-            f"`{name}` must be a floating-point tensor, got dtype {dtype}. Cast it (for example "
-            "`keras.ops.cast(x, 'float32')`), or feed token ids through a keras.layers.Embedding."
-        )
+def float_inputs(name: str, tensor, dtype):
+    """`tensor` in floating point: integer and boolean inputs cast to `dtype`.
+
+    `keras.layers.LSTM` takes them too (its matmuls promote them to the
+    kernel's float type), so a drop-in does the same; other dtypes (strings)
+    are refused with the way out.
+    """
+    kind = keras.backend.standardize_dtype(tensor.dtype)
+    if "float" in kind:
+        return tensor
+    if kind == "bool" or "int" in kind:
+        return keras.ops.cast(tensor, dtype)
+    raise TypeError(
+        f"`{name}` must be a floating-point, integer or boolean tensor, got dtype {kind}. "
+        "Turn text into numbers first (for example keras.layers.StringLookup, then a "
+        "keras.layers.Embedding)."
+    )
 
 
 def step_states(name: str, states, sizes, batch) -> None:

@@ -268,6 +268,7 @@ class GatedLSTMCell(keras.layers.Layer, DropoutRNNCell):
         self._projection.build(self)
 
     def call(self, inputs, states, training=False, return_gates=False):
+        inputs = _checks.float_inputs("inputs", inputs, self.compute_dtype)
         self._check_step(inputs, states)
         h_prev, c_prev = states[0], states[1]
         x, h_in = self._apply_dropout(inputs, h_prev, training)
@@ -314,7 +315,6 @@ class GatedLSTMCell(keras.layers.Layer, DropoutRNNCell):
                 f"`inputs` has {got} features (last axis of shape {tuple(inputs.shape)}), "
                 f"but the cell was built for {expected}."
             )
-        _checks.float_tensor("inputs", inputs)
         _checks.step_states("states", states, self.state_size, inputs.shape[0])
 
     @property

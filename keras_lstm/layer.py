@@ -193,6 +193,7 @@ class GatedLSTM(keras.layers.RNN):
             state._autocast = False
 
     def call(self, sequences, initial_state=None, mask=None, training=False):
+        sequences = _checks.float_inputs("inputs", sequences, self.compute_dtype)
         self._check_call(sequences, initial_state, mask)
         return super().call(sequences, initial_state=initial_state, mask=mask, training=training)
 
@@ -259,7 +260,6 @@ class GatedLSTM(keras.layers.RNN):
     def _check_call(self, sequences, initial_state, mask):
         shape = tuple(sequences.shape)
         _checks.sequence_shape("inputs", shape, self.cell.kernel.shape[0])
-        _checks.float_tensor("inputs", sequences)
         batch, time = shape[0], shape[1]
         if time == 0:
             raise ValueError(f"`inputs` has no time steps (shape {shape}); give at least one.")

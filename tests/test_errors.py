@@ -3,6 +3,7 @@
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from keras_lstm import GatedLSTM, GatedLSTMCell
 
@@ -116,13 +117,31 @@ def test_errors_are_raised_before_anything_is_built():
     assert not layer.built and layer.weights == []
 
 
-def test_integer_inputs_are_refused_with_the_way_out():
-    with pytest.raises(TypeError, match=r"`inputs` must be a floating-point tensor, got dtype int"):
-        GatedLSTM(4)(np.ones((2, 3, 5), "int32"))
+@pytest.mark.parametrize("dtype", ["int64", "int32", "uint8", "bool"])
+def test_integer_and_boolean_inputs_are_cast_as_keras_lstm_does(dtype):
+    x = (np.arange(24).reshape(2, 3, 4) % 5).astype(dtype)
+    reference = keras.layers.LSTM(6, return_sequences=True)
+    expected = np.asarray(reference(x))  # Keras promotes them to float32
+    ours = GatedLSTM(6, return_sequences=True)
+    ours.build((None, 3, 4))
+    ours.set_weights(reference.get_weights())
+    np.testing.assert_allclose(np.asarray(ours(x)), expected, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(ours(tf.constant(x))), expected, atol=1e-5)
+    # The cell in keras.layers.RNN, which casts nothing itself.
+    cell_layer = keras.layers.RNN(GatedLSTMCell(6), return_sequences=True)
+    cell_layer.build((None, 3, 4))
+    cell_layer.set_weights(reference.get_weights())
+    np.testing.assert_allclose(np.asarray(cell_layer(x)), expected, atol=1e-5)
+
+
+def test_text_inputs_are_refused_with_the_way_out():
+    text = tf.constant([[["a", "b"], ["c", "d"]]])
+    with pytest.raises(TypeError, match=r"`inputs` must be a floating-point, integer or boolean"):
+        GatedLSTM(4)(text)
     cell = GatedLSTMCell(4)
-    cell.build((None, 5))
-    with pytest.raises(TypeError, match=r"`inputs` must be a floating-point tensor.*Embedding"):
-        cell(np.ones((2, 5), "int64"), [np.zeros((2, 4), "float32")] * 2)
+    cell.build((None, 2))
+    with pytest.raises(TypeError, match=r"got dtype string.*StringLookup"):
+        cell(text[0], [np.zeros((1, 4), "float32")] * 2)
 
 
 def test_sequences_need_at_least_one_step():
