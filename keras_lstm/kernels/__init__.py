@@ -160,8 +160,13 @@ def portable_ops():
         _local.portable = previous
 
 
+def _exporting() -> bool:
+    """Whether the graph traced now is for an export (SavedModel, TFLite, ONNX)."""
+    return getattr(_local, "portable", False) or save_context.in_save_context()
+
+
 def _use_native(dtype) -> bool:
-    if getattr(_local, "portable", False) or save_context.in_save_context():
+    if _exporting():
         return False
     if dtype != tf.float32 or tf.config.list_logical_devices("GPU"):
         return False
@@ -219,7 +224,7 @@ def lstm_recurrence(
         )
     elif in_xla_context():
         h_seq, c_seq = _while_loop.lstm_sequence_projecting(
-            x, kernel, bias, recurrent_kernel, h0, c0, mask
+            x, kernel, bias, recurrent_kernel, h0, c0, mask, bounded=not _exporting()
         )
         h_last, c_last = h_seq[-1], c_seq[-1]
     else:
@@ -229,7 +234,9 @@ def lstm_recurrence(
         if bias is not None:
             xz = xz + bias
         xz = tf.reshape(xz, (steps, batch, kernel.shape[-1]))
-        h_seq, c_seq = _while_loop.lstm_sequence(xz, recurrent_kernel, h0, c0, mask)
+        h_seq, c_seq = _while_loop.lstm_sequence(
+            xz, recurrent_kernel, h0, c0, mask, bounded=not _exporting()
+        )
         h_last, c_last = h_seq[-1], c_seq[-1]
     states = [h_last, c_last]
     if return_sequences:

@@ -19,8 +19,14 @@ def _split_gates(gates):
     return tf.split(gates, 4, axis=-1)
 
 
-def _forward(xs, recurrent_kernel, h0, c0, mask, project=None):
-    """`xs` is the time-major `x W + b`, or `x` itself when `project` maps a step to it."""
+def _forward(xs, recurrent_kernel, h0, c0, mask, project=None, bounded=True):
+    """`xs` is the time-major `x W + b`, or `x` itself when `project` maps a step to it.
+
+    `bounded=False` leaves out `maximum_iterations`: graphs for export, where
+    tf2onnx turns the bounded loop's extra counter into an ONNX `Loop` that
+    onnxruntime refuses (int64 against int32). Nothing differentiates this
+    loop (the recurrence has its own gradient), so the bound only serves XLA.
+    """
     steps = tf.shape(xs)[0]
     dtype = xs.dtype
     xs_ta = tf.TensorArray(dtype, size=steps).unstack(xs)
@@ -55,7 +61,7 @@ def _forward(xs, recurrent_kernel, h0, c0, mask, project=None):
         lambda t, *_: t < steps,
         body,
         (tf.constant(0), h0, c0, h_ta, c_ta, g_ta),
-        maximum_iterations=steps,
+        maximum_iterations=steps if bounded else None,
     )
     return h_ta.stack(), c_ta.stack(), g_ta.stack()
 
@@ -112,7 +118,7 @@ def _backward(recurrent_kernel, c0, mask, c_seq, gates, dh_seq, dc_seq):
     return dz_ta.stack(), dh0, dc0
 
 
-def lstm_sequence_projecting(x, kernel, bias, recurrent_kernel, h0, c0, mask=None):
+def lstm_sequence_projecting(x, kernel, bias, recurrent_kernel, h0, c0, mask=None, bounded=True):
     """As `lstm_sequence`, but from time-major `x` (T, B, D), projecting each step in the loop.
 
     XLA on CPU runs this form faster than reading a precomputed `x W + b`
@@ -125,7 +131,13 @@ def lstm_sequence_projecting(x, kernel, bias, recurrent_kernel, h0, c0, mask=Non
         @tf.custom_gradient
         def run(x, kernel, recurrent_kernel, h0, c0):
             h_seq, c_seq, gates = _forward(
-                x, recurrent_kernel, h0, c0, mask, project=lambda x_t: tf.matmul(x_t, kernel)
+                x,
+                recurrent_kernel,
+                h0,
+                c0,
+                mask,
+                project=lambda x_t: tf.matmul(x_t, kernel),
+                bounded=bounded,
             )
 
             def grad(dh_seq, dc_seq):
@@ -140,7 +152,13 @@ def lstm_sequence_projecting(x, kernel, bias, recurrent_kernel, h0, c0, mask=Non
     @tf.custom_gradient
     def run_with_bias(x, kernel, bias, recurrent_kernel, h0, c0):
         h_seq, c_seq, gates = _forward(
-            x, recurrent_kernel, h0, c0, mask, project=lambda x_t: tf.matmul(x_t, kernel) + bias
+            x,
+            recurrent_kernel,
+            h0,
+            c0,
+            mask,
+            project=lambda x_t: tf.matmul(x_t, kernel) + bias,
+            bounded=bounded,
         )
 
         def grad(dh_seq, dc_seq):
@@ -154,7 +172,7 @@ def lstm_sequence_projecting(x, kernel, bias, recurrent_kernel, h0, c0, mask=Non
     return run_with_bias(x, kernel, bias, recurrent_kernel, h0, c0)
 
 
-def lstm_sequence(xz, recurrent_kernel, h0, c0, mask=None):
+def lstm_sequence(xz, recurrent_kernel, h0, c0, mask=None, bounded=True):
     """Runs the recurrence over time-major `xz = x W + b` of shape (T, B, 4H).
 
     `mask` is an optional boolean (T, B); a `False` step keeps the row's
@@ -163,7 +181,7 @@ def lstm_sequence(xz, recurrent_kernel, h0, c0, mask=None):
 
     @tf.custom_gradient
     def run(xz, recurrent_kernel, h0, c0):
-        h_seq, c_seq, gates = _forward(xz, recurrent_kernel, h0, c0, mask)
+        h_seq, c_seq, gates = _forward(xz, recurrent_kernel, h0, c0, mask, bounded=bounded)
 
         def grad(dh_seq, dc_seq):
             dz, dh0, dc0 = _backward(recurrent_kernel, c0, mask, c_seq, gates, dh_seq, dc_seq)
