@@ -13,10 +13,10 @@ Public names:
 - `export_tflite`: write a TFLite model.
 """
 
+from keras_lstm._padding import pad_to_bucket
 from keras_lstm.cell import GatedLSTMCell, LSTMGates
 from keras_lstm.interop import from_keras, from_torch, to_torch
 from keras_lstm.introspect import plot_gates, trace_gates
-from keras_lstm.kernels._padding import pad_to_bucket
 from keras_lstm.layer import GatedLSTM
 from keras_lstm.serving import export_for_serving, export_tflite
 

@@ -208,3 +208,23 @@ def test_keras_file_saved_under_backend_loads_under_tensorflow(run, backend):
     diff = _max_diff(model.predict(run["cases"]["x"], verbose=0), got["fit/predictions"])
     print(f"\ntensorflow loading {backend}'s .keras: max abs diff {diff:.2e}")
     assert diff <= TOLERANCE
+
+
+IMPORT_CHECK = (
+    "import sys\n"
+    "import keras_lstm\n"
+    "from keras_lstm import GatedLSTM\n"
+    "GatedLSTM(3)(__import__('numpy').zeros((1, 2, 2), 'float32'))\n"
+    "print(sorted(m for m in ('tensorflow', 'tensorflow_datasets') if m in sys.modules))\n"
+)
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_importing_and_using_the_layer_loads_no_tensorflow_on_other_backends(backend):
+    pytest.importorskip(backend)
+    env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    done = subprocess.run(
+        [sys.executable, "-c", IMPORT_CHECK], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout
