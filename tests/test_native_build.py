@@ -309,6 +309,24 @@ def test_other_keys_are_pruned_when_unused_for_a_month(cache, tiny):
     assert _cache.prune(cache, {_name(tiny)}) == [recent]
 
 
+def test_a_library_in_use_is_not_pruned_for_its_build_date(cache, tiny):
+    # Built long ago, used today: its record was touched on use, its library was not.
+    cache.mkdir(mode=0o700)
+    library = cache / "lstm_sequence_test-3333333333333333.so"
+    record = cache / "lstm_sequence_test-3333333333333333.json"
+    library.write_bytes(b"x")
+    record.write_text("{}")
+    month = time.time() - 31 * 24 * 3600
+    os.utime(library, (month, month))
+    assert _cache.prune(cache, {_name(tiny)}, older_than_s=_cache.UNUSED_KEY_S) == []
+    assert library.exists() and record.exists()
+    os.utime(record, (month, month))
+    assert sorted(_cache.prune(cache, {_name(tiny)}, older_than_s=_cache.UNUSED_KEY_S)) == [
+        record,
+        library,
+    ]
+
+
 def test_nothing_is_written_inside_the_package(tmp_path, monkeypatch):
     # With no usable cache the kernel falls back; it never builds next to its sources.
     from keras_lstm.kernels import _native

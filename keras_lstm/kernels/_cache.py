@@ -303,12 +303,21 @@ def other_keys(directory: Path, names: set[str]) -> list[Path]:
 
 
 def prune(directory: Path, keep: set[str], older_than_s: float = 0.0) -> list[Path]:
-    """Removes the files of other keys than `keep` last used more than `older_than_s` ago."""
+    """Removes the files of libraries other than `keep` last used over `older_than_s` ago.
+
+    A library's last use is its newest file's time (its record is touched on
+    use), so its files go together or not at all.
+    """
+    groups: dict[str, list[Path]] = {}
+    for path in other_keys(directory, keep):
+        groups.setdefault(path.name.split(".", 1)[0], []).append(path)
     removed = []
     now = time.time()
-    for path in other_keys(directory, keep):
+    for paths in groups.values():
         with contextlib.suppress(OSError):
-            if now - path.lstat().st_mtime >= older_than_s:
+            if now - max(p.lstat().st_mtime for p in paths) < older_than_s:
+                continue
+            for path in paths:
                 path.unlink()
                 removed.append(path)
     return removed
