@@ -236,6 +236,16 @@ def test_a_failed_forced_rebuild_keeps_the_library_that_works(
     assert not (cache / f"{_name(tiny)}.failed.json").exists()
 
 
+def test_a_library_that_builds_but_does_not_load_is_recorded(cache, tiny):
+    def refuse(path):
+        raise OSError()  # no message at all
+
+    with pytest.raises(_build.BuildError, match="built but did not load: OSError"):
+        _cache.load_or_build(tiny, _name(tiny), refuse)
+    with pytest.raises(_cache.FailedBefore, match="did not load"):
+        _cache.load_or_build(tiny, _name(tiny), _load)
+
+
 # --- a damaged cache heals ---------------------------------------------------------------
 
 

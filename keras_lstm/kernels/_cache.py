@@ -359,7 +359,8 @@ def load_or_build(library: _build.Library, name: str, load=None, force: bool = F
     try:
         return load(entry.library), record
     except Exception as error:
-        reason = f"{entry.library.name} built but did not load: {str(error).splitlines()[0]}"
+        first_line = (str(error).splitlines() or [type(error).__name__])[0]
+        reason = f"{entry.library.name} built but did not load: {first_line}"
         with _lock(entry.lock):
             _write_json(entry.failure, {"reason": reason, "compiler": compiler, "log": str(error)})
         raise _build.BuildError(reason, str(error)) from error
