@@ -116,8 +116,10 @@ def report() -> tuple[list[str], int]:
         ):
             state, detail = states[key]
             if state == "built":
-                status = max(status, _check_loads(key, _native, _native_xla))
-                text = how if status == 0 else f"TensorFlow ops: built but does not load ({detail})"
+                loader = _native.native_module if key == "native" else _native_xla.xla_library
+                loads = _loads(loader)
+                text = how if loads else f"TensorFlow ops: built but does not load ({detail})"
+                status = status if loads else 1
             elif state == "missing":
                 cost = "about 25 s" if key == "native" else "about 40 s"
                 text = (
@@ -135,11 +137,11 @@ def report() -> tuple[list[str], int]:
     return lines, status
 
 
-def _check_loads(key, native, native_xla) -> int:
+def _loads(loader) -> bool:
+    """Whether `loader()` (`native_module` or `xla_library`) gives a library; no warning."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        loaded = native.native_module() if key == "native" else native_xla.xla_library()
-    return 0 if loaded is not None else 1
+        return loader() is not None
 
 
 def doctor() -> int:
