@@ -1,6 +1,6 @@
 """Keras's own `model.export(path, format=...)` with GatedLSTM: no format holds the native
-op, and the SavedModel and ONNX exports run in their own runtimes (TensorFlow without
-keras_lstm, onnxruntime) and match `predict`.
+op, and each export runs in its own runtime (TensorFlow without keras_lstm, LiteRT's
+interpreter, onnxruntime, OpenVINO) and matches `predict`.
 
 The default suite exports the model users reported (two stacked Bidirectional
 layers) in each format; the slow suite adds the other model shapes.
@@ -11,6 +11,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import keras
 import numpy as np
@@ -70,12 +71,36 @@ def _masked():
     )
 
 
+def _cell_option():
+    # Runs Keras's step loop around the cell, not the fused op.
+    return keras.Sequential(
+        [
+            keras.Input((T, D)),
+            GatedLSTM(5, peephole=True, return_sequences=True),
+            keras.layers.Dense(1),
+        ]
+    )
+
+
+def _free_length():
+    return keras.Sequential(
+        [
+            keras.Input((None, D)),
+            keras.layers.Bidirectional(GatedLSTM(5, return_sequences=True)),
+            GatedLSTM(4),
+            keras.layers.Dense(1),
+        ]
+    )
+
+
 SHAPES = {
     "stacked_bidirectional": _stacked_bidirectional,
     "sequential": _sequential,
     "functional_cell": _functional_cell,
     "stacked": _stacked,
     "masked": _masked,
+    "cell_option": _cell_option,
+    "free_length": _free_length,
 }
 DEFAULT = ["stacked_bidirectional"]
 SLOW = [name for name in SHAPES if name not in DEFAULT]
@@ -98,10 +123,14 @@ def _native_kernel_is_active():
 
 
 def test_keras_exporters_are_wrapped_to_trace_portable_ops():
+    import importlib
+
     import keras.src.export as export
 
     for name in _internals.KERAS_EXPORTERS:
-        assert getattr(getattr(export, name), "keras_lstm_portable", False), name
+        module = importlib.import_module(f"keras.src.export.{name.removeprefix('export_')}")
+        for owner in (export, module):
+            assert getattr(getattr(owner, name), "keras_lstm_portable", False), (owner, name)
 
 
 @pytest.mark.parametrize("shape", CASES)
@@ -120,17 +149,50 @@ def test_onnx_export_runs_in_onnxruntime_and_matches_predict(shape, tmp_path):
 
 
 @pytest.mark.parametrize("shape", CASES)
-def test_litert_export_holds_no_native_op(shape, tmp_path):
-    # Keras's LiteRT export allows select TensorFlow ops, and the while loop's
-    # TensorList ops stay such (Flex) ops, which neither ai_edge_litert's
-    # interpreter nor TensorFlow 2.21's tf.lite.Interpreter runs; running it
-    # needs builtin ops (as keras_lstm.export_tflite writes), still to be done.
+def test_litert_export_runs_in_litert_interpreter_and_matches_predict(shape, tmp_path):
+    # Builtin ops only: LiteRT's interpreter has no TensorFlow (Flex) ops, which
+    # keras.layers.LSTM's own LiteRT export needs (its TensorList ops).
+    interpreter = pytest.importorskip("ai_edge_litert.interpreter")
     model, x = SHAPES[shape](), _data()
-    model.predict(x, verbose=0)
+    expected = model.predict(x, verbose=0)
     path = tmp_path / "model.tflite"
     model.export(str(path), format="litert", verbose=False)
-    assert path.stat().st_size > 0
     assert b"KerasLstm" not in path.read_bytes()
+    runner = interpreter.Interpreter(model_path=str(path)).get_signature_runner()
+    (name,) = runner.get_input_details()
+    (got,) = runner(**{name: x}).values()
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", CASES)
+def test_openvino_export_runs_in_openvino_and_matches_predict(shape, tmp_path):
+    ov = pytest.importorskip("openvino")
+    model, x = SHAPES[shape](), _data()
+    expected = model.predict(x, verbose=0)
+    path = tmp_path / "model.xml"
+    model.export(str(path), format="openvino", verbose=False)
+    assert b"KerasLstm" not in path.read_bytes()
+    # OpenVINO computes in bfloat16 on CPUs that have it unless asked for float32.
+    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    np.testing.assert_allclose(compiled(x)[0], expected, atol=1e-5)
+
+
+def test_step_loop_over_a_free_length_warns_that_litert_keeps_tensorflow_ops(tmp_path):
+    model = keras.Sequential(
+        [keras.Input((None, D)), keras.layers.RNN(GatedLSTMCell(4), name="cell_loop")]
+    )
+    with pytest.warns(UserWarning, match="'cell_loop'.*LiteRT converter.*fixed length"):
+        model.export(str(tmp_path / "model.tflite"), format="litert", verbose=False)
+
+
+def test_export_leaves_the_layers_as_they_were(tmp_path):
+    model = _cell_option()
+    model.export(str(tmp_path / "model.tflite"), format="litert", verbose=False)
+    (layer,) = [layer for layer in model.layers if isinstance(layer, GatedLSTM)]
+    assert layer.unroll is False and "inner_loop" not in vars(layer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.predict(_data(), verbose=0)
 
 
 SERVE = textwrap.dedent(

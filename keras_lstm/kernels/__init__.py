@@ -145,19 +145,22 @@ def _build_unless_built(library, name, force):
 
 
 @contextlib.contextmanager
-def portable_ops():
+def portable_ops(tensor_lists: bool = True):
     """Within this block the fused op is built from TensorFlow's own ops only.
 
     Graphs traced here (a SavedModel for TensorFlow Serving, a TFLite model)
     then run where the native kernel's library is not loaded. Tracing inside
-    `tf.saved_model.save` is portable without it.
+    `tf.saved_model.save` is portable without it. With `tensor_lists=False`
+    the loop also avoids `tf.TensorArray` (see
+    `_while_loop.lstm_sequence_without_lists`), for converters that cannot
+    take TensorList ops at a free batch size (TFLite's, OpenVINO's).
     """
-    previous = getattr(_local, "portable", False)
-    _local.portable = True
+    previous = getattr(_local, "portable", False), getattr(_local, "no_lists", False)
+    _local.portable, _local.no_lists = True, not tensor_lists
     try:
         yield
     finally:
-        _local.portable = previous
+        _local.portable, _local.no_lists = previous
 
 
 def _exporting() -> bool:
@@ -234,10 +237,15 @@ def lstm_recurrence(
         if bias is not None:
             xz = xz + bias
         xz = tf.reshape(xz, (steps, batch, kernel.shape[-1]))
-        h_seq, c_seq = _while_loop.lstm_sequence(
-            xz, recurrent_kernel, h0, c0, mask, bounded=not _exporting()
-        )
-        h_last, c_last = h_seq[-1], c_seq[-1]
+        if getattr(_local, "no_lists", False):
+            h_seq, h_last, c_last = _while_loop.lstm_sequence_without_lists(
+                xz, recurrent_kernel, h0, c0, mask
+            )
+        else:
+            h_seq, c_seq = _while_loop.lstm_sequence(
+                xz, recurrent_kernel, h0, c0, mask, bounded=not _exporting()
+            )
+            h_last, c_last = h_seq[-1], c_seq[-1]
     states = [h_last, c_last]
     if return_sequences:
         # The loops lose the static number of steps; later layers (an

@@ -172,6 +172,39 @@ def lstm_sequence_projecting(x, kernel, bias, recurrent_kernel, h0, c0, mask=Non
     return run_with_bias(x, kernel, bias, recurrent_kernel, h0, c0)
 
 
+def lstm_sequence_without_lists(xz, recurrent_kernel, h0, c0, mask=None):
+    """The forward recurrence alone, without TensorList ops (inference only).
+
+    A `tf.TensorArray` becomes TensorList ops, which TFLite's converter can
+    lower to builtins only when the batch size is fixed (otherwise they stay
+    TensorFlow (Flex) ops that LiteRT's interpreter does not run), and which
+    OpenVINO's converter does not take at all. Here the
+    outputs are a loop-carried (T, B, H) tensor updated one row per step
+    (`tensor_scatter_nd_update`), so the loop converts to a builtin `WHILE`
+    (an OpenVINO `Loop`) with a free batch size and a free length. `xz` is the time-major
+    `x W + b`. Returns `(h_seq, h_last, c_last)`.
+    """
+    steps = tf.shape(xz)[0]
+    h_seq = tf.zeros(tf.concat([[steps], tf.shape(h0)], axis=0), xz.dtype)
+
+    def body(t, h, c, h_seq):
+        z = tf.gather(xz, t) + tf.matmul(h, recurrent_kernel)
+        z_i, z_f, z_g, z_o = _split_gates(z)
+        i, f, g, o = tf.sigmoid(z_i), tf.sigmoid(z_f), tf.tanh(z_g), tf.sigmoid(z_o)
+        c_new = f * c + i * g
+        h_new = o * tf.tanh(c_new)
+        if mask is not None:
+            keep = tf.gather(mask, t)[:, None]
+            h_new = tf.where(keep, h_new, h)
+            c_new = tf.where(keep, c_new, c)
+        return t + 1, h_new, c_new, tf.tensor_scatter_nd_update(h_seq, [[t]], h_new[None])
+
+    _, h_last, c_last, h_seq = tf.while_loop(
+        lambda t, *_: t < steps, body, (tf.constant(0), h0, c0, h_seq)
+    )
+    return h_seq, h_last, c_last
+
+
 def lstm_sequence(xz, recurrent_kernel, h0, c0, mask=None, bounded=True):
     """Runs the recurrence over time-major `xz = x W + b` of shape (T, B, 4H).
 
