@@ -11,12 +11,20 @@ import numbers
 from typing import Any
 
 import keras
+import numpy as np
 
 
 def positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
         raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
     return int(value)
+
+
+def boolean(name: str, value: Any) -> bool:
+    """True or False (NumPy's too): `"False"` or `0` would otherwise read as a flag."""
+    if isinstance(value, bool | np.bool_):
+        return bool(value)
+    raise TypeError(f"`{name}` must be True or False, got {value!r} ({type(value).__name__}).")
 
 
 def rate(name: str, value: Any) -> float:
@@ -27,13 +35,29 @@ def rate(name: str, value: Any) -> float:
 
 
 def _lookup(kind: str, getter, name: str, value: Any):
+    from keras_lstm import _internals
+
+    try:
+        function = _internals.saved_lambda(value)
+    except _internals.LambdaRefused as error:
+        raise ValueError(
+            f"`{name}` is a Python lambda saved with the model, and Keras's safe_mode refused "
+            "to load it (loading a lambda runs code from the file). If you trust the file, "
+            "load it with keras.saving.load_model(path, safe_mode=False); better, use a named "
+            "function registered with keras.saving.register_keras_serializable."
+        ) from error
+    if function is not None:
+        return function
     try:
         return getter(value)
     except (ValueError, TypeError) as error:
         raise ValueError(
-            f"`{name}` must be a {kind} name known to Keras (for example "
+            f"`{name}` must be {_ARTICLE[kind]} {kind} name known to Keras (for example "
             f"{_EXAMPLES[kind]}), a callable or a config dict, got {value!r}."
         ) from error
+
+
+_ARTICLE = {"activation": "an", "initializer": "an", "regularizer": "a", "constraint": "a"}
 
 
 _EXAMPLES = {

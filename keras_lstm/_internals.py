@@ -38,7 +38,10 @@ def portable_keras_exports() -> list[str]:
 
     wrapped = []
     for name in KERAS_EXPORTERS:
-        module = importlib.import_module(f"keras.src.export.{name.removeprefix('export_')}")
+        try:  # a Keras release without this exporter has nothing to wrap
+            module = importlib.import_module(f"keras.src.export.{name.removeprefix('export_')}")
+        except ImportError:
+            continue
         for owner in (export, module):
             exporter = getattr(owner, name, None)
             if exporter is None or getattr(exporter, "keras_lstm_portable", False):
@@ -62,6 +65,36 @@ def _portable(exporter, name):
 
     portable.keras_lstm_portable = True
     return portable
+
+
+class LambdaRefused(ValueError):
+    """A saved Python lambda that safe mode does not load."""
+
+
+def saved_lambda(value):
+    """The function of a Python lambda as Keras saves one, or `None` if `value` is not one.
+
+    Keras writes a lambda activation into a config as `{"value": [code,
+    defaults, closure]}` (base64 bytecode) and, on load, no longer
+    recognises it (`keras.layers.LSTM` cannot load its own). Here it loads
+    where Keras's safe mode is off (`load_model(..., safe_mode=False)` or
+    `keras.config.enable_unsafe_deserialization()`), and raises
+    `LambdaRefused` otherwise.
+    """
+    if not (
+        isinstance(value, dict)
+        and set(value) == {"value"}
+        and isinstance(value["value"], list | tuple)
+        and value["value"]
+        and isinstance(value["value"][0], str)
+    ):
+        return None
+    from keras.src.saving import serialization_lib
+    from keras.src.utils import python_utils
+
+    if serialization_lib.in_safe_mode() is not False:
+        raise LambdaRefused("safe mode refuses to load a Python lambda")
+    return python_utils.func_load(*value["value"])
 
 
 def layers_within(model) -> list:

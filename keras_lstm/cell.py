@@ -128,7 +128,9 @@ class GatedLSTMCell(keras.layers.Layer, DropoutRNNCell):
             Default: `None`.
         cell_clip: Positive number c: clip the cell state to [-c, c].
             Default: `None`.
-        **kwargs: Base `keras.layers.Layer` arguments (`name`, `dtype`, ...).
+        **kwargs: Base `keras.layers.Layer` arguments (`name`, `dtype`, ...),
+            and `implementation` (1 or 2), accepted as `keras.layers.LSTMCell`
+            accepts it; both give the same maths here.
 
     Call arguments:
         inputs: `(batch, features)`, the step's input $x_t$.
@@ -178,17 +180,27 @@ class GatedLSTMCell(keras.layers.Layer, DropoutRNNCell):
         cell_clip: float | None = None,
         **kwargs,
     ):
+        # Keras's LSTMCell takes `implementation` (1: a product per gate, 2: one
+        # product for all four) in its kwargs. Both are the same maths; this
+        # cell always writes the four gates out, so it only checks and keeps it.
+        implementation = kwargs.pop("implementation", 2)
         super().__init__(**kwargs)
+        if isinstance(implementation, bool) or implementation not in (1, 2):
+            raise ValueError(
+                "`implementation` must be 1 or 2 (keras.layers.LSTMCell's modes, which compute "
+                f"the same gates), got {implementation!r}."
+            )
+        self.implementation = int(implementation)
         self.units = _checks.positive_int("units", units)
         self.activation = _checks.activation("activation", activation)
         self.recurrent_activation = _checks.activation("recurrent_activation", recurrent_activation)
-        self.use_bias = bool(use_bias)
+        self.use_bias = _checks.boolean("use_bias", use_bias)
         self.kernel_initializer = _checks.initializer("kernel_initializer", kernel_initializer)
         self.recurrent_initializer = _checks.initializer(
             "recurrent_initializer", recurrent_initializer
         )
         self.bias_initializer = _checks.initializer("bias_initializer", bias_initializer)
-        self.unit_forget_bias = bool(unit_forget_bias)
+        self.unit_forget_bias = _checks.boolean("unit_forget_bias", unit_forget_bias)
         self.kernel_regularizer = _checks.regularizer("kernel_regularizer", kernel_regularizer)
         self.recurrent_regularizer = _checks.regularizer(
             "recurrent_regularizer", recurrent_regularizer

@@ -84,8 +84,10 @@ class GatedLSTM(keras.layers.RNN):
         use_cudnn: `"auto"` or `False` (the cell always runs as written).
             `True` raises a `ValueError`, since this layer has no cuDNN
             kernel. Default: `"auto"`.
-        **kwargs: Base layer arguments (`name`, `dtype`, `trainable`, ...) and
-            `zero_output_for_mask`.
+        **kwargs: Base layer arguments (`name`, `dtype`, `trainable`, ...),
+            `zero_output_for_mask` (as in `keras.layers.RNN`) and
+            `implementation` (1 or 2, as in `keras.layers.LSTM`; the same
+            maths either way).
 
     Call arguments:
         inputs: `(batch, timesteps, features)`.
@@ -158,14 +160,17 @@ class GatedLSTM(keras.layers.RNN):
             dtype=kwargs.get("dtype"),
             trainable=kwargs.get("trainable", True),
             name="gated_lstm_cell",
+            implementation=kwargs.pop("implementation", 2),
         )
+        if "zero_output_for_mask" in kwargs:
+            _checks.boolean("zero_output_for_mask", kwargs["zero_output_for_mask"])
         super().__init__(
             cell,
-            return_sequences=return_sequences,
-            return_state=return_state,
-            go_backwards=go_backwards,
-            stateful=stateful,
-            unroll=unroll,
+            return_sequences=_checks.boolean("return_sequences", return_sequences),
+            return_state=_checks.boolean("return_state", return_state),
+            go_backwards=_checks.boolean("go_backwards", go_backwards),
+            stateful=_checks.boolean("stateful", stateful),
+            unroll=_checks.boolean("unroll", unroll),
             activity_regularizer=activity_regularizer,
             **kwargs,
         )
@@ -195,7 +200,41 @@ class GatedLSTM(keras.layers.RNN):
     def call(self, sequences, initial_state=None, mask=None, training=False):
         sequences = _checks.float_inputs("inputs", sequences, self.compute_dtype)
         self._check_call(sequences, initial_state, mask)
+        if self.stateful and self.built:
+            sequences = self._check_stateful_batch(sequences)
         return super().call(sequences, initial_state=initial_state, mask=mask, training=training)
+
+    def _check_stateful_batch(self, sequences):
+        """A stateful layer's every batch has the rows it was built for.
+
+        Row i of each batch continues row i of the last one, so a smaller last
+        batch (4 samples in batches of 3) has no meaning: `keras.layers.LSTM`
+        returns a wrong-sized result and the native op fails deep inside. One
+        message instead, at trace time where the batch size is known, else as
+        a run-time check in the graph (TensorFlow, whose `predict` retraces a
+        partial batch with a free batch size).
+        """
+        rows = keras.tree.flatten(self.states)[0].shape[0]
+        message = (
+            f"`{self.name}` is stateful and was built for batches of {rows} rows, but got a "
+            "batch of {got}. Every batch must have the same rows (row i continues row i of "
+            f"the previous batch): use a batch_size that divides the number of samples, or "
+            "drop the remainder (tf.data's .batch(n, drop_remainder=True))."
+        )
+        got = sequences.shape[0]
+        if got is not None:
+            if got != rows:
+                raise ValueError(message.format(got=got))
+            return sequences
+        if keras.backend.backend() != "tensorflow":
+            return sequences
+        import tensorflow as tf
+
+        check = tf.debugging.assert_equal(
+            tf.shape(sequences)[0], rows, message=message.format(got="a different size")
+        )
+        with tf.control_dependencies([check]):
+            return tf.identity(sequences)
 
     def inner_loop(self, sequences, initial_state, mask, training=False):
         # The fused whole-sequence op when it computes the same maths, else

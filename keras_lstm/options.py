@@ -30,7 +30,6 @@ import numbers
 from typing import Any
 
 import keras
-import numpy as np
 from keras import ops
 
 from keras_lstm import _checks
@@ -318,7 +317,7 @@ def check_options(
 ) -> dict:
     """Check the option arguments together; return them normalised."""
     options = {
-        name: _flag(name, value)
+        name: _checks.boolean(name, value)
         for name, value in [("peephole", peephole), ("layer_norm", layer_norm), ("cifg", cifg)]
     }
     if proj_units is not None:
@@ -354,9 +353,3 @@ def check_options(
 
 def _real(value) -> bool:
     return not isinstance(value, bool) and isinstance(value, numbers.Real)
-
-
-def _flag(name: str, value) -> bool:
-    if isinstance(value, bool | np.bool_):
-        return bool(value)
-    raise TypeError(f"`{name}` must be True or False, got {value!r}.")

@@ -36,7 +36,7 @@ def test_dropout_rates_must_lie_in_zero_one(argument, value):
     ],
 )
 def test_unknown_names_say_which_argument(argument, value):
-    with pytest.raises(ValueError, match=rf"`{argument}` must be a .* name known to Keras"):
+    with pytest.raises(ValueError, match=rf"`{argument}` must be an? .* name known to Keras"):
         GatedLSTM(4, **{argument: value})
 
 
