@@ -1,9 +1,11 @@
-"""Where keras_lstm reaches into Keras's private modules, so that one smoke test guards it.
+"""Every place keras_lstm reaches into Keras's or TensorFlow's private code.
 
-`tests/test_keras_export.py::test_keras_exporters_are_wrapped_to_trace_portable_ops`
-checks each use here against the installed Keras and names what broke when a
-release moves it. (Other private uses, in the layer, serving and introspection
-modules, are still to move here.)
+Keras and TensorFlow keep no promise about these names across releases, so
+they live here, each behind a small function, and nowhere else in the
+package. `smoke_check()` exercises each one against the installed versions
+and names what broke (`tests/test_internals.py` runs it); the rest of the
+package only calls the functions below. Importing this module imports
+neither TensorFlow nor Keras: each function imports what it needs.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import warnings
+
+# ----------------------------------------------------------------- Keras exporters
 
 # Keras's exporters, by the name `keras.Model.export` imports them under from
 # `keras.src.export` when it is called.
@@ -67,6 +71,77 @@ def _portable(exporter, name):
     return portable
 
 
+# ----------------------------------------------------------------- Keras layers
+
+
+def dropout_rnn_cell():
+    """Keras's mixin that gives a cell `get_dropout_mask` and friends, as `LSTMCell` has."""
+    from keras.src.layers.rnn.dropout_rnn_cell import DropoutRNNCell
+
+    return DropoutRNNCell
+
+
+def never_autocast(variable) -> None:
+    """Keep `variable` in its own dtype when read under a mixed-precision policy.
+
+    A stateful layer's state must: under the torch backend an autocast
+    variable's `assign()` inside `call()` writes into a cast copy.
+    """
+    variable._autocast = False
+
+
+def keras_mask(tensor):
+    """The mask Keras attached to `tensor` (a `Masking` or `Embedding(mask_zero=True)` output)."""
+    from keras.src.backend import get_keras_mask
+
+    return get_keras_mask(tensor)
+
+
+def attach_keras_mask(tensor, mask) -> None:
+    from keras.src.backend import set_keras_mask
+
+    set_keras_mask(tensor, mask)
+
+
+def first_call_arguments(layer):
+    """The arguments (`.args`, `.kwargs`) of `layer`'s first call in a functional graph."""
+    return layer._inbound_nodes[0].arguments
+
+
+def keras_history(tensor):
+    """`(operation, node_index, tensor_index)`: where a symbolic Keras tensor was made."""
+    return tensor._keras_history
+
+
+def node_output_count(operation, node_index: int) -> int:
+    return len(operation._inbound_nodes[node_index].outputs)
+
+
+# ----------------------------------------------------------------- TensorFlow
+
+
+def in_save_context() -> bool:
+    """Whether TensorFlow is tracing inside `tf.saved_model.save` now."""
+    from tensorflow.python.saved_model import save_context
+
+    return save_context.in_save_context()
+
+
+def in_xla_context(graph) -> bool:
+    """Whether ops built in `graph` are compiled by XLA (`jit_compile=True`)."""
+    from tensorflow.python.ops import control_flow_util
+
+    return control_flow_util.GraphOrParentsInXlaContext(graph)
+
+
+def keep_tensor_list_ops(converter) -> None:
+    """Ask TFLite's converter to keep TensorList ops as TensorFlow (Flex) ops."""
+    converter._experimental_lower_tensor_list_ops = False
+
+
+# ----------------------------------------------------------------- saved lambdas
+
+
 class LambdaRefused(ValueError):
     """A saved Python lambda that safe mode does not load."""
 
@@ -95,6 +170,9 @@ def saved_lambda(value):
     if serialization_lib.in_safe_mode() is not False:
         raise LambdaRefused("safe mode refuses to load a Python lambda")
     return python_utils.func_load(*value["value"])
+
+
+# ----------------------------------------------------------------- Keras models
 
 
 def layers_within(model) -> list:
@@ -152,3 +230,97 @@ def step_loops_unrolled(model, exporter="export_litert"):
     finally:
         for layer in patched:
             del layer.inner_loop
+
+
+# ----------------------------------------------------------------- smoke check
+
+
+def smoke_check() -> list[str]:
+    """Exercise every private use above against the installed Keras and TensorFlow.
+
+    Returns one line per use that broke (its function, and the error), or an
+    empty list. Needs the TensorFlow backend.
+    """
+    import keras
+    import numpy as np
+
+    problems = []
+
+    def check(name, run):
+        try:
+            run()
+        except Exception as error:  # any failure is the news
+            problems.append(f"{name}: {type(error).__name__}: {error}")
+
+    def cell_mixin():
+        assert hasattr(dropout_rnn_cell(), "get_dropout_mask")
+
+    def variable_autocast():
+        variable = keras.Variable(np.zeros(2, "float32"))
+        never_autocast(variable)
+        assert variable._autocast is False
+
+    inputs = keras.Input((3, 2))
+    masked = keras.layers.Masking()(inputs)
+    dense = keras.layers.Dense(1)
+    outputs = dense(masked)
+    model = keras.Model(inputs, outputs)
+
+    def masks():
+        import tensorflow as tf
+
+        tensor, mask = tf.zeros((1, 3, 2)), tf.ones((1, 3), tf.bool)
+        attach_keras_mask(tensor, mask)
+        assert keras_mask(tensor) is mask
+
+    def graph_records():
+        assert first_call_arguments(dense).args[0] is masked
+        operation, node_index, _ = keras_history(outputs)
+        assert operation is dense and node_output_count(operation, node_index) == 1
+        assert dense in layers_within(model)
+
+    def tensorflow_contexts():
+        import tensorflow as tf
+
+        assert in_save_context() is False
+        seen = []
+        tf.function(
+            lambda: seen.append(in_xla_context(tf.compat.v1.get_default_graph())), jit_compile=True
+        ).get_concrete_function()
+        assert seen == [True]
+
+    def converter_flag():
+        import tensorflow as tf
+
+        function = tf.function(lambda x: x + 1).get_concrete_function(tf.TensorSpec((1,)))
+        converter = tf.lite.TFLiteConverter.from_concrete_functions([function])
+        assert hasattr(converter, "_experimental_lower_tensor_list_ops")
+        keep_tensor_list_ops(converter)
+
+    def lambdas():
+        from keras.src.saving import serialization_lib
+        from keras.src.utils import python_utils
+
+        assert serialization_lib.in_safe_mode() is None
+        code = python_utils.func_dump(lambda x: x + 1)
+        assert python_utils.func_load(*code)(1) == 2
+
+    def exporters():
+        import importlib
+
+        for name in KERAS_EXPORTERS:
+            module = importlib.import_module(f"keras.src.export.{name.removeprefix('export_')}")
+            assert callable(getattr(module, name)), name
+
+    for name, run in [
+        ("dropout_rnn_cell", cell_mixin),
+        ("never_autocast", variable_autocast),
+        ("keras_mask/attach_keras_mask", masks),
+        ("first_call_arguments/keras_history/node_output_count/layers_within", graph_records),
+        ("in_save_context/in_xla_context", tensorflow_contexts),
+        ("keep_tensor_list_ops", converter_flag),
+        ("saved_lambda", lambdas),
+        ("portable_keras_exports", exporters),
+    ]:
+        check(name, run)
+    return problems

@@ -7,11 +7,7 @@ from typing import NamedTuple
 import keras
 from keras import ops
 
-# Keras's own cells inherit this mixin; `keras.layers.RNN` recognises it and
-# draws each dropout mask once per sequence, outside the time loop.
-from keras.src.layers.rnn.dropout_rnn_cell import DropoutRNNCell
-
-from keras_lstm import _checks, options
+from keras_lstm import _checks, _internals, options
 
 
 class LSTMGates(NamedTuple):
@@ -41,8 +37,10 @@ class LSTMGates(NamedTuple):
     hidden: object
 
 
+# Keras's own cells inherit this mixin; `keras.layers.RNN` recognises it and
+# draws each dropout mask once per sequence, outside the time loop.
 @keras.saving.register_keras_serializable(package="keras_lstm")
-class GatedLSTMCell(keras.layers.Layer, DropoutRNNCell):
+class GatedLSTMCell(keras.layers.Layer, _internals.dropout_rnn_cell()):
     r"""One step of a Long Short-Term Memory network, gate by gate.
 
     A drop-in for `keras.layers.LSTMCell`: the same arguments, defaults,

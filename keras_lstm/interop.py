@@ -21,6 +21,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from keras_lstm import _internals
 from keras_lstm.cell import GatedLSTMCell
 from keras_lstm.layer import GatedLSTM
 
@@ -391,4 +392,4 @@ def _model_from_keras(model: keras.Model) -> keras.Model:
 
 
 def _contains_keras_lstm(model) -> bool:
-    return any(_is_keras_lstm(sub) for sub in model._flatten_layers(include_self=False))
+    return any(_is_keras_lstm(sub) for sub in _internals.layers_within(model))

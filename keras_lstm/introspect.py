@@ -7,8 +7,8 @@ from typing import Any
 import keras
 import numpy as np
 from keras import ops
-from keras.src.backend import get_keras_mask
 
+from keras_lstm import _internals
 from keras_lstm.cell import GatedLSTMCell, LSTMGates
 
 
@@ -53,7 +53,7 @@ def trace_gates(model_or_layer: keras.layers.Layer, inputs: Any) -> dict[str, LS
         _trace_model(model_or_layer, inputs, "", traces)
     elif _traceable(model_or_layer):
         _check_built(model_or_layer)
-        _trace_target(model_or_layer, inputs, get_keras_mask(inputs), "", traces)
+        _trace_target(model_or_layer, inputs, _internals.keras_mask(inputs), "", traces)
     else:
         raise TypeError(
             "`model_or_layer` must be a keras.Model, a GatedLSTM (or keras.layers.RNN "
@@ -94,7 +94,7 @@ def _trace_model(model, inputs, prefix, traces) -> None:
             continue
         # Keras records the mask and initial state a layer was called with as
         # arguments of its first call; a sub-model up to them gives their values.
-        arguments = layer._inbound_nodes[0].arguments
+        arguments = _internals.first_call_arguments(layer)
         wanted = {
             "sequences": arguments.args[0],
             "mask": arguments.kwargs.get("mask"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from keras_lstm import _checks
+from keras_lstm import _checks, _internals
 from keras_lstm.cell import GatedLSTMCell
 
 # The constructor arguments that belong to the cell. Each is also readable on
@@ -195,7 +195,7 @@ class GatedLSTM(keras.layers.RNN):
         # autocast variable's assign() inside call() writes into a cast copy, so
         # the state would silently restart from zeros at every batch.
         for state in keras.tree.flatten(self.states):
-            state._autocast = False
+            _internals.never_autocast(state)
 
     def call(self, sequences, initial_state=None, mask=None, training=False):
         sequences = _checks.float_inputs("inputs", sequences, self.compute_dtype)

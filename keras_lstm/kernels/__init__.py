@@ -18,7 +18,7 @@ The weight and input gradients are large matmuls over all steps at once. The
 TF-ops path projects the inputs `x W + b` of all steps in one matmul too,
 except under XLA, whose CPU backend runs the loop faster when each step
 projects its own input (as the native kernel does). This package depends on nothing else in
-`keras_lstm`.
+`keras_lstm` but `_internals` (TensorFlow's private names it uses).
 
 Public names: `native_available` (is the native kernel in use here?) and
 `build_native` (build it now, e.g. when making a Docker image); `keras-lstm
@@ -33,8 +33,8 @@ import threading
 import warnings
 
 import tensorflow as tf
-from tensorflow.python.saved_model import save_context
 
+from keras_lstm import _internals
 from keras_lstm.kernels import _cache, _native, _native_xla, _while_loop
 from keras_lstm.kernels._gradients import in_xla_context
 
@@ -165,7 +165,7 @@ def portable_ops(tensor_lists: bool = True):
 
 def _exporting() -> bool:
     """Whether the graph traced now is for an export (SavedModel, TFLite, ONNX)."""
-    return getattr(_local, "portable", False) or save_context.in_save_context()
+    return getattr(_local, "portable", False) or _internals.in_save_context()
 
 
 def _use_native(dtype) -> bool:

@@ -4,13 +4,14 @@ gradients made as single matmuls over all steps around either recurrence."""
 from __future__ import annotations
 
 import tensorflow as tf
-from tensorflow.python.ops import control_flow_util
+
+from keras_lstm import _internals
 
 
 def in_xla_context() -> bool:
     """Whether ops built now are compiled by XLA (`jit_compile=True`)."""
     graph = tf.compat.v1.get_default_graph()
-    return control_flow_util.GraphOrParentsInXlaContext(graph)
+    return _internals.in_xla_context(graph)
 
 
 def is_zero_fill(tensor) -> bool:
