@@ -60,11 +60,16 @@ def _portable(exporter, name):
 
     @functools.wraps(exporter)
     def portable(*args, **kwargs):
-        if name not in NO_TENSOR_LISTS:
-            with portable_ops():
-                return exporter(*args, **kwargs)
         model = args[0] if args else kwargs.get("model")
-        with portable_ops(tensor_lists=False), step_loops_unrolled(model, name):
+        if name == "export_onnx":
+            for reason in onnx_loop_reasons(model):
+                warnings.warn(reason, stacklevel=3)
+            with portable_ops("onnx"):
+                return exporter(*args, **kwargs)
+        if name not in NO_TENSOR_LISTS:
+            with portable_ops("saved_model"):
+                return exporter(*args, **kwargs)
+        with portable_ops("no_tensor_lists"), step_loops_unrolled(model, name):
             return exporter(*args, **kwargs)
 
     portable.keras_lstm_portable = True
@@ -178,6 +183,60 @@ def saved_lambda(value):
 def layers_within(model) -> list:
     """Every layer inside `model`, nested ones (a `Bidirectional`'s two) included."""
     return list(model._flatten_layers(include_self=False, recursive=True))
+
+
+def onnx_loop_reasons(model) -> list[str]:
+    """One line per layer of ours that an ONNX export keeps as a `Loop`, with the reason.
+
+    tf2onnx fuses `GatedLSTM`'s loop into ONNX's `LSTM` op when the cell is
+    the standard LSTM (see `kernels._while_loop.lstm_sequence_for_onnx`). A
+    masked layer is named when it is traced (`GatedLSTM.inner_loop`).
+    """
+    import keras
+
+    from keras_lstm.cell import GatedLSTMCell
+    from keras_lstm.layer import GatedLSTM
+
+    reasons = []
+    for layer in layers_within(model) if model is not None else []:
+        if not isinstance(layer, keras.layers.RNN) or not isinstance(layer.cell, GatedLSTMCell):
+            continue
+        if not isinstance(layer, GatedLSTM):
+            why = (
+                "keras.layers.RNN runs Keras's step loop around the cell; GatedLSTM with the "
+                "same arguments exports as the LSTM op"
+            )
+        elif layer.unroll:
+            why = "unroll=True writes every step out"
+        elif not layer.cell.is_standard_lstm:
+            why = f"its cell ({_cell_changes(layer.cell)}) is not the maths of ONNX's LSTM op"
+        else:
+            continue
+        reasons.append(f"Layer '{layer.name}' exports as an ONNX Loop, not ONNX's LSTM op: {why}.")
+    return reasons
+
+
+def _cell_changes(cell) -> str:
+    import keras
+
+    changes = [
+        name
+        for name, on in [
+            ("peephole", cell.peephole),
+            ("layer_norm", cell.layer_norm),
+            ("cifg", cell.cifg),
+            ("proj_units", cell.proj_units is not None),
+            ("zoneout_h", cell.zoneout_h > 0),
+            ("zoneout_c", cell.zoneout_c > 0),
+            ("cell_clip", cell.cell_clip is not None),
+        ]
+        if on
+    ]
+    for name in ("activation", "recurrent_activation"):
+        value = keras.activations.serialize(getattr(cell, name))
+        if value != {"activation": "tanh", "recurrent_activation": "sigmoid"}[name]:
+            changes.append(f"{name}={value!r}")
+    return ", ".join(changes)
 
 
 @contextlib.contextmanager

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import keras
 from keras import ops
 
@@ -247,6 +249,12 @@ class GatedLSTM(keras.layers.RNN):
             return super().inner_loop(sequences, initial_state, mask, training=training)
         from keras_lstm import kernels
 
+        if mask is not None and kernels.export_loop_form() == "onnx":
+            warnings.warn(
+                f"Layer '{self.name}' exports as an ONNX Loop, not ONNX's LSTM op: it is "
+                "masked, and the op takes sequence lengths, not masks.",
+                stacklevel=2,
+            )
         if training and self.cell.dropout > 0:
             # One mask per sequence, the one the cell would draw.
             sequences = sequences * self.cell.get_dropout_mask(sequences[:, 0, :])[:, None, :]

@@ -8,6 +8,7 @@ layers) in each format; the slow suite adds the other model shapes.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -133,6 +134,16 @@ def test_keras_exporters_are_wrapped_to_trace_portable_ops():
             assert getattr(getattr(owner, name), "keras_lstm_portable", False), (owner, name)
 
 
+# The models whose every recurrent layer becomes ONNX's LSTM op (tf2onnx fuses
+# GatedLSTM's export loop); the others keep an ONNX Loop and say why.
+ONNX_LSTM_OP = {"stacked_bidirectional", "sequential", "stacked", "free_length"}
+ONNX_LOOP_REASONS = {
+    "functional_cell": "keras.layers.RNN runs Keras's step loop",
+    "masked": "it is masked",
+    "cell_option": r"its cell \(peephole\) is not the maths",
+}
+
+
 @pytest.mark.parametrize("shape", CASES)
 def test_onnx_export_runs_in_onnxruntime_and_matches_predict(shape, tmp_path):
     onnx = pytest.importorskip("onnx")
@@ -140,9 +151,18 @@ def test_onnx_export_runs_in_onnxruntime_and_matches_predict(shape, tmp_path):
     model, x = SHAPES[shape](), _data()
     expected = model.predict(x, verbose=0)
     path = tmp_path / "model.onnx"
-    model.export(str(path), format="onnx", verbose=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.export(str(path), format="onnx", verbose=False)
+    said = [str(w.message) for w in caught if "exports as an ONNX Loop" in str(w.message)]
     ops = {node.op_type for node in onnx.load(str(path)).graph.node}
     assert not any(op.startswith("KerasLstm") for op in ops), ops
+    if shape in ONNX_LSTM_OP:
+        assert "LSTM" in ops and "Loop" not in ops, ops
+        assert not said, said
+    else:
+        assert "Loop" in ops, ops
+        assert said and re.search(ONNX_LOOP_REASONS[shape], said[0]), said
     session = ort.InferenceSession(str(path))
     (got,) = session.run(None, {session.get_inputs()[0].name: x})
     np.testing.assert_allclose(got, expected, atol=1e-5)

@@ -40,7 +40,13 @@ from keras_lstm.kernels._gradients import in_xla_context
 
 _local = threading.local()
 
-__all__ = ["build_native", "lstm_recurrence", "native_available", "portable_ops"]
+__all__ = [
+    "build_native",
+    "export_loop_form",
+    "lstm_recurrence",
+    "native_available",
+    "portable_ops",
+]
 
 
 def native_available(jit_compile: bool = False) -> bool:
@@ -144,28 +150,44 @@ def _build_unless_built(library, name, force):
         return _cache.load_or_build(library, name, force=True)
 
 
+# The loop forms `portable_ops` can ask for, by the converter they suit.
+LOOP_FORMS = ("saved_model", "no_tensor_lists", "onnx")
+
+
 @contextlib.contextmanager
-def portable_ops(tensor_lists: bool = True):
+def portable_ops(form: str = "saved_model"):
     """Within this block the fused op is built from TensorFlow's own ops only.
 
     Graphs traced here (a SavedModel for TensorFlow Serving, a TFLite model)
     then run where the native kernel's library is not loaded. Tracing inside
-    `tf.saved_model.save` is portable without it. With `tensor_lists=False`
-    the loop also avoids `tf.TensorArray` (see
-    `_while_loop.lstm_sequence_without_lists`), for converters that cannot
-    take TensorList ops at a free batch size (TFLite's, OpenVINO's).
+    `tf.saved_model.save` is portable without it. `form` picks the loop:
+
+    - `"saved_model"`: `tf.while_loop`s with their own gradient (a SavedModel
+      can be fine-tuned);
+    - `"no_tensor_lists"`: no `tf.TensorArray`, for converters that cannot
+      take TensorList ops at a free batch size (TFLite's, OpenVINO's); see
+      `_while_loop.lstm_sequence_without_lists`;
+    - `"onnx"`: the loop tf2onnx fuses into ONNX's `LSTM` op (see
+      `_while_loop.lstm_sequence_for_onnx`); masked layers keep the first form.
     """
-    previous = getattr(_local, "portable", False), getattr(_local, "no_lists", False)
-    _local.portable, _local.no_lists = True, not tensor_lists
+    if form not in LOOP_FORMS:
+        raise ValueError(f"`form` must be one of {LOOP_FORMS}, got {form!r}.")
+    previous = getattr(_local, "portable", False), getattr(_local, "form", "saved_model")
+    _local.portable, _local.form = True, form
     try:
         yield
     finally:
-        _local.portable, _local.no_lists = previous
+        _local.portable, _local.form = previous
 
 
 def _exporting() -> bool:
     """Whether the graph traced now is for an export (SavedModel, TFLite, ONNX)."""
     return getattr(_local, "portable", False) or _internals.in_save_context()
+
+
+def export_loop_form() -> str:
+    """The loop form a surrounding `portable_ops` block asked for, or `""` outside one."""
+    return getattr(_local, "form", "saved_model") if getattr(_local, "portable", False) else ""
 
 
 def _use_native(dtype) -> bool:
@@ -225,6 +247,10 @@ def lstm_recurrence(
             keep_for_gradient=bool(training) if isinstance(training, bool) else True,
             return_sequences=return_sequences,
         )
+    elif export_loop_form() == "onnx" and mask is None:
+        h_seq, h_last, c_last = _while_loop.lstm_sequence_for_onnx(
+            x, kernel, bias, recurrent_kernel, h0, c0
+        )
     elif in_xla_context():
         h_seq, c_seq = _while_loop.lstm_sequence_projecting(
             x, kernel, bias, recurrent_kernel, h0, c0, mask, bounded=not _exporting()
@@ -237,7 +263,7 @@ def lstm_recurrence(
         if bias is not None:
             xz = xz + bias
         xz = tf.reshape(xz, (steps, batch, kernel.shape[-1]))
-        if getattr(_local, "no_lists", False):
+        if export_loop_form() == "no_tensor_lists":
             h_seq, h_last, c_last = _while_loop.lstm_sequence_without_lists(
                 xz, recurrent_kernel, h0, c0, mask
             )

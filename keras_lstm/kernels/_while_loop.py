@@ -205,6 +205,37 @@ def lstm_sequence_without_lists(xz, recurrent_kernel, h0, c0, mask=None):
     return h_seq, h_last, c_last
 
 
+def lstm_sequence_for_onnx(x, kernel, bias, recurrent_kernel, h0, c0):
+    """The forward recurrence alone, in the form tf2onnx fuses into ONNX's `LSTM` op.
+
+    tf2onnx recognises the loop `keras.layers.LSTM` traces on TensorFlow
+    (`tf2onnx/rewriter/lstm_tf2_rewriter.py`): each step `x_t W + h R`,
+    `BiasAdd` of `b`, a four-way `Split`, `c = f * c + i * g`,
+    `h = o * tanh(c)`, `h` written to a `TensorArray`, and the weights
+    constants of the graph. This loop is written exactly so (inference only,
+    no mask: ONNX's op takes lengths, not masks). Time-major `x` (T, B, D).
+    Returns `(h_seq, h_last, c_last)`.
+    """
+    steps = tf.shape(x)[0]
+    x_ta = tf.TensorArray(x.dtype, size=steps).unstack(x)
+    h_ta = tf.TensorArray(x.dtype, size=steps, element_shape=h0.shape)
+
+    def body(t, h, c, h_ta):
+        z = tf.matmul(x_ta.read(t), kernel) + tf.matmul(h, recurrent_kernel)
+        if bias is not None:
+            z = tf.nn.bias_add(z, bias)
+        z_i, z_f, z_g, z_o = tf.split(z, 4, axis=1)
+        i, f, g, o = tf.sigmoid(z_i), tf.sigmoid(z_f), tf.tanh(z_g), tf.sigmoid(z_o)
+        c = f * c + i * g
+        h = o * tf.tanh(c)
+        return t + 1, h, c, h_ta.write(t, h)
+
+    _, h_last, c_last, h_ta = tf.while_loop(
+        lambda t, *_: t < steps, body, (tf.constant(0), h0, c0, h_ta)
+    )
+    return h_ta.stack(), h_last, c_last
+
+
 def lstm_sequence(xz, recurrent_kernel, h0, c0, mask=None, bounded=True):
     """Runs the recurrence over time-major `xz = x W + b` of shape (T, B, 4H).
 
