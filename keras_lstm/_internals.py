@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 import warnings
 
 # ----------------------------------------------------------------- Keras exporters
@@ -64,10 +65,10 @@ def _portable(exporter, name):
         if name == "export_onnx":
             for reason in onnx_loop_reasons(model):
                 warnings.warn(reason, stacklevel=3)
-            with portable_ops("onnx"):
+            with portable_ops("inference"), _onnx_export():
                 return exporter(*args, **kwargs)
         if name not in NO_TENSOR_LISTS:
-            with portable_ops("saved_model"):
+            with portable_ops("inference"):
                 return exporter(*args, **kwargs)
         with portable_ops("no_tensor_lists"), step_loops_unrolled(model, name):
             return exporter(*args, **kwargs)
@@ -185,11 +186,29 @@ def layers_within(model) -> list:
     return list(model._flatten_layers(include_self=False, recursive=True))
 
 
+_onnx = threading.local()
+
+
+@contextlib.contextmanager
+def _onnx_export():
+    previous = getattr(_onnx, "active", False)
+    _onnx.active = True
+    try:
+        yield
+    finally:
+        _onnx.active = previous
+
+
+def exporting_onnx() -> bool:
+    """Whether Keras's ONNX exporter is tracing now."""
+    return getattr(_onnx, "active", False)
+
+
 def onnx_loop_reasons(model) -> list[str]:
     """One line per layer of ours that an ONNX export keeps as a `Loop`, with the reason.
 
     tf2onnx fuses `GatedLSTM`'s loop into ONNX's `LSTM` op when the cell is
-    the standard LSTM (see `kernels._while_loop.lstm_sequence_for_onnx`). A
+    the standard LSTM (see `kernels._while_loop.lstm_sequence_for_inference`). A
     masked layer is named when it is traced (`GatedLSTM.inner_loop`).
     """
     import keras

@@ -150,29 +150,27 @@ def _build_unless_built(library, name, force):
         return _cache.load_or_build(library, name, force=True)
 
 
-# The loop forms `portable_ops` can ask for, by the converter they suit.
-LOOP_FORMS = ("saved_model", "no_tensor_lists", "onnx")
+# The loop forms `portable_ops` can ask for.
+LOOP_FORMS = ("inference", "no_tensor_lists")
 
 
 @contextlib.contextmanager
-def portable_ops(form: str = "saved_model"):
+def portable_ops(form: str = "inference"):
     """Within this block the fused op is built from TensorFlow's own ops only.
 
-    Graphs traced here (a SavedModel for TensorFlow Serving, a TFLite model)
-    then run where the native kernel's library is not loaded. Tracing inside
-    `tf.saved_model.save` is portable without it. `form` picks the loop:
+    Graphs traced here (a SavedModel for TensorFlow Serving, a TFLite or ONNX
+    model) then run where the native kernel's library is not loaded. Tracing
+    inside `tf.saved_model.save` is portable without it. `form` picks the loop:
 
-    - `"saved_model"`: `tf.while_loop`s with their own gradient (a SavedModel
-      can be fine-tuned);
+    - `"inference"`: one lean `tf.while_loop`, in the form tf2onnx fuses into
+      ONNX's `LSTM` op (`_while_loop.lstm_sequence_for_inference`);
     - `"no_tensor_lists"`: no `tf.TensorArray`, for converters that cannot
       take TensorList ops at a free batch size (TFLite's, OpenVINO's); see
-      `_while_loop.lstm_sequence_without_lists`;
-    - `"onnx"`: the loop tf2onnx fuses into ONNX's `LSTM` op (see
-      `_while_loop.lstm_sequence_for_onnx`); masked layers keep the first form.
+      `_while_loop.lstm_sequence_without_lists`.
     """
     if form not in LOOP_FORMS:
         raise ValueError(f"`form` must be one of {LOOP_FORMS}, got {form!r}.")
-    previous = getattr(_local, "portable", False), getattr(_local, "form", "saved_model")
+    previous = getattr(_local, "portable", False), getattr(_local, "form", "inference")
     _local.portable, _local.form = True, form
     try:
         yield
@@ -186,8 +184,11 @@ def _exporting() -> bool:
 
 
 def export_loop_form() -> str:
-    """The loop form a surrounding `portable_ops` block asked for, or `""` outside one."""
-    return getattr(_local, "form", "saved_model") if getattr(_local, "portable", False) else ""
+    """The loop form of the export traced now (`portable_ops`, or `tf.saved_model.save`),
+    or `""` when the graph is not for an export."""
+    if getattr(_local, "portable", False):
+        return getattr(_local, "form", "inference")
+    return "inference" if _internals.in_save_context() else ""
 
 
 def _use_native(dtype) -> bool:
@@ -247,13 +248,13 @@ def lstm_recurrence(
             keep_for_gradient=bool(training) if isinstance(training, bool) else True,
             return_sequences=return_sequences,
         )
-    elif export_loop_form() == "onnx" and mask is None:
-        h_seq, h_last, c_last = _while_loop.lstm_sequence_for_onnx(
-            x, kernel, bias, recurrent_kernel, h0, c0
+    elif export_loop_form() == "inference":
+        h_seq, h_last, c_last = _while_loop.lstm_sequence_for_inference(
+            x, kernel, bias, recurrent_kernel, h0, c0, mask
         )
     elif in_xla_context():
         h_seq, c_seq = _while_loop.lstm_sequence_projecting(
-            x, kernel, bias, recurrent_kernel, h0, c0, mask, bounded=not _exporting()
+            x, kernel, bias, recurrent_kernel, h0, c0, mask
         )
         h_last, c_last = h_seq[-1], c_seq[-1]
     else:
@@ -268,9 +269,7 @@ def lstm_recurrence(
                 xz, recurrent_kernel, h0, c0, mask
             )
         else:
-            h_seq, c_seq = _while_loop.lstm_sequence(
-                xz, recurrent_kernel, h0, c0, mask, bounded=not _exporting()
-            )
+            h_seq, c_seq = _while_loop.lstm_sequence(xz, recurrent_kernel, h0, c0, mask)
             h_last, c_last = h_seq[-1], c_seq[-1]
     states = [h_last, c_last]
     if return_sequences:

@@ -19,13 +19,12 @@ def _split_gates(gates):
     return tf.split(gates, 4, axis=-1)
 
 
-def _forward(xs, recurrent_kernel, h0, c0, mask, project=None, bounded=True):
+def _forward(xs, recurrent_kernel, h0, c0, mask, project=None):
     """`xs` is the time-major `x W + b`, or `x` itself when `project` maps a step to it.
 
-    `bounded=False` leaves out `maximum_iterations`: graphs for export, where
-    tf2onnx turns the bounded loop's extra counter into an ONNX `Loop` that
-    onnxruntime refuses (int64 against int32). Nothing differentiates this
-    loop (the recurrence has its own gradient), so the bound only serves XLA.
+    Exports trace `lstm_sequence_for_inference` instead: tf2onnx turns this
+    bounded loop's extra counter into an ONNX `Loop` that onnxruntime refuses
+    (int64 against int32).
     """
     steps = tf.shape(xs)[0]
     dtype = xs.dtype
@@ -61,7 +60,7 @@ def _forward(xs, recurrent_kernel, h0, c0, mask, project=None, bounded=True):
         lambda t, *_: t < steps,
         body,
         (tf.constant(0), h0, c0, h_ta, c_ta, g_ta),
-        maximum_iterations=steps if bounded else None,
+        maximum_iterations=steps,
     )
     return h_ta.stack(), c_ta.stack(), g_ta.stack()
 
@@ -118,7 +117,7 @@ def _backward(recurrent_kernel, c0, mask, c_seq, gates, dh_seq, dc_seq):
     return dz_ta.stack(), dh0, dc0
 
 
-def lstm_sequence_projecting(x, kernel, bias, recurrent_kernel, h0, c0, mask=None, bounded=True):
+def lstm_sequence_projecting(x, kernel, bias, recurrent_kernel, h0, c0, mask=None):
     """As `lstm_sequence`, but from time-major `x` (T, B, D), projecting each step in the loop.
 
     XLA on CPU runs this form faster than reading a precomputed `x W + b`
@@ -137,7 +136,6 @@ def lstm_sequence_projecting(x, kernel, bias, recurrent_kernel, h0, c0, mask=Non
                 c0,
                 mask,
                 project=lambda x_t: tf.matmul(x_t, kernel),
-                bounded=bounded,
             )
 
             def grad(dh_seq, dc_seq):
@@ -158,7 +156,6 @@ def lstm_sequence_projecting(x, kernel, bias, recurrent_kernel, h0, c0, mask=Non
             c0,
             mask,
             project=lambda x_t: tf.matmul(x_t, kernel) + bias,
-            bounded=bounded,
         )
 
         def grad(dh_seq, dc_seq):
@@ -205,29 +202,35 @@ def lstm_sequence_without_lists(xz, recurrent_kernel, h0, c0, mask=None):
     return h_seq, h_last, c_last
 
 
-def lstm_sequence_for_onnx(x, kernel, bias, recurrent_kernel, h0, c0):
-    """The forward recurrence alone, in the form tf2onnx fuses into ONNX's `LSTM` op.
+def lstm_sequence_for_inference(x, kernel, bias, recurrent_kernel, h0, c0, mask=None):
+    """The forward recurrence alone, lean, for exported graphs.
 
-    tf2onnx recognises the loop `keras.layers.LSTM` traces on TensorFlow
-    (`tf2onnx/rewriter/lstm_tf2_rewriter.py`): each step `x_t W + h R`,
-    `BiasAdd` of `b`, a four-way `Split`, `c = f * c + i * g`,
-    `h = o * tanh(c)`, `h` written to a `TensorArray`, and the weights
-    constants of the graph. This loop is written exactly so (inference only,
-    no mask: ONNX's op takes lengths, not masks). Time-major `x` (T, B, D).
-    Returns `(h_seq, h_last, c_last)`.
+    It keeps only `h` of each step (the training loop also keeps the gates
+    and `c` for its backward pass), so a served model does less work;
+    TensorFlow can still differentiate it (without our faster gradient).
+    Unmasked, it is written in the form tf2onnx recognises from
+    `keras.layers.LSTM` (`tf2onnx/rewriter/lstm_tf2_rewriter.py`) and fuses
+    into ONNX's `LSTM` op: each step `x_t W + h R`, `BiasAdd` of `b`, a
+    four-way `Split`, `c = f * c + i * g`, `h = o * tanh(c)`, `h` written to
+    a `TensorArray`. Time-major `x` (T, B, D). Returns `(h_seq, h_last, c_last)`.
     """
     steps = tf.shape(x)[0]
     x_ta = tf.TensorArray(x.dtype, size=steps).unstack(x)
     h_ta = tf.TensorArray(x.dtype, size=steps, element_shape=h0.shape)
 
-    def body(t, h, c, h_ta):
-        z = tf.matmul(x_ta.read(t), kernel) + tf.matmul(h, recurrent_kernel)
+    mask_ta = None if mask is None else tf.TensorArray(tf.bool, size=steps).unstack(mask)
+
+    def body(t, h_prev, c_prev, h_ta):
+        z = tf.matmul(x_ta.read(t), kernel) + tf.matmul(h_prev, recurrent_kernel)
         if bias is not None:
             z = tf.nn.bias_add(z, bias)
         z_i, z_f, z_g, z_o = tf.split(z, 4, axis=1)
         i, f, g, o = tf.sigmoid(z_i), tf.sigmoid(z_f), tf.tanh(z_g), tf.sigmoid(z_o)
-        c = f * c + i * g
+        c = f * c_prev + i * g
         h = o * tf.tanh(c)
+        if mask_ta is not None:
+            keep = mask_ta.read(t)[:, None]
+            h, c = tf.where(keep, h, h_prev), tf.where(keep, c, c_prev)
         return t + 1, h, c, h_ta.write(t, h)
 
     _, h_last, c_last, h_ta = tf.while_loop(
@@ -236,7 +239,7 @@ def lstm_sequence_for_onnx(x, kernel, bias, recurrent_kernel, h0, c0):
     return h_ta.stack(), h_last, c_last
 
 
-def lstm_sequence(xz, recurrent_kernel, h0, c0, mask=None, bounded=True):
+def lstm_sequence(xz, recurrent_kernel, h0, c0, mask=None):
     """Runs the recurrence over time-major `xz = x W + b` of shape (T, B, 4H).
 
     `mask` is an optional boolean (T, B); a `False` step keeps the row's
@@ -245,7 +248,7 @@ def lstm_sequence(xz, recurrent_kernel, h0, c0, mask=None, bounded=True):
 
     @tf.custom_gradient
     def run(xz, recurrent_kernel, h0, c0):
-        h_seq, c_seq, gates = _forward(xz, recurrent_kernel, h0, c0, mask, bounded=bounded)
+        h_seq, c_seq, gates = _forward(xz, recurrent_kernel, h0, c0, mask)
 
         def grad(dh_seq, dc_seq):
             dz, dh0, dc0 = _backward(recurrent_kernel, c0, mask, c_seq, gates, dh_seq, dc_seq)
