@@ -1,12 +1,45 @@
-"""Write files and folders so that a failure never leaves half of one behind."""
+"""Write files and folders so that a failure never leaves half of one behind.
+
+A folder is written under a hidden name beside its destination,
+`.<name>.<pid>-<random>.tmp`, and renamed into place once complete. While
+it is written, the writing process holds an exclusive lock on it
+(`fcntl.flock`), which the operating system drops when the process ends,
+however it ends (a crash, `kill -9`). `remove_stale_temporaries` uses that
+lock to tell a folder another process is still writing from one left behind
+by a process that is gone.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, so only the age rule applies
+    fcntl = None
+
+# A temporary folder nobody holds the lock of is removed once nothing in it
+# has changed for this long. The lock is taken right after the folder is
+# created; the delay only covers that moment.
+STALE_AFTER_S = 60.0
+# A temporary folder whose lock cannot be tested (a platform or file system
+# without flock, or a folder written by a version that took no lock) is
+# removed once nothing in it has changed for this long.
+UNVERIFIED_STALE_AFTER_S = 24 * 3600.0
+
+# `.<target>.<pid>-<random>.tmp` (or `.old`: the previous copy during a swap);
+# older versions wrote `.<target>.<random>.tmp`, without the pid and the lock.
+_TEMPORARY_NAME = re.compile(
+    r"\.(?P<target>.+?)\.(?:(?P<pid>[0-9]+)-)?[A-Za-z0-9_]+\.(?P<kind>tmp|old)"
+)
+_HELD = object()  # `_lock`'s answer when another open file holds the lock
+_MAX_RENAME_TRIES = 100
 
 
 @contextlib.contextmanager
@@ -31,38 +64,236 @@ def atomic_file(path: str | os.PathLike) -> Iterator[str]:
         shutil.rmtree(private, ignore_errors=True)
 
 
-@contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterator[str]:
-    """Yield an empty temporary folder beside `path`; on success move it to `path`.
+class AtomicDirectory:
+    """Context manager: yield an empty temporary folder beside `path`, then move it there.
 
-    An existing `path` is replaced only with `overwrite=True`, and then only
-    once the new folder is complete. If the swap itself fails, the old folder
-    is put back.
+    `with AtomicDirectory(path) as tmp:` writes into `tmp`; when the block
+    ends without an exception the folder is renamed to `path` (then
+    `.path`, which may differ with `next_path`). On an exception, or when
+    the rename is refused, the temporary folder is removed and `path` is
+    left as it was.
+
+    Args:
+        path: Where the folder goes.
+        overwrite: Replace an existing `path`, once the new folder is
+            complete; if the swap itself fails, the old folder is put back.
+            Default: `False`, an existing `path` raises `FileExistsError`,
+            also one that appears while the new folder is being written: a
+            folder is never replaced unless asked.
+        next_path: With `overwrite=False`, called when `path` is taken by
+            the time the new folder is complete (another process wrote it
+            meanwhile); returns the next path to try. Default: `None`,
+            raise `FileExistsError`.
     """
-    path = os.fspath(os.path.abspath(path))
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"`{path}` already exists; pass overwrite=True to replace it.")
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
-    try:
-        yield tmp
-        if not os.path.exists(path):
-            os.replace(tmp, path)
-            return
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".old", dir=parent)
-        previous = os.path.join(old, "previous")
-        os.replace(path, previous)
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        overwrite: bool = False,
+        next_path: Callable[[], str] | None = None,
+    ):
+        self.path = os.path.abspath(os.fspath(path))
+        self.overwrite = overwrite
+        self.next_path = next_path
+        self._tmp = None
+        self._lock = None
+
+    def __enter__(self) -> str:
+        if os.path.lexists(self.path) and not self.overwrite and self.next_path is None:
+            raise FileExistsError(
+                f"`{self.path}` already exists; pass overwrite=True to replace it."
+            )
+        parent = os.path.dirname(self.path)
+        os.makedirs(parent, exist_ok=True)
+        self._tmp, self._lock = _locked_temporary(parent, os.path.basename(self.path), ".tmp")
+        return self._tmp
+
+    def __exit__(self, exc_type, exc, traceback) -> bool:
         try:
-            os.replace(tmp, path)
-        except BaseException:
-            os.replace(previous, path)
-            raise
+            if exc_type is None:
+                self._move_into_place()
+        finally:
+            if os.path.exists(self._tmp):
+                shutil.rmtree(self._tmp, ignore_errors=True)
+            _unlock(self._lock)
+        return False
+
+    def _move_into_place(self) -> None:
+        if self.overwrite and os.path.lexists(self.path):
+            self._swap()
+            return
+        for _ in range(_MAX_RENAME_TRIES):
+            if _rename_unless_taken(self._tmp, self.path):
+                return
+            if self.overwrite:
+                self._swap()
+                return
+            if self.next_path is None:
+                raise FileExistsError(
+                    f"`{self.path}` was created by someone else while this folder was being "
+                    "written; it was left as it is. Pass overwrite=True to replace it."
+                )
+            self.path = os.path.abspath(self.next_path())
+        raise FileExistsError(f"No free name found next to `{self.path}`.")
+
+    def _swap(self) -> None:
+        parent = os.path.dirname(self.path)
+        old, old_lock = _locked_temporary(parent, os.path.basename(self.path), ".old")
+        try:
+            previous = os.path.join(old, "previous")
+            os.replace(self.path, previous)
+            try:
+                os.replace(self._tmp, self.path)
+            except BaseException:
+                os.replace(previous, self.path)
+                raise
         finally:
             shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
+            _unlock(old_lock)
+
+
+def atomic_directory(
+    path: str | os.PathLike,
+    overwrite: bool = False,
+    next_path: Callable[[], str] | None = None,
+) -> AtomicDirectory:
+    """`AtomicDirectory(path, overwrite, next_path)`: see there."""
+    return AtomicDirectory(path, overwrite=overwrite, next_path=next_path)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, targets: str = ".+") -> list[str]:
+    """Remove the temporary folders that interrupted writes left in `folder`.
+
+    Only hidden folders named as `AtomicDirectory` names them, for a
+    destination whose name matches the regular expression `targets`, are
+    considered. One is stale, and removed, when
+
+    - no process holds its lock and nothing in it has changed for
+      `STALE_AFTER_S` seconds: its writer is gone;
+    - its lock cannot be tested (no flock on this platform or file system,
+      or a folder from a version without locks) and nothing in it has
+      changed for `UNVERIFIED_STALE_AFTER_S` seconds.
+
+    A folder whose lock is held, by this or any other process, is never
+    removed, however old. An `.old` folder (the previous copy during a swap)
+    is kept while its destination is missing, since it then holds the only
+    copy. Folders that cannot be read or removed are skipped.
+
+    Returns:
+        The names of the folders removed.
+    """
+    folder = os.fspath(folder)
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    removed = []
+    now = time.time()
+    for name in sorted(names):
+        match = _TEMPORARY_NAME.fullmatch(name)
+        if match is None or not re.fullmatch(targets, match["target"]):
+            continue
+        path = os.path.join(folder, name)
+        if os.path.islink(path) or not os.path.isdir(path):
+            continue
+        if match["kind"] == "old" and not os.path.lexists(os.path.join(folder, match["target"])):
+            continue
+        lock = _lock(path) if match["pid"] else None
+        if lock is _HELD:
+            continue
+        try:
+            limit = STALE_AFTER_S if lock is not None else UNVERIFIED_STALE_AFTER_S
+            try:
+                if now - _newest_change(path) < limit:
+                    continue
+            except OSError:  # removed meanwhile, or unreadable
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+            if not os.path.lexists(path):
+                removed.append(name)
+        finally:
+            _unlock(lock)
+    return removed
+
+
+def _locked_temporary(parent: str, name: str, suffix: str):
+    """A new hidden folder `.<name>.<pid>-<random><suffix>` in `parent`, and its lock.
+
+    `mkdtemp` makes it private (0700); it becomes the published folder, which
+    a model server running as another user must read, so it gets the mode
+    any new folder gets here (0777 less the umask), as `os.makedirs` would.
+    """
+    path = tempfile.mkdtemp(prefix=f".{name}.{os.getpid()}-", suffix=suffix, dir=parent)
+    os.chmod(path, 0o777 & ~_umask())
+    lock = _lock(path)
+    return path, None if lock is _HELD else lock
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it where the system allows."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore (not thread-safe, but brief)
+    os.umask(mask)
+    return mask
+
+
+def _lock(path: str):
+    """Take an exclusive lock on the folder `path` without waiting.
+
+    Returns the open descriptor that holds it, `_HELD` when another open
+    file (in this process or another) holds it, or `None` where this
+    platform or file system cannot lock a folder.
+    """
+    if fcntl is None:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return _HELD
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _unlock(lock) -> None:
+    if isinstance(lock, int):
+        with contextlib.suppress(OSError):
+            os.close(lock)
+
+
+def _rename_unless_taken(src: str, dst: str) -> bool:
+    """Rename `src` to `dst` unless `dst` exists; False if it does."""
+    if os.path.lexists(dst):
+        return False
+    try:
+        os.rename(src, dst)  # refuses a non-empty folder, or any `dst` on Windows
+    except OSError:
+        if os.path.lexists(dst):
+            return False
+        raise
+    return True
+
+
+def _newest_change(path: str) -> float:
+    """The latest modification time of `path` and everything under it."""
+    newest = os.lstat(path).st_mtime
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            with contextlib.suppress(OSError):
+                newest = max(newest, os.lstat(os.path.join(root, name)).st_mtime)
+    return newest
 
 
 def _fsync(path: str) -> None:

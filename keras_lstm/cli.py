@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import zipfile
+import zlib
 
 
 def _positive_int(text: str) -> int:
@@ -17,17 +19,70 @@ def _positive_int(text: str) -> int:
 def _demo(args) -> int:
     from keras_lstm import demo
 
+    try:
+        demo.check_out(args.out, name="--out")  # before a minute of training, not after
+    except ValueError as error:
+        print(f"keras-lstm demo: {error}", file=sys.stderr)
+        return 1
     demo.run(out=args.out, epochs=args.epochs, units=args.units)
     return 0
 
 
-def _export(args) -> int:
+def load_model(path: str | os.PathLike):
+    """`keras.saving.load_model(path, compile=False)`, saying plainly what is wrong.
+
+    Keras answers "File not found" for a `.keras` file that exists but is
+    not a zip file, or is cut short; this raises a `ValueError` that says
+    which it is (missing, a folder, empty, not a zip file, truncated or
+    damaged, a zip file without a model), in one line.
+    """
     import keras
 
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ValueError(f"`{path}` does not exist.")
+    if os.path.isdir(path):
+        raise ValueError(
+            f"`{path}` is a folder; expected a model file saved with model.save('name.keras')."
+        )
+    if path.endswith(".keras"):
+        problem = _keras_archive_problem(path)
+        if problem:
+            raise ValueError(problem)
+    try:
+        return keras.saving.load_model(path, compile=False)
+    except (zipfile.BadZipFile, EOFError, zlib.error) as error:
+        raise ValueError(f"`{path}` is truncated or damaged ({error}).") from error
+
+
+def _keras_archive_problem(path: str) -> str | None:
+    """What keeps `path` from being a readable `.keras` archive, or None."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        return f"`{path}` is empty; expected a Keras archive saved with model.save()."
+    if not zipfile.is_zipfile(path):
+        if head == b"PK\x03\x04":  # a zip file's start without its end
+            return f"`{path}` is truncated or damaged: a zip file cut short."
+        return f"`{path}` is not a Keras archive (not a zip file)."
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = set(archive.namelist())
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as error:
+        return f"`{path}` is truncated or damaged ({error})."
+    if damaged is not None:
+        return f"`{path}` is damaged: `{damaged}` inside it fails its checksum."
+    if "config.json" not in names:
+        return f"`{path}` is a zip file but not a Keras archive (no config.json inside)."
+    return None
+
+
+def _export(args) -> int:
     from keras_lstm.serving import export_for_serving
 
     try:
-        model = keras.saving.load_model(args.model, compile=False)
+        model = load_model(args.model)
         path = export_for_serving(
             model,
             args.base_dir,
@@ -49,7 +104,7 @@ def _serve_check(args) -> int:
 
     try:
         return _serve_check.launch(args.base_dir)
-    except ValueError as error:
+    except (ValueError, OSError) as error:
         print(f"keras-lstm serve-check: {error}", file=sys.stderr)
         return 1
 
@@ -106,7 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--no-warmup", action="store_true", help="write no warmup requests (assets.extra/)"
     )
-    export.add_argument("--overwrite", action="store_true", help="replace an existing version")
+    export.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing version (unsafe while a server serves or loads it: export a "
+        "new version instead)",
+    )
     export.set_defaults(run=_export)
 
     serve_check = commands.add_parser(

@@ -94,8 +94,47 @@ def _mae(model, part, scale):
     return float(np.mean(np.abs(part.last + change - part.truth)))
 
 
+OUTPUT_FILES = ("model.keras", "results.json")
+
+
+def check_out(out: str | os.PathLike, name: str = "out") -> None:
+    """Raise a `ValueError` if the demo could not write its files into `out`.
+
+    Checked before any training, so that a wrong path fails at once rather
+    than after a minute of training: `out` must be a folder, or a path
+    whose nearest existing parent is a writable folder, and
+    `out/model.keras` and `out/results.json` must not be folders.
+    `name` is how the message calls the argument (the command line says
+    `--out`).
+    """
+    path = os.path.abspath(os.fspath(out))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"`{name}` must be a folder, but `{out}` is a file.")
+    for file in OUTPUT_FILES:
+        if os.path.isdir(os.path.join(path, file)):
+            raise ValueError(
+                f"`{name}`: `{os.path.join(out, file)}` is a folder, where the demo writes a file."
+            )
+    existing = path
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(
+            f"`{name}` folder `{out}` cannot be created: `{existing}` is a file, not a folder."
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"`{name}` folder `{out}` cannot be written: `{existing}` is not writable."
+        )
+
+
 def run(out: str = "keras-lstm-demo", epochs: int = 8, units: int = 32, verbose="auto", seed=0):
-    """Train, compare and save. Returns the test MAE of each model, in °F."""
+    """Train, compare and save. Returns the test MAE of each model, in °F.
+
+    `out` is checked first (`check_out`), so a path the demo could not write
+    fails before the training.
+    """
+    check_out(out)
     times, temps = seattle_hourly_temperatures()
     train, val, test, scale = make_windows(times, temps)
     print(

@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 import keras
 import numpy as np
 
-from keras_lstm import _checks
-from keras_lstm._atomic import atomic_directory, atomic_file
+from keras_lstm import _checks, _internals
+from keras_lstm._atomic import atomic_directory, atomic_file, remove_stale_temporaries
+from keras_lstm._serve_check import versions
 
 WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
 _WARMUP_BATCH_SIZES = (1, 2)
@@ -96,14 +97,22 @@ def export_for_serving(
     `assets.extra/tf_serving_warmup_requests`. It is written to a hidden
     sibling folder first and renamed into place once complete, so a server
     watching `base_dir` never sees half a version, and a failure leaves
-    `base_dir` as it was.
+    `base_dir` as it was. Hidden folders that earlier exports left behind
+    when they were killed are removed (only those whose writing process is
+    gone: see docs/serving.md, "Leftovers of interrupted exports").
+
+    To roll out a new model, export it as a new version (the default) and
+    let the server switch to it; do not replace a version a server is
+    serving or loading.
 
     Signatures (the names of inputs and outputs are those of the model's
     input and output layers, and `<layer>_h` / `<layer>_c` for the states of
     each recurrent layer):
 
-    - `serving_default`: each input with its batch and time axes `None`;
-      returns the model's outputs.
+    - `serving_default`: each input with its batch and time axes `None`
+      and its feature size fixed; returns the model's outputs. A request
+      whose feature size differs is refused (`InvalidArgumentError` naming
+      the input), as is one that swaps two inputs of different sizes.
     - `step` (streaming): each input without its time axis, plus every
       recurrent layer's states; returns the outputs for that step (what the
       model would return for the sequence so far) and the new states.
@@ -130,7 +139,11 @@ def export_for_serving(
         base_dir: The model's folder, the one a server's `--model_base_path`
             points at. Created if missing; must not be a file.
         version: Positive integer version. Default: `None`, one more than the
-            largest version in `base_dir` (1 if none).
+            largest version in `base_dir` (1 if none; only folders named by
+            digits alone count, as for TensorFlow Serving). If another
+            export takes that number while this one is written, this one
+            takes the next free number: the default never replaces a
+            version.
         jit_compile: Compile the signatures with XLA (`tf.function(
             jit_compile=True)`). The server must run XLA: start
             `tensorflow_model_server` with `--xla_cpu_compilation_enabled=true`,
@@ -143,8 +156,12 @@ def export_for_serving(
         warmup: Write warmup requests, replayed by TensorFlow Serving at
             load time so the first real request does not pay for tracing
             and XLA compilation. Default: `True`.
-        overwrite: Replace an existing `base_dir/<version>`. Default:
-            `False` (an existing version raises `FileExistsError`).
+        overwrite: Replace an existing `base_dir/<version>` (once the new
+            one is complete). Unsafe while a server serves or loads that
+            version: a load in progress fails, and a server that has loaded
+            the version keeps serving its old copy, since it tells versions
+            apart by number. Roll out a new version number instead.
+            Default: `False` (an existing version raises `FileExistsError`).
 
     Returns:
         The path of the version folder, `base_dir/<version>`.
@@ -167,11 +184,12 @@ def export_for_serving(
         raise ValueError(f"`base_dir` must be a folder, but `{base_dir}` is a file.")
     if warmup:
         _serving_protos()  # say what is missing before any tracing
-    version = _next_version(base_dir) if version is None else _version(version)
-    version_dir = os.path.join(base_dir, str(version))
-    if os.path.exists(version_dir) and not overwrite:
+    version = None if version is None else _version(version)
+    number = _next_version(base_dir) if version is None else version
+    version_dir = os.path.join(base_dir, str(number))
+    if version is not None and os.path.exists(version_dir) and not overwrite:
         raise FileExistsError(
-            f"Version {version} already exists at `{version_dir}`; pass a new `version`, "
+            f"Version {number} already exists at `{version_dir}`; pass a new `version`, "
             "leave it None for the next free one, or pass overwrite=True to replace it."
         )
 
@@ -190,8 +208,20 @@ def export_for_serving(
     with kernels.portable_ops():
         archive = _archive(model, plan, jit_compile)
     created_base = not os.path.exists(base_dir)
+    remove_stale_temporaries(base_dir, targets=r"[0-9]+")
+
+    def next_free_version():
+        return os.path.join(base_dir, str(_next_version(base_dir)))
+
+    # With no `version` given, a number that another export takes while this
+    # one is written is skipped, never replaced.
+    writer = atomic_directory(
+        version_dir,
+        overwrite=overwrite and version is not None,
+        next_path=next_free_version if version is None else None,
+    )
     try:
-        with kernels.portable_ops(), atomic_directory(version_dir, overwrite=overwrite) as tmp:
+        with kernels.portable_ops(), writer as tmp:
             with _quiet_tensorflow_logger():
                 archive.write_out(tmp, verbose=False)
             if warmup:
@@ -200,7 +230,7 @@ def export_for_serving(
         if created_base and os.path.isdir(base_dir) and not os.listdir(base_dir):
             shutil.rmtree(base_dir, ignore_errors=True)
         raise
-    return version_dir
+    return writer.path
 
 
 @contextlib.contextmanager
@@ -233,10 +263,14 @@ def _version(version):
 
 
 def _next_version(base_dir):
+    """One more than the largest version in `base_dir`, 1 if none.
+
+    Entries whose names are not base-10 numbers (`tmp`, `.ipynb_checkpoints`,
+    `²`) are not versions, as for TensorFlow Serving.
+    """
     if not os.path.isdir(base_dir):
         return 1
-    versions = [int(name) for name in os.listdir(base_dir) if name.isdigit()]
-    return max(versions, default=0) + 1
+    return max(versions(base_dir), default=0) + 1
 
 
 def _servable_model(model):
@@ -255,7 +289,7 @@ def _servable_model(model):
             "`inp = keras.Input((None, features)); keras.Model(inp, model(inp))`."
         )
     for tensor in inputs:
-        name = tensor._keras_history.operation.name
+        name = _internals.keras_history(tensor)[0].name
         if len(tensor.shape) < 2:
             raise ValueError(
                 f"`model` input `{name}` has shape {tuple(tensor.shape)}; expected at least "
@@ -288,7 +322,7 @@ def _graph(model):
 
 
 def _all_layers(model):
-    return model._flatten_layers(include_self=False, recursive=True)
+    return _internals.layers_within(model)
 
 
 def _stateless_copy(model, stateful_names):
@@ -361,7 +395,11 @@ def _is_shape(value):
 
 
 def _input_specs(model):
-    """One `tf.TensorSpec` per model input: batch and time axes left free."""
+    """One `tf.TensorSpec` per model input: batch and time axes left free.
+
+    The other axes, the feature size among them, are fixed; `_traced`
+    makes the signatures check them on every call.
+    """
     import tensorflow as tf
 
     specs = []
@@ -370,7 +408,7 @@ def _input_specs(model):
         shape[0] = None
         if len(shape) == 3:
             shape[1] = None
-        name = tensor._keras_history.operation.name
+        name = _internals.keras_history(tensor)[0].name
         specs.append(tf.TensorSpec(shape, tensor.dtype, name=name))
     return specs
 
@@ -378,8 +416,8 @@ def _input_specs(model):
 def _output_names(model):
     names = []
     for tensor in _graph(model).outputs:
-        operation, node_index, index = tensor._keras_history
-        count = len(operation._inbound_nodes[node_index].outputs)
+        operation, node_index, index = _internals.keras_history(tensor)
+        count = _internals.node_output_count(operation, node_index)
         names.append(operation.name if count == 1 else f"{operation.name}_{index}")
     seen = {}
     unique = []
@@ -416,10 +454,24 @@ def _archive(model, plan, jit_compile):
 
 
 def _traced(python_function, specs, jit_compile):
+    """A `tf.function` of `python_function` over `specs`, traced now.
+
+    Each argument first goes through `tf.ensure_shape` against its spec.
+    The signatures of a loaded SavedModel do not check the shapes they are
+    fed, so without it an input of the wrong feature size (two inputs
+    swapped by name, say) could run and answer wrongly; with it such a call
+    fails with an `InvalidArgumentError` naming the input and the shape
+    expected.
+    """
     import tensorflow as tf
 
+    def checked(*args):
+        args = [tf.ensure_shape(a, s.shape) for a, s in zip(args, specs, strict=True)]
+        return python_function(*args)
+
+    checked.__name__ = python_function.__name__  # names the traced functions
     function = tf.function(
-        python_function, input_signature=specs, jit_compile=bool(jit_compile), autograph=False
+        checked, input_signature=specs, jit_compile=bool(jit_compile), autograph=False
     )
     function.get_concrete_function()  # trace now: errors surface before anything is written
     return function
@@ -490,8 +542,6 @@ class _StreamPlan:
         return step
 
     def _step_operation(self, op, states, new_states):
-        from keras.src.backend import get_keras_mask, set_keras_mask
-
         if id(op) not in states:
 
             def call(*args, **kwargs):
@@ -506,7 +556,7 @@ class _StreamPlan:
 
             layer = op
             if mask is None:
-                mask = get_keras_mask(sequence)
+                mask = _internals.keras_mask(sequence)
             previous = states[id(layer)]
             output, new = layer.cell(sequence[:, 0], previous, training=False)
             new = [tf.cast(s, layer.compute_dtype) for s in keras.tree.flatten(new)]
@@ -525,7 +575,7 @@ class _StreamPlan:
             if layer.return_sequences:
                 output = output[:, None]
                 if mask is not None:
-                    set_keras_mask(output, mask)
+                    _internals.attach_keras_mask(output, mask)
             return [output, *new] if layer.return_state else output
 
         return recurrent_step
@@ -822,7 +872,7 @@ def export_tflite(
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
         if allow_flex:
             converter.target_spec.supported_ops.append(tf.lite.OpsSet.SELECT_TF_OPS)
-            converter._experimental_lower_tensor_list_ops = False
+            _internals.keep_tensor_list_ops(converter)
         flat_buffer = converter.convert()
 
     with atomic_file(path) as tmp:

@@ -7,6 +7,7 @@ server sees it. References are `model.predict` on whole sequences.
 
 import json
 import os
+import stat
 import subprocess
 import sys
 
@@ -290,6 +291,130 @@ def test_next_export_without_version_gets_the_next_number(exported, tmp_path):
     assert path == str(base_dir / "4")
 
 
+def quick_export(model, base_dir, **kwargs):
+    return export_for_serving(
+        model, base_dir, jit_compile=False, streaming=False, warmup=False, **kwargs
+    )
+
+
+@pytest.mark.parametrize("name", ["\u00b2", "\u0667", "tmp", ".ipynb_checkpoints", "x9"])
+def test_folders_not_named_by_ascii_digits_are_not_versions(tmp_path, name):
+    # '²' and the Arabic-Indic digit seven pass str.isdigit (int() even reads the
+    # seven as 7), but TensorFlow Serving reads names of ASCII digits only.
+    os.makedirs(tmp_path / "3")
+    os.makedirs(tmp_path / name)
+    path = quick_export(keras.Sequential([keras.Input((None, 2)), GatedLSTM(3)]), tmp_path)
+    assert path == str(tmp_path / "4")
+    assert sorted(os.listdir(tmp_path)) == sorted(["3", "4", name])
+
+
+def test_export_removes_what_a_killed_export_left_but_not_other_hidden_folders(tmp_path):
+    import signal
+    import time
+
+    from keras_lstm import _atomic
+
+    # An export killed while writing version 2 (SIGKILL: no cleanup ran).
+    writer = (
+        "import importlib.util, os, signal, sys\n"
+        "spec = importlib.util.spec_from_file_location('_atomic', sys.argv[1])\n"
+        "atomic = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(atomic)\n"
+        "with atomic.atomic_directory(sys.argv[2]) as tmp:\n"
+        "    open(os.path.join(tmp, 'saved_model.pb'), 'w').write('half')\n"
+        "    print(tmp, flush=True)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", writer, _atomic.__file__, str(tmp_path / "2")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    leftover = done.stdout.strip()
+    assert os.path.isdir(leftover) and os.path.dirname(leftover) == str(tmp_path)
+    os.makedirs(tmp_path / ".ipynb_checkpoints")
+    past = time.time() - 3600
+    for path in (leftover, os.path.join(leftover, "saved_model.pb")):
+        os.utime(path, (past, past))
+
+    path = quick_export(keras.Sequential([keras.Input((None, 2)), GatedLSTM(3)]), tmp_path)
+    assert path == str(tmp_path / "1")
+    assert sorted(os.listdir(tmp_path)) == [".ipynb_checkpoints", "1"]
+
+
+def test_default_export_takes_the_next_number_when_another_export_takes_its_own(
+    tmp_path, monkeypatch
+):
+    # Two exports without a version both pick version 1; the other one finishes
+    # first. The default must never replace a version: this one becomes 2.
+    real_write_warmup = serving_module._write_warmup
+
+    def other_export_finishes_first(export_dir, *args, **kwargs):
+        os.makedirs(tmp_path / "1" / "variables")
+        (tmp_path / "1" / "saved_model.pb").write_bytes(b"the other export")
+        return real_write_warmup(export_dir, *args, **kwargs)
+
+    monkeypatch.setattr(serving_module, "_write_warmup", other_export_finishes_first)
+    path = export_for_serving(small_model(), tmp_path, jit_compile=False)
+    assert path == str(tmp_path / "2")
+    assert (tmp_path / "1" / "saved_model.pb").read_bytes() == b"the other export"
+    assert os.path.isfile(tmp_path / "2" / "saved_model.pb")
+    assert sorted(os.listdir(tmp_path)) == ["1", "2"]
+
+
+def test_overwrite_is_documented_as_unsafe_while_a_server_reads_the_version(capsys):
+    from keras_lstm import cli
+
+    doc = " ".join(export_for_serving.__doc__.split())
+    assert "Unsafe while a server serves or loads that version" in doc
+    with pytest.raises(SystemExit):
+        cli.main(["export", "--help"])
+    assert "unsafe while a server serves or loads it" in " ".join(capsys.readouterr().out.split())
+
+
+def two_input_model():
+    """Two named sequence inputs of different feature sizes, joined along features."""
+    a = keras.Input((None, 3), name="a")
+    b = keras.Input((None, 5), name="b")
+    joined = keras.layers.Concatenate()([a, b])
+    return keras.Model([a, b], keras.layers.Dense(1, name="y")(GatedLSTM(4)(joined)))
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_signature_refuses_inputs_of_the_wrong_feature_size(tmp_path, jit_compile):
+    import tensorflow as tf
+
+    model = two_input_model()
+    path = export_for_serving(model, tmp_path, jit_compile=jit_compile, warmup=False)
+    serve = tf.saved_model.load(path).signatures["serving_default"]
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((2, 4, 3)).astype("float32")
+    b = rng.standard_normal((2, 4, 5)).astype("float32")
+    np.testing.assert_allclose(
+        serve(a=tf.constant(a), b=tf.constant(b))["y"], model.predict([a, b], verbose=0), atol=1e-5
+    )
+    # Swapped by name: each has the other's feature size, and the joined
+    # features would have the right size, so only a check of each input stops it.
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"Shape of tensor [ab] .* expected"):
+        serve(a=tf.constant(b), b=tf.constant(a))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"tensor a \[2,4,4\].*\[\?,\?,3\]"):
+        serve(a=tf.constant(np.zeros((2, 4, 4), "float32")), b=tf.constant(b))
+
+
+def test_step_refuses_states_of_the_wrong_size(exported):
+    import tensorflow as tf
+
+    step = tf.saved_model.load(exported["export_dir"]).signatures["step"]
+    states = {"lower_h": 5, "lower_c": 5, "upper_h": 4, "upper_c": 4}
+    inputs = {name: tf.zeros([2, size]) for name, size in states.items()}
+    assert set(step(readings=tf.zeros([2, 3]), **inputs)) >= set(states)
+    inputs["upper_h"] = tf.zeros([2, 5])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="upper_h"):
+        step(readings=tf.zeros([2, 3]), **inputs)
+
+
 # ----------------------------------------------------------------- errors
 
 
@@ -475,3 +600,14 @@ def test_cli_export_without_the_serving_protos_says_what_to_do(tmp_path, capsys,
     )
     assert os.path.exists(tmp_path / "out" / "1" / "saved_model.pb")
     assert not os.path.exists(tmp_path / "out" / "1" / "assets.extra")
+
+
+def test_version_folder_is_readable_by_a_server_running_as_another_user(tmp_path):
+    # The folder is written privately, then published with the mode a new folder gets.
+    model = keras.Sequential([keras.Input((5, 2)), GatedLSTM(3), keras.layers.Dense(1)])
+    mask = os.umask(0o022)
+    try:
+        path = export_for_serving(model, tmp_path / "models", warmup=False, streaming=False)
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o755
