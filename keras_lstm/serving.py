@@ -772,10 +772,12 @@ def export_tflite(
     length) the recurrent layers are unrolled over exactly that many steps,
     which converts to builtin TFLite ops (FULLY_CONNECTED, LOGISTIC, TANH,
     ...), with a fixed or free batch size. With no known length the time
-    loop is kept as a builtin `WHILE` op, which needs a fixed `batch_size`
-    and accepts any length (`interpreter.resize_tensor_input`). A free batch
-    and a free length together need TensorFlow (Flex) ops: pass
-    `allow_flex=True`, and run the result with the Flex delegate linked in.
+    loop is kept as a builtin `WHILE` op, which accepts any length
+    (`interpreter.resize_tensor_input`) and, for `GatedLSTM` with the
+    standard cell, any batch size. A layer that runs Keras's step loop (a
+    cell option, `keras.layers.RNN(GatedLSTMCell)`) over a free length needs a
+    fixed `batch_size`, or TensorFlow (Flex) ops: pass `allow_flex=True`,
+    and run the result with the Flex delegate linked in.
     Stateful layers are exported stateless, as in `export_for_serving`. The
     file is written atomically and replaces an existing one.
 
@@ -821,12 +823,6 @@ def export_tflite(
         )
     if timesteps is None and len(fixed) == 1:
         timesteps = fixed.pop()
-    if timesteps is None and batch_size is None and not allow_flex:
-        raise ValueError(
-            "With a free sequence length (`timesteps=None` and no fixed length in the model) "
-            "`batch_size` must be fixed for builtin TFLite ops: pass batch_size=1, a "
-            "`timesteps`, or allow_flex=True (the model then needs the Flex delegate)."
-        )
     path = os.fspath(path)
     if os.path.isdir(path):
         raise ValueError(f"`path` must be a file name, but `{path}` is a folder.")
@@ -864,7 +860,9 @@ def export_tflite(
 
         from keras_lstm import kernels
 
-        with kernels.portable_ops():  # TFLite has no kernel for our native op
+        # TFLite has no kernel for our native op, nor builtins for TensorList
+        # ops at a free batch size.
+        with kernels.portable_ops("no_tensor_lists"):
             archive.add_endpoint("serving_default", serve, input_signature=specs)
             with _quiet_tensorflow_logger():
                 archive.write_out(saved_model_dir, verbose=False)
@@ -873,7 +871,17 @@ def export_tflite(
         if allow_flex:
             converter.target_spec.supported_ops.append(tf.lite.OpsSet.SELECT_TF_OPS)
             _internals.keep_tensor_list_ops(converter)
-        flat_buffer = converter.convert()
+        try:
+            flat_buffer = converter.convert()
+        except Exception as error:
+            if allow_flex or "tensor list" not in str(error).lower():
+                raise
+            raise ValueError(
+                "With a free sequence length and a free batch size, a layer that runs Keras's "
+                "step loop (a cell option, or keras.layers.RNN(GatedLSTMCell)) needs TensorFlow "
+                "(Flex) ops: pass batch_size=1, a `timesteps`, or allow_flex=True (the model "
+                "then needs the Flex delegate)."
+            ) from None
 
     with atomic_file(path) as tmp:
         with open(tmp, "wb") as f:

@@ -56,9 +56,20 @@ def test_timesteps_that_contradict_the_model_are_refused(tmp_path):
         export_tflite(model, tmp_path / "m.tflite", timesteps=8)
 
 
-def test_free_batch_and_free_length_need_flex(tmp_path):
-    model = keras.Sequential([keras.Input((None, 3)), GatedLSTM(4)])
-    with pytest.raises(ValueError, match="`batch_size` must be fixed.*allow_flex=True"):
+def test_free_batch_and_free_length_convert_to_builtins(tmp_path):
+    model = keras.Sequential([keras.Input((None, 3)), GatedLSTM(4), keras.layers.Dense(1)])
+    path = export_tflite(model, tmp_path / "m.tflite", batch_size=None)
+    runner = interpreter(path)
+    assert "WHILE" in op_names(runner)
+    assert not any(op.startswith("Flex") for op in op_names(runner))
+    for shape in [(1, 9, 3), (5, 4, 3)]:
+        x = np.random.default_rng(1).standard_normal(shape).astype("float32")
+        np.testing.assert_allclose(run(runner, x), model.predict(x, verbose=0), atol=1e-5)
+
+
+def test_step_loop_over_free_batch_and_free_length_needs_flex(tmp_path):
+    model = keras.Sequential([keras.Input((None, 3)), GatedLSTM(4, peephole=True)])
+    with pytest.raises(ValueError, match="free batch size.*step loop.*allow_flex=True"):
         export_tflite(model, tmp_path / "m.tflite", batch_size=None)
     assert os.listdir(tmp_path) == []
 
