@@ -757,6 +757,64 @@ def _write_warmup(export_dir, model, plan, model_name):
 
 # ----------------------------------------------------------------- TFLite
 
+# The converter's op sets for the quantized modes that calibrate activations.
+QUANTIZED_OPS = {
+    "int8": "TFLITE_BUILTINS_INT8",
+    "int16x8": "EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8",
+}
+QUANTIZE_MODES = (None, "dynamic", *QUANTIZED_OPS)
+
+
+def _representative_inputs(model, quantize, data):
+    """The calibration inputs as a list (one array per model input), or `None`."""
+    if quantize not in QUANTIZE_MODES:
+        raise ValueError(f"`quantize` must be one of {QUANTIZE_MODES}, got {quantize!r}.")
+    if quantize not in QUANTIZED_OPS:
+        if data is not None:
+            raise ValueError(
+                f"`representative_data` calibrates int8 or int16x8 activations; with "
+                f"quantize={quantize!r} it would be ignored."
+            )
+        return None
+    if data is None:
+        raise ValueError(
+            f"`quantize={quantize!r}` needs `representative_data`: a few hundred typical "
+            "inputs, an array (n, timesteps, features), to calibrate the activations."
+        )
+    names = [_internals.keras_history(t)[0].name for t in _model_inputs(model)]
+    if isinstance(data, dict):
+        missing = set(names) - set(data)
+        if missing:
+            raise ValueError(
+                f"`representative_data` has no arrays for the inputs {sorted(missing)}; "
+                f"give one per input name: {names}."
+            )
+        arrays = [np.asarray(data[name], dtype="float32") for name in names]
+    elif len(names) == 1:
+        arrays = [np.asarray(data, dtype="float32")]
+    else:
+        raise ValueError(
+            f"The model has {len(names)} inputs: `representative_data` must be a dict of "
+            f"arrays by input name, {names}."
+        )
+    for name, array in zip(names, arrays, strict=True):
+        if array.ndim < 2 or len(array) == 0:
+            raise ValueError(
+                f"`representative_data` for `{name}` must be a non-empty batch of inputs "
+                f"(n, ...), got shape {array.shape}."
+            )
+    return arrays
+
+
+def _calibration(arrays, batch):
+    """The converter's `representative_dataset`: up to 300 batches of real inputs."""
+
+    def batches():
+        for start in range(0, min(len(arrays[0]), 300 * batch) - batch + 1, batch):
+            yield [array[start : start + batch] for array in arrays]
+
+    return batches
+
 
 def export_tflite(
     model: keras.Model,
@@ -765,6 +823,8 @@ def export_tflite(
     timesteps: int | None = None,
     batch_size: int | None = 1,
     allow_flex: bool = False,
+    quantize: str | None = None,
+    representative_data=None,
 ) -> str:
     """Write `model` as a TFLite flat buffer that `tf.lite.Interpreter` runs.
 
@@ -789,6 +849,15 @@ def export_tflite(
         batch_size: Fixed batch size, or `None` for a free one. Default: `1`.
         allow_flex: Allow TensorFlow ops the converter cannot turn into
             builtins (free batch and length). Default: `False`.
+        quantize: `None` (float32), `"dynamic"` (int8 weights, float
+            activations), `"int8"` (int8 weights and activations) or
+            `"int16x8"` (int8 weights, int16 activations). The model's inputs
+            and outputs stay float32. `"int16x8"` needs a fixed length.
+            Default: `None`.
+        representative_data: For `"int8"` and `"int16x8"`: typical inputs
+            that calibrate the activation ranges, an array `(n, timesteps,
+            features)` (a few hundred windows), or a dict of such arrays by
+            input name for a model with several inputs.
 
     Returns:
         `path`, as a string.
@@ -810,6 +879,7 @@ def export_tflite(
     import tensorflow as tf
 
     model = _servable_model(model)
+    representative = _representative_inputs(model, quantize, representative_data)
     if timesteps is not None:
         timesteps = _checks.positive_int("timesteps", timesteps)
     if batch_size is not None:
@@ -868,12 +938,22 @@ def export_tflite(
                 archive.write_out(saved_model_dir, verbose=False)
         converter = tf.lite.TFLiteConverter.from_saved_model(saved_model_dir)
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+        if quantize is not None:
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        if representative is not None:
+            converter.representative_dataset = _calibration(representative, batch_size or 1)
+            converter.target_spec.supported_ops = [getattr(tf.lite.OpsSet, QUANTIZED_OPS[quantize])]
         if allow_flex:
             converter.target_spec.supported_ops.append(tf.lite.OpsSet.SELECT_TF_OPS)
             _internals.keep_tensor_list_ops(converter)
         try:
             flat_buffer = converter.convert()
         except Exception as error:
+            if quantize is not None and "calibration" in str(error).lower():
+                raise ValueError(
+                    f"`quantize={quantize!r}` cannot calibrate this model's time loop: "
+                    "give a fixed `timesteps` (the loop is then unrolled)."
+                ) from None
             if allow_flex or "tensor list" not in str(error).lower():
                 raise
             raise ValueError(

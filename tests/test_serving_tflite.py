@@ -150,3 +150,59 @@ def test_masked_bidirectional_model_matches_keras(tmp_path):
     x[:, 4:] = 0.0
     path = export_tflite(model, tmp_path / "m.tflite")
     np.testing.assert_allclose(run(interpreter(path), x), model.predict(x, verbose=0), atol=1e-4)
+
+
+def _litert_outputs(path, x):
+    from ai_edge_litert.interpreter import Interpreter
+
+    runner = Interpreter(model_path=str(path))
+    index = runner.get_input_details()[0]["index"]
+    runner.allocate_tensors()
+    outputs = []
+    for row in x:
+        runner.set_tensor(index, row[None])
+        runner.invoke()
+        outputs.append(runner.get_tensor(runner.get_output_details()[0]["index"])[0])
+    return np.array(outputs)
+
+
+@pytest.mark.parametrize(
+    "quantize, tolerance", [("dynamic", 0.01), ("int8", 0.05), ("int16x8", 0.03)]
+)
+def test_quantized_models_run_in_litert_close_to_keras(tmp_path, quantize, tolerance):
+    pytest.importorskip("ai_edge_litert")
+    keras.utils.set_random_seed(3)
+    model = keras.Sequential([keras.Input((12, 3)), GatedLSTM(16), keras.layers.Dense(1)])
+    rng = np.random.default_rng(5)
+    calibration = rng.standard_normal((200, 12, 3)).astype("float32")
+    x = rng.standard_normal((20, 12, 3)).astype("float32")
+    data = None if quantize == "dynamic" else calibration
+    path = export_tflite(model, tmp_path / "q.tflite", quantize=quantize, representative_data=data)
+    float_path = export_tflite(model, tmp_path / "f.tflite")
+    expected = model.predict(x, verbose=0)
+    np.testing.assert_allclose(_litert_outputs(path, x), expected, atol=tolerance)
+    # Quantized weights: the file holds int8 tensors the float one does not.
+    assert os.path.getsize(path) != os.path.getsize(float_path)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"quantize": "int4"}, "`quantize` must be one of"),
+        ({"quantize": "int8"}, "needs `representative_data`"),
+        ({"quantize": "dynamic", "representative_data": np.zeros((4, 6, 3))}, "ignored"),
+        ({"quantize": "int8", "representative_data": np.zeros((0, 6, 3))}, "non-empty"),
+    ],
+)
+def test_quantize_arguments_are_checked_before_converting(tmp_path, kwargs, message):
+    model = keras.Sequential([keras.Input((6, 3)), GatedLSTM(4)])
+    with pytest.raises(ValueError, match=message):
+        export_tflite(model, tmp_path / "q.tflite", **kwargs)
+    assert os.listdir(tmp_path) == []
+
+
+def test_int16x8_over_a_free_length_asks_for_a_fixed_one(tmp_path):
+    model = keras.Sequential([keras.Input((None, 3)), GatedLSTM(4)])
+    data = np.zeros((8, 6, 3), "float32")
+    with pytest.raises(ValueError, match="cannot calibrate .* fixed `timesteps`"):
+        export_tflite(model, tmp_path / "q.tflite", quantize="int16x8", representative_data=data)
