@@ -3,10 +3,12 @@
 Trains the demo's model (`GatedLSTM(32)` + `Dense(1)` on the last 24 hours of
 Seattle's 2010 temperatures, `keras_lstm.demo`) once, exports it with
 `export_tflite` as float32 and with each `quantize=` mode (calibrated on 300
-training windows), and runs every file in LiteRT's interpreter
+training windows), unrolled and as the fused op (`fused=True`), and runs
+every file in LiteRT's interpreter
 (`ai_edge_litert`): the next-hour test MAE in °F over the whole test split,
 next to Keras's own, and the latency of one forecast at batch 1 (rounds of
-calls, the files taking turns, median and p99 in microseconds).
+calls, the files taking turns, median and p99 in microseconds; each call
+resets the interpreter's variables first, which the fused op needs).
 
     PYTHONPATH=. TF_CPP_MIN_LOG_LEVEL=3 python -m benchmarks.quantization \\
         [--epochs 8] [--rounds 20] [--calls 100]
@@ -49,20 +51,26 @@ def main():
     folder = tempfile.mkdtemp(prefix="keras-lstm-quantization-")
     calibration = train.x[np.random.default_rng(0).permutation(len(train.x))[:300]]
     rows = {}
-    for mode in MODES:
-        name = mode or "float32"
-        path = export_tflite(
-            model,
-            os.path.join(folder, f"{name}.tflite"),
-            quantize=mode,
-            representative_data=calibration if mode in ("int8", "int16x8") else None,
-        )
+    for mode, fused in [(mode, fused) for mode in MODES for fused in (True, False)]:
+        name = f"{mode or 'float32'}, {'fused op' if fused else 'unrolled'}"
+        try:
+            path = export_tflite(
+                model,
+                os.path.join(folder, f"{name}.tflite"),
+                quantize=mode,
+                representative_data=calibration if mode in ("int8", "int16x8") else None,
+                fused=fused,
+            )
+        except Exception as error:
+            print(f"{name}: {str(error).splitlines()[0][:200]}")
+            continue
         interpreter = Interpreter(model_path=path)
         interpreter.allocate_tensors()
         index = interpreter.get_input_details()[0]["index"]
         out = interpreter.get_output_details()[0]["index"]
         change = []
         for window in test.x:
+            interpreter.reset_all_variables()  # the fused op keeps h and c between calls
             interpreter.set_tensor(index, window[None])
             interpreter.invoke()
             change.append(interpreter.get_tensor(out)[0, 0])
@@ -77,6 +85,7 @@ def main():
             index = interpreter.get_input_details()[0]["index"]
             for _ in range(args.calls):
                 begin = time.perf_counter()
+                interpreter.reset_all_variables()
                 interpreter.set_tensor(index, x)
                 interpreter.invoke()
                 row["samples"].append((time.perf_counter() - begin) * 1e6)

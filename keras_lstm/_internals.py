@@ -145,6 +145,26 @@ def keep_tensor_list_ops(converter) -> None:
     converter._experimental_lower_tensor_list_ops = False
 
 
+def tflite_schema():
+    """TFLite's flat buffer schema, as generated Python (`BuiltinOptions`, ...)."""
+    from tensorflow.lite.python import schema_py_generated
+
+    return schema_py_generated
+
+
+def tflite_model_object(flat_buffer: bytes):
+    """A `.tflite` flat buffer as an editable object tree (`ModelT`)."""
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    return flatbuffer_utils.convert_bytearray_to_object(bytearray(flat_buffer))
+
+
+def tflite_model_bytes(model) -> bytes:
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+
+
 # ----------------------------------------------------------------- saved lambdas
 
 

@@ -825,6 +825,7 @@ def export_tflite(
     allow_flex: bool = False,
     quantize: str | None = None,
     representative_data=None,
+    fused: bool = False,
 ) -> str:
     """Write `model` as a TFLite flat buffer that `tf.lite.Interpreter` runs.
 
@@ -854,6 +855,14 @@ def export_tflite(
             `"int16x8"` (int8 weights, int16 activations). The model's inputs
             and outputs stay float32. `"int16x8"` needs a fixed length.
             Default: `None`.
+        fused: Write each `GatedLSTM` that TFLite's fused op can express as
+            one `UNIDIRECTIONAL_SEQUENCE_LSTM` op (a fixed batch size, no
+            mask, no cell option, no `return_state`; each other layer says
+            why in a warning). The op keeps its `h` and `c` in TFLite
+            variable tensors between invocations: call
+            `interpreter.reset_all_variables()` before each new sequence, or
+            use that to stream a sequence chunk by chunk. Not with
+            `quantize="int16x8"`. Default: `False`.
         representative_data: For `"int8"` and `"int16x8"`: typical inputs
             that calibrate the activation ranges, an array `(n, timesteps,
             features)` (a few hundred windows), or a dict of such arrays by
@@ -880,6 +889,7 @@ def export_tflite(
 
     model = _servable_model(model)
     representative = _representative_inputs(model, quantize, representative_data)
+    fused = _checks.boolean("fused", fused)
     if timesteps is not None:
         timesteps = _checks.positive_int("timesteps", timesteps)
     if batch_size is not None:
@@ -900,12 +910,27 @@ def export_tflite(
     config = _rewrite_config(
         keras.saving.serialize_keras_object(model),
         stateful=False,
-        unroll=timesteps is not None,
         batch_size=batch_size,
         timesteps=timesteps,
     )
     fixed_model = keras.saving.deserialize_keras_object(config)
     fixed_model.set_weights(model.get_weights())
+    fusable = []
+    if fused:
+        for layer in _all_layers(fixed_model):
+            reason = _tflite_unfused_reason(layer, batch_size)
+            if reason == "":
+                fusable.append(layer)
+            elif reason is not None:
+                warnings.warn(
+                    f"Layer '{layer.name}' stays a loop in the TFLite model, not "
+                    f"UNIDIRECTIONAL_SEQUENCE_LSTM: {reason}.",
+                    stacklevel=2,
+                )
+    if timesteps is not None:  # the other recurrent layers unroll into builtin ops
+        for layer in _all_layers(fixed_model):
+            if isinstance(layer, keras.layers.RNN) and layer not in fusable:
+                layer.unroll = True
     specs = []
     for spec in _input_specs(fixed_model):
         shape = [batch_size, *spec.shape[1:]]
@@ -932,7 +957,7 @@ def export_tflite(
 
         # TFLite has no kernel for our native op, nor builtins for TensorList
         # ops at a free batch size.
-        with kernels.portable_ops("no_tensor_lists"):
+        with kernels.portable_ops("tflite_fused" if fusable else "no_tensor_lists"):
             archive.add_endpoint("serving_default", serve, input_signature=specs)
             with _quiet_tensorflow_logger():
                 archive.write_out(saved_model_dir, verbose=False)
@@ -949,6 +974,11 @@ def export_tflite(
         try:
             flat_buffer = converter.convert()
         except Exception as error:
+            if fusable and "not yet supported for op: 'UNIDIRECTIONAL_SEQUENCE_LSTM'" in str(error):
+                raise ValueError(
+                    f"`quantize={quantize!r}` is not supported by TFLite's converter for the "
+                    "fused LSTM op: pass fused=False."
+                ) from None
             if quantize is not None and "calibration" in str(error).lower():
                 raise ValueError(
                     f"`quantize={quantize!r}` cannot calibrate this model's time loop: "
@@ -963,7 +993,56 @@ def export_tflite(
                 "then needs the Flex delegate)."
             ) from None
 
+    if fusable:
+        flat_buffer, count = _unclipped_fused_lstms(flat_buffer)
+        if count < len(fusable):  # what only tracing shows: a mask
+            warnings.warn(
+                f"{len(fusable) - count} of the {len(fusable)} GatedLSTM layers that "
+                "UNIDIRECTIONAL_SEQUENCE_LSTM could express stay a loop in the TFLite "
+                "model: they are masked, and the op takes no mask.",
+                stacklevel=2,
+            )
     with atomic_file(path) as tmp:
         with open(tmp, "wb") as f:
             f.write(flat_buffer)
     return path
+
+
+def _tflite_unfused_reason(layer, batch_size) -> str | None:
+    """Why a layer of ours cannot become TFLite's fused LSTM op; `""` if it can,
+    `None` for layers that are not ours. A mask shows only when traced."""
+    from keras_lstm.cell import GatedLSTMCell
+    from keras_lstm.layer import GatedLSTM
+
+    if not isinstance(layer, keras.layers.RNN) or not isinstance(layer.cell, GatedLSTMCell):
+        return None
+    if not isinstance(layer, GatedLSTM):
+        return "keras.layers.RNN runs Keras's step loop; use GatedLSTM with the same arguments"
+    if not layer.cell.is_standard_lstm:
+        return "a cell option or activation the op does not compute"
+    if layer.return_state:
+        return "it returns its states, and the op gives only the output sequence"
+    if layer.unroll:
+        return "unroll=True"
+    if batch_size is None:
+        return "the op needs a fixed batch size (batch_size=None)"
+    return ""
+
+
+def _unclipped_fused_lstms(flat_buffer: bytes) -> tuple[bytes, int]:
+    """The model with the converter's cell clip (+-10) taken off every fused LSTM.
+
+    The converter sets `cell_clip=10` on each `UNIDIRECTIONAL_SEQUENCE_LSTM`
+    it makes from a Keras LSTM, which would clip a cell state that
+    `GatedLSTM` lets grow (long lags, `chrono_init`); 0 means no clip, the
+    layer's own maths. Returns the model and how many such ops it holds.
+    """
+    model = _internals.tflite_model_object(flat_buffer)
+    options_type = _internals.tflite_schema().BuiltinOptions.UnidirectionalSequenceLSTMOptions
+    count = 0
+    for subgraph in model.subgraphs:
+        for operator in subgraph.operators or []:
+            if operator.builtinOptionsType == options_type:
+                operator.builtinOptions.cellClip = 0.0
+                count += 1
+    return _internals.tflite_model_bytes(model), count

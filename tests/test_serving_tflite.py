@@ -206,3 +206,81 @@ def test_int16x8_over_a_free_length_asks_for_a_fixed_one(tmp_path):
     data = np.zeros((8, 6, 3), "float32")
     with pytest.raises(ValueError, match="cannot calibrate .* fixed `timesteps`"):
         export_tflite(model, tmp_path / "q.tflite", quantize="int16x8", representative_data=data)
+
+
+def _fused_model():
+    keras.utils.set_random_seed(4)
+    return keras.Sequential(
+        [
+            keras.Input((10, 3)),
+            keras.layers.Bidirectional(GatedLSTM(6, return_sequences=True)),
+            GatedLSTM(5, go_backwards=True),
+            keras.layers.Dense(1),
+        ]
+    )
+
+
+def test_fused_export_holds_the_fused_op_and_matches_keras_sequence_by_sequence(tmp_path):
+    from ai_edge_litert.interpreter import Interpreter
+
+    model = _fused_model()
+    path = export_tflite(model, tmp_path / "f.tflite", fused=True)
+    runner = Interpreter(model_path=str(path))
+    ops = [op["op_name"] for op in runner._get_ops_details()]
+    assert ops.count("UNIDIRECTIONAL_SEQUENCE_LSTM") == 3 and "WHILE" not in ops
+    x = np.random.default_rng(6).standard_normal((8, 10, 3)).astype("float32")
+    runner.allocate_tensors()
+    index = runner.get_input_details()[0]["index"]
+    got = []
+    for row in x:
+        runner.reset_all_variables()  # the op's states are variable tensors
+        runner.set_tensor(index, row[None])
+        runner.invoke()
+        got.append(runner.get_tensor(runner.get_output_details()[0]["index"])[0])
+    np.testing.assert_allclose(np.array(got), model.predict(x, verbose=0), atol=1e-5)
+
+
+def test_fused_op_cell_state_is_not_clipped(tmp_path):
+    # The converter sets cell_clip=10; a forget gate near 1 and an input near 1
+    # grow c by about 1 a step, past 10 in 30 steps.
+    keras.utils.set_random_seed(5)
+    model = keras.Sequential([keras.Input((30, 1)), GatedLSTM(2), keras.layers.Dense(1)])
+    kernel, recurrent, bias, dense, dense_bias = model.get_weights()
+    bias[:] = 8.0  # every gate open, candidate tanh(8) ~ 1
+    model.set_weights([kernel * 0, recurrent * 0, bias, dense, dense_bias])
+    path = export_tflite(model, tmp_path / "f.tflite", fused=True)
+    x = np.ones((1, 30, 1), "float32")
+    from ai_edge_litert.interpreter import Interpreter
+
+    runner = Interpreter(model_path=str(path))
+    runner.allocate_tensors()
+    runner.set_tensor(runner.get_input_details()[0]["index"], x)
+    runner.invoke()
+    got = runner.get_tensor(runner.get_output_details()[0]["index"])
+    np.testing.assert_allclose(got, model.predict(x, verbose=0), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "layer, batch, reason",
+    [
+        (lambda: GatedLSTM(4, peephole=True), 1, "a cell option"),
+        (lambda: GatedLSTM(4, return_state=True), 1, "returns its states"),
+        (lambda: GatedLSTM(4), None, "fixed batch size"),
+    ],
+)
+def test_layers_the_fused_op_cannot_express_stay_loops_with_a_reason(
+    tmp_path, layer, batch, reason
+):
+    inputs = keras.Input((6, 3))
+    outputs = layer()(inputs)
+    outputs = outputs[0] if isinstance(outputs, list | tuple) else outputs
+    model = keras.Model(inputs, outputs)
+    with pytest.warns(UserWarning, match=f"stays a loop.*{reason}"):
+        path = export_tflite(model, tmp_path / "f.tflite", fused=True, batch_size=batch)
+    assert "UNIDIRECTIONAL_SEQUENCE_LSTM" not in op_names(interpreter(path))
+
+
+def test_masked_layer_stays_a_loop_with_a_reason(tmp_path):
+    model = keras.Sequential([keras.Input((6, 3)), keras.layers.Masking(), GatedLSTM(4)])
+    with pytest.warns(UserWarning, match="masked, and the op takes no mask"):
+        export_tflite(model, tmp_path / "f.tflite", fused=True)

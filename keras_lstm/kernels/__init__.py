@@ -151,7 +151,7 @@ def _build_unless_built(library, name, force):
 
 
 # The loop forms `portable_ops` can ask for.
-LOOP_FORMS = ("inference", "no_tensor_lists")
+LOOP_FORMS = ("inference", "no_tensor_lists", "tflite_fused")
 
 
 @contextlib.contextmanager
@@ -166,7 +166,11 @@ def portable_ops(form: str = "inference"):
       ONNX's `LSTM` op (`_while_loop.lstm_sequence_for_inference`);
     - `"no_tensor_lists"`: no `tf.TensorArray`, for converters that cannot
       take TensorList ops at a free batch size (TFLite's, OpenVINO's); see
-      `_while_loop.lstm_sequence_without_lists`.
+      `_while_loop.lstm_sequence_without_lists`;
+    - `"tflite_fused"`: the composite function TFLite's converter turns into
+      `UNIDIRECTIONAL_SEQUENCE_LSTM` (`_while_loop.lstm_sequence_for_tflite_fusion`)
+      where the batch size is fixed and there is no mask, else as
+      `"no_tensor_lists"`.
     """
     if form not in LOOP_FORMS:
         raise ValueError(f"`form` must be one of {LOOP_FORMS}, got {form!r}.")
@@ -252,6 +256,15 @@ def lstm_recurrence(
         h_seq, h_last, c_last = _while_loop.lstm_sequence_for_inference(
             x, kernel, bias, recurrent_kernel, h0, c0, mask
         )
+    elif (
+        export_loop_form() == "tflite_fused"
+        and mask is None
+        and h0.shape.is_fully_defined()
+        and c0.shape.is_fully_defined()
+    ):
+        h_seq, h_last, c_last = _while_loop.lstm_sequence_for_tflite_fusion(
+            x, kernel, bias, recurrent_kernel, h0, c0
+        )
     elif in_xla_context():
         h_seq, c_seq = _while_loop.lstm_sequence_projecting(
             x, kernel, bias, recurrent_kernel, h0, c0, mask
@@ -264,7 +277,7 @@ def lstm_recurrence(
         if bias is not None:
             xz = xz + bias
         xz = tf.reshape(xz, (steps, batch, kernel.shape[-1]))
-        if export_loop_form() == "no_tensor_lists":
+        if export_loop_form() in ("no_tensor_lists", "tflite_fused"):
             h_seq, h_last, c_last = _while_loop.lstm_sequence_without_lists(
                 xz, recurrent_kernel, h0, c0, mask
             )

@@ -10,6 +10,8 @@ all steps afterwards.
 
 from __future__ import annotations
 
+import uuid
+
 import tensorflow as tf
 
 from keras_lstm.kernels._gradients import projection_grads, recurrent_kernel_grad
@@ -200,6 +202,41 @@ def lstm_sequence_without_lists(xz, recurrent_kernel, h0, c0, mask=None):
         lambda t, *_: t < steps, body, (tf.constant(0), h0, c0, h_seq)
     )
     return h_seq, h_last, c_last
+
+
+def lstm_sequence_for_tflite_fusion(x, kernel, bias, recurrent_kernel, h0, c0):
+    """The recurrence as the composite function TFLite's converter fuses into one op.
+
+    The converter (`prepare_composite_functions_tf.cc`, `ConvertKerasLSTMLayer`
+    in `lstm_utils.cc`) replaces a function marked `api_implements="lstm_*"`
+    whose arguments are `(inputs, init_h, init_c, kernel, recurrent_kernel,
+    bias)` and whose results are `(last_output, outputs, h, c, runtime)` by
+    `UNIDIRECTIONAL_SEQUENCE_LSTM`, as it did for the Keras 2 LSTM: when the
+    initial states have static shapes (a fixed batch size), there is no mask
+    argument, and only the first two results are used. Otherwise the
+    function body runs as written (a loop without tensor lists). Time-major
+    `x` (T, B, D). Returns `(h_seq, h_last, c_last)`; `c_last` is result 3,
+    so a layer that returns its states is not fused.
+    """
+    if bias is None:
+        bias = tf.zeros(kernel.shape[-1:], x.dtype)
+    attributes = {
+        "api_implements": f"lstm_{uuid.uuid4()}",
+        "api_preferred_device": "CPU",
+        "time_major": True,
+        "go_backwards": False,
+    }
+
+    @tf.function(experimental_attributes=attributes, autograph=False)
+    def standard_lstm(inputs, init_h, init_c, kernel, recurrent_kernel, bias):
+        steps, batch = tf.shape(inputs)[0], tf.shape(inputs)[1]
+        xz = tf.matmul(tf.reshape(inputs, (-1, inputs.shape[-1])), kernel) + bias
+        xz = tf.reshape(xz, (steps, batch, kernel.shape[-1]))
+        h_seq, h_last, c_last = lstm_sequence_without_lists(xz, recurrent_kernel, init_h, init_c)
+        return h_last, h_seq, h_last, c_last, tf.constant(0.0)
+
+    last_output, h_seq, _, c_last, _ = standard_lstm(x, h0, c0, kernel, recurrent_kernel, bias)
+    return h_seq, last_output, c_last
 
 
 def lstm_sequence_for_inference(x, kernel, bias, recurrent_kernel, h0, c0, mask=None):
