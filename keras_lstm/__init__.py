@@ -27,9 +27,9 @@ def _install_keras_hooks() -> None:
     import keras
 
     if keras.backend.backend() == "tensorflow":  # only there is there a native op to keep out
-        from keras_lstm import _internals
+        from keras_lstm import _keras_export
 
-        _internals.portable_keras_exports()
+        _keras_export.install()
 
 
 _install_keras_hooks()

@@ -249,7 +249,7 @@ class GatedLSTM(keras.layers.RNN):
             return super().inner_loop(sequences, initial_state, mask, training=training)
         from keras_lstm import kernels
 
-        if mask is not None and _internals.exporting_onnx():
+        if mask is not None and kernels.export_loop_form() == "onnx":
             warnings.warn(
                 f"Layer '{self.name}' exports as an ONNX Loop, not ONNX's LSTM op: it is "
                 "masked, and the op takes sequence lengths, not masks.",

@@ -151,7 +151,7 @@ def _build_unless_built(library, name, force):
 
 
 # The loop forms `portable_ops` can ask for.
-LOOP_FORMS = ("inference", "no_tensor_lists", "tflite_fused")
+LOOP_FORMS = ("inference", "onnx", "no_tensor_lists", "tflite_fused")
 
 
 @contextlib.contextmanager
@@ -164,6 +164,8 @@ def portable_ops(form: str = "inference"):
 
     - `"inference"`: one lean `tf.while_loop`, in the form tf2onnx fuses into
       ONNX's `LSTM` op (`_while_loop.lstm_sequence_for_inference`);
+    - `"onnx"`: the same loop, for an ONNX export (a masked layer then says
+      that it stays an ONNX `Loop`);
     - `"no_tensor_lists"`: no `tf.TensorArray`, for converters that cannot
       take TensorList ops at a free batch size (TFLite's, OpenVINO's); see
       `_while_loop.lstm_sequence_without_lists`;
@@ -252,7 +254,7 @@ def lstm_recurrence(
             keep_for_gradient=bool(training) if isinstance(training, bool) else True,
             return_sequences=return_sequences,
         )
-    elif export_loop_form() == "inference":
+    elif export_loop_form() in ("inference", "onnx"):
         h_seq, h_last, c_last = _while_loop.lstm_sequence_for_inference(
             x, kernel, bias, recurrent_kernel, h0, c0, mask
         )
