@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from keras_lstm import GatedLSTM, GatedLSTMCell, export_for_serving
-from keras_lstm import serving as serving_module
+from keras_lstm.serving import _graph as serving_graph
+from keras_lstm.serving import _warmup as serving_warmup
 
 # Installed before `import tensorflow` in the checking process. TensorFlow
 # probes for Keras with importlib.util.find_spec, so the finder answers with
@@ -135,7 +136,7 @@ def sequences(shapes, features, masked=False, seed=0):
 def make_case(model, export_dir, folder, batches, tag):
     """Save inputs and `model.predict` outputs for the checking process."""
     arrays = {}
-    names = serving_module._output_names(model)
+    names = serving_graph.output_names(model)
     for i, x in enumerate(batches):
         arrays[f"x{i}"] = x
         outputs = keras.tree.flatten(model.predict(x, verbose=0))
@@ -349,14 +350,14 @@ def test_default_export_takes_the_next_number_when_another_export_takes_its_own(
 ):
     # Two exports without a version both pick version 1; the other one finishes
     # first. The default must never replace a version: this one becomes 2.
-    real_write_warmup = serving_module._write_warmup
+    real_write_warmup = serving_warmup.write_warmup
 
     def other_export_finishes_first(export_dir, *args, **kwargs):
         os.makedirs(tmp_path / "1" / "variables")
         (tmp_path / "1" / "saved_model.pb").write_bytes(b"the other export")
         return real_write_warmup(export_dir, *args, **kwargs)
 
-    monkeypatch.setattr(serving_module, "_write_warmup", other_export_finishes_first)
+    monkeypatch.setattr(serving_warmup, "write_warmup", other_export_finishes_first)
     path = export_for_serving(small_model(), tmp_path, jit_compile=False)
     assert path == str(tmp_path / "2")
     assert (tmp_path / "1" / "saved_model.pb").read_bytes() == b"the other export"
@@ -442,7 +443,7 @@ def test_failure_mid_write_leaves_base_dir_as_it_was(tmp_path, monkeypatch):
         written.extend(os.listdir(export_dir))  # the SavedModel is already there
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(serving_module, "_write_warmup", fail)
+    monkeypatch.setattr(serving_warmup, "write_warmup", fail)
     with pytest.raises(RuntimeError, match="disk full"):
         export_for_serving(small_model(), base_dir, jit_compile=False)
     assert "saved_model.pb" in written
@@ -457,7 +458,7 @@ def test_failure_in_a_new_base_dir_leaves_no_folder(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise RuntimeError("interrupted")
 
-    monkeypatch.setattr(serving_module, "_write_warmup", fail)
+    monkeypatch.setattr(serving_warmup, "write_warmup", fail)
     with pytest.raises(RuntimeError, match="interrupted"):
         export_for_serving(small_model(), tmp_path / "new", jit_compile=False)
     assert os.listdir(tmp_path) == []

@@ -1,0 +1,295 @@
+"""`export_tflite`: a `.tflite` model of builtin ops, float or quantized.
+
+The recurrent layers become an unrolled copy (a fixed length), a `WHILE`
+loop without tensor lists (a free length), or, with `fused=True`, TFLite's
+own `UNIDIRECTIONAL_SEQUENCE_LSTM` op.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import keras
+import numpy as np
+
+from keras_lstm import _checks, _internals
+from keras_lstm._atomic import atomic_file
+from keras_lstm.serving import _graph
+
+# The converter's op sets for the quantized modes that calibrate activations.
+QUANTIZED_OPS = {
+    "int8": "TFLITE_BUILTINS_INT8",
+    "int16x8": "EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8",
+}
+QUANTIZE_MODES = (None, "dynamic", *QUANTIZED_OPS)
+
+
+def _representative_inputs(model, quantize, data):
+    """The calibration inputs as a list (one array per model input), or `None`."""
+    if quantize not in QUANTIZE_MODES:
+        raise ValueError(f"`quantize` must be one of {QUANTIZE_MODES}, got {quantize!r}.")
+    if quantize not in QUANTIZED_OPS:
+        if data is not None:
+            raise ValueError(
+                f"`representative_data` calibrates int8 or int16x8 activations; with "
+                f"quantize={quantize!r} it would be ignored."
+            )
+        return None
+    if data is None:
+        raise ValueError(
+            f"`quantize={quantize!r}` needs `representative_data`: a few hundred typical "
+            "inputs, an array (n, timesteps, features), to calibrate the activations."
+        )
+    names = [_internals.keras_history(t)[0].name for t in _graph.model_inputs(model)]
+    if isinstance(data, dict):
+        missing = set(names) - set(data)
+        if missing:
+            raise ValueError(
+                f"`representative_data` has no arrays for the inputs {sorted(missing)}; "
+                f"give one per input name: {names}."
+            )
+        arrays = [np.asarray(data[name], dtype="float32") for name in names]
+    elif len(names) == 1:
+        arrays = [np.asarray(data, dtype="float32")]
+    else:
+        raise ValueError(
+            f"The model has {len(names)} inputs: `representative_data` must be a dict of "
+            f"arrays by input name, {names}."
+        )
+    for name, array in zip(names, arrays, strict=True):
+        if array.ndim < 2 or len(array) == 0:
+            raise ValueError(
+                f"`representative_data` for `{name}` must be a non-empty batch of inputs "
+                f"(n, ...), got shape {array.shape}."
+            )
+    return arrays
+
+
+def _calibration(arrays, batch):
+    """The converter's `representative_dataset`: up to 300 batches of real inputs."""
+
+    def batches():
+        for start in range(0, min(len(arrays[0]), 300 * batch) - batch + 1, batch):
+            yield [array[start : start + batch] for array in arrays]
+
+    return batches
+
+
+def export_tflite(
+    model: keras.Model,
+    path: str | os.PathLike,
+    *,
+    timesteps: int | None = None,
+    batch_size: int | None = 1,
+    allow_flex: bool = False,
+    quantize: str | None = None,
+    representative_data=None,
+    fused: bool = False,
+) -> str:
+    """Write `model` as a TFLite flat buffer that `tf.lite.Interpreter` runs.
+
+    With a known sequence length (`timesteps`, or the model's own fixed
+    length) the recurrent layers are unrolled over exactly that many steps,
+    which converts to builtin TFLite ops (FULLY_CONNECTED, LOGISTIC, TANH,
+    ...), with a fixed or free batch size. With no known length the time
+    loop is kept as a builtin `WHILE` op, which accepts any length
+    (`interpreter.resize_tensor_input`) and, for `GatedLSTM` with the
+    standard cell, any batch size. A layer that runs Keras's step loop (a
+    cell option, `keras.layers.RNN(GatedLSTMCell)`) over a free length needs a
+    fixed `batch_size`, or TensorFlow (Flex) ops: pass `allow_flex=True`,
+    and run the result with the Flex delegate linked in.
+    Stateful layers are exported stateless, as in `export_for_serving`. The
+    file is written atomically and replaces an existing one.
+
+    Args:
+        model: A built functional or Sequential `keras.Model`.
+        path: Where to write the `.tflite` file.
+        timesteps: Sequence length to unroll for. Default: `None`, the
+            model's own fixed length, or a free length if it has none.
+        batch_size: Fixed batch size, or `None` for a free one. Default: `1`.
+        allow_flex: Allow TensorFlow ops the converter cannot turn into
+            builtins (free batch and length). Default: `False`.
+        quantize: `None` (float32), `"dynamic"` (int8 weights, float
+            activations), `"int8"` (int8 weights and activations) or
+            `"int16x8"` (int8 weights, int16 activations). The model's inputs
+            and outputs stay float32. `"int16x8"` needs a fixed length.
+            Default: `None`.
+        fused: Write each `GatedLSTM` that TFLite's fused op can express as
+            one `UNIDIRECTIONAL_SEQUENCE_LSTM` op (a fixed batch size, no
+            mask, no cell option, no `return_state`; each other layer says
+            why in a warning). The op keeps its `h` and `c` in TFLite
+            variable tensors between invocations: call
+            `interpreter.reset_all_variables()` before each new sequence, or
+            use that to stream a sequence chunk by chunk. Not with
+            `quantize="int16x8"`. Default: `False`.
+        representative_data: For `"int8"` and `"int16x8"`: typical inputs
+            that calibrate the activation ranges, an array `(n, timesteps,
+            features)` (a few hundred windows), or a dict of such arrays by
+            input name for a model with several inputs.
+
+    Returns:
+        `path`, as a string.
+
+    Example:
+
+    >>> import os, tempfile, keras, numpy as np, tensorflow as tf
+    >>> from keras_lstm import GatedLSTM, export_tflite
+    >>> model = keras.Sequential(
+    ...     [keras.Input((24, 3), name="hours"), GatedLSTM(8), keras.layers.Dense(1, name="y")]
+    ... )
+    >>> path = export_tflite(model, os.path.join(tempfile.mkdtemp(), "model.tflite"))
+    >>> runner = tf.lite.Interpreter(model_path=path).get_signature_runner()
+    >>> x = np.random.default_rng(0).standard_normal((1, 24, 3)).astype("float32")
+    >>> bool(np.allclose(runner(hours=x)["y"], model(x), atol=1e-4))
+    True
+    """
+    _graph.require_tensorflow_backend("export_tflite")
+    import tensorflow as tf
+
+    model = _graph.servable_model(model)
+    representative = _representative_inputs(model, quantize, representative_data)
+    fused = _checks.boolean("fused", fused)
+    if timesteps is not None:
+        timesteps = _checks.positive_int("timesteps", timesteps)
+    if batch_size is not None:
+        batch_size = _checks.positive_int("batch_size", batch_size)
+    inputs = _graph.model_inputs(model)
+    fixed = {t.shape[1] for t in inputs if len(t.shape) == 3} - {None}
+    if timesteps is not None and fixed and fixed != {timesteps}:
+        raise ValueError(
+            f"`timesteps` is {timesteps}, but the model was built for sequences of length "
+            f"{sorted(fixed)}."
+        )
+    if timesteps is None and len(fixed) == 1:
+        timesteps = fixed.pop()
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"`path` must be a file name, but `{path}` is a folder.")
+
+    fixed_model = _graph.rebuilt(model, stateful=False, batch_size=batch_size, timesteps=timesteps)
+    fusable = []
+    if fused:
+        for layer in _graph.all_layers(fixed_model):
+            reason = _tflite_unfused_reason(layer, batch_size)
+            if reason == "":
+                fusable.append(layer)
+            elif reason is not None:
+                warnings.warn(
+                    f"Layer '{layer.name}' stays a loop in the TFLite model, not "
+                    f"UNIDIRECTIONAL_SEQUENCE_LSTM: {reason}.",
+                    stacklevel=2,
+                )
+    if timesteps is not None:  # the other recurrent layers unroll into builtin ops
+        for layer in _graph.all_layers(fixed_model):
+            if isinstance(layer, keras.layers.RNN) and layer not in fusable:
+                layer.unroll = True
+    specs = []
+    for spec in _graph.input_specs(fixed_model):
+        shape = [batch_size, *spec.shape[1:]]
+        if len(shape) == 3:
+            shape[1] = timesteps
+        specs.append(tf.TensorSpec(shape, spec.dtype, name=spec.name))
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as saved_model_dir:
+        # The SavedModel route freezes the variables into constants; tracing
+        # a concrete function directly leaves TFLite resource variables.
+        archive = keras.export.ExportArchive()
+        archive.track(fixed_model)
+        serve = _graph.serve_function(fixed_model, _graph.output_names(fixed_model))
+
+        from keras_lstm import kernels
+
+        # TFLite has no kernel for our native op, nor builtins for TensorList
+        # ops at a free batch size.
+        with kernels.portable_ops("tflite_fused" if fusable else "no_tensor_lists"):
+            archive.add_endpoint("serving_default", serve, input_signature=specs)
+            with _graph.quiet_tensorflow_logger():
+                archive.write_out(saved_model_dir, verbose=False)
+        converter = tf.lite.TFLiteConverter.from_saved_model(saved_model_dir)
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+        if quantize is not None:
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        if representative is not None:
+            converter.representative_dataset = _calibration(representative, batch_size or 1)
+            converter.target_spec.supported_ops = [getattr(tf.lite.OpsSet, QUANTIZED_OPS[quantize])]
+        if allow_flex:
+            converter.target_spec.supported_ops.append(tf.lite.OpsSet.SELECT_TF_OPS)
+            _internals.keep_tensor_list_ops(converter)
+        try:
+            flat_buffer = converter.convert()
+        except Exception as error:
+            if fusable and "not yet supported for op: 'UNIDIRECTIONAL_SEQUENCE_LSTM'" in str(error):
+                raise ValueError(
+                    f"`quantize={quantize!r}` is not supported by TFLite's converter for the "
+                    "fused LSTM op: pass fused=False."
+                ) from None
+            if quantize is not None and "calibration" in str(error).lower():
+                raise ValueError(
+                    f"`quantize={quantize!r}` cannot calibrate this model's time loop: "
+                    "give a fixed `timesteps` (the loop is then unrolled)."
+                ) from None
+            if allow_flex or "tensor list" not in str(error).lower():
+                raise
+            raise ValueError(
+                "With a free sequence length and a free batch size, a layer that runs Keras's "
+                "step loop (a cell option, or keras.layers.RNN(GatedLSTMCell)) needs TensorFlow "
+                "(Flex) ops: pass batch_size=1, a `timesteps`, or allow_flex=True (the model "
+                "then needs the Flex delegate)."
+            ) from None
+
+    if fusable:
+        flat_buffer, count = _unclipped_fused_lstms(flat_buffer)
+        if count < len(fusable):  # what only tracing shows: a mask
+            warnings.warn(
+                f"{len(fusable) - count} of the {len(fusable)} GatedLSTM layers that "
+                "UNIDIRECTIONAL_SEQUENCE_LSTM could express stay a loop in the TFLite "
+                "model: they are masked, and the op takes no mask.",
+                stacklevel=2,
+            )
+    with atomic_file(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(flat_buffer)
+    return path
+
+
+def _tflite_unfused_reason(layer, batch_size) -> str | None:
+    """Why a layer of ours cannot become TFLite's fused LSTM op; `""` if it can,
+    `None` for layers that are not ours. A mask shows only when traced."""
+    from keras_lstm.cell import GatedLSTMCell
+    from keras_lstm.layer import GatedLSTM
+
+    if not isinstance(layer, keras.layers.RNN) or not isinstance(layer.cell, GatedLSTMCell):
+        return None
+    if not isinstance(layer, GatedLSTM):
+        return "keras.layers.RNN runs Keras's step loop; use GatedLSTM with the same arguments"
+    if not layer.cell.is_standard_lstm:
+        return "a cell option or activation the op does not compute"
+    if layer.return_state:
+        return "it returns its states, and the op gives only the output sequence"
+    if layer.unroll:
+        return "unroll=True"
+    if batch_size is None:
+        return "the op needs a fixed batch size (batch_size=None)"
+    return ""
+
+
+def _unclipped_fused_lstms(flat_buffer: bytes) -> tuple[bytes, int]:
+    """The model with the converter's cell clip (+-10) taken off every fused LSTM.
+
+    The converter sets `cell_clip=10` on each `UNIDIRECTIONAL_SEQUENCE_LSTM`
+    it makes from a Keras LSTM, which would clip a cell state that
+    `GatedLSTM` lets grow (long lags, `chrono_init`); 0 means no clip, the
+    layer's own maths. Returns the model and how many such ops it holds.
+    """
+    model = _internals.tflite_model_object(flat_buffer)
+    options_type = _internals.tflite_schema().BuiltinOptions.UnidirectionalSequenceLSTMOptions
+    count = 0
+    for subgraph in model.subgraphs:
+        for operator in subgraph.operators or []:
+            if operator.builtinOptionsType == options_type:
+                operator.builtinOptions.cellClip = 0.0
+                count += 1
+    return _internals.tflite_model_bytes(model), count
