@@ -235,9 +235,11 @@ def smoke_check() -> list[str]:
         assert python_utils.func_load(*code)(1) == 2
 
     def exporters():
+        # A Keras release before an exporter existed (ONNX 3.8, OpenVINO 3.11,
+        # LiteRT 3.13) has nothing to wrap; where its module is, the name must be.
         for name in KERAS_EXPORTERS:
-            owners = keras_exporter_owners(name)
-            assert owners and all(callable(getattr(owner, name)) for owner in owners), name
+            for owner in keras_exporter_owners(name):
+                assert callable(getattr(owner, name, None)), f"{owner.__name__}.{name}"
 
     for name, run in [
         ("dropout_rnn_cell", cell_mixin),

@@ -37,7 +37,12 @@
 #include "tensorflow/compiler/tf2xla/xla_op_kernel.h"
 #include "tensorflow/compiler/tf2xla/xla_op_registry.h"
 #include "tensorflow/core/framework/op_kernel.h"
+// TensorFlow 2.20 moved the builder here from xla/client/ (2.16 to 2.18).
+#if __has_include("xla/hlo/builder/xla_builder.h")
 #include "xla/hlo/builder/xla_builder.h"
+#else
+#include "xla/client/xla_builder.h"
+#endif
 #include "xla/service/custom_call_status.h"
 #include "xla/service/custom_call_target_registry.h"
 #include "xla/shape_util.h"
