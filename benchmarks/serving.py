@@ -65,14 +65,17 @@ WORKER = textwrap.dedent(
         x_t = tf.constant(x[:, -1])
         def call():
             return step(x=x_t, **states)["y"].numpy()
-    elif kind == "tflite":
+    elif kind in ("tflite", "tflite_fused"):
         from ai_edge_litert.interpreter import Interpreter
         interpreter = Interpreter(model_path=path)
         index = interpreter.get_input_details()[0]["index"]
         interpreter.resize_tensor_input(index, x.shape)
         interpreter.allocate_tensors()
         out = interpreter.get_output_details()[0]["index"]
+        fused = kind == "tflite_fused"
         def call():
+            if fused:  # the fused op keeps its states between calls
+                interpreter.reset_all_variables()
             interpreter.set_tensor(index, x)
             interpreter.invoke()
             return interpreter.get_tensor(out)
