@@ -11,7 +11,8 @@ from Keras's `predict`.
 Rows: our SavedModel from `export_for_serving` (with and without XLA) and
 its streaming `step` signature (one step, client-held state); the same model
 built with `keras.layers.LSTM` (same weights) exported with Keras's own
-`model.export()`; our TFLite file (`export_tflite`, float); our ONNX export
+`model.export()`; our TFLite files (`export_tflite`: float, int8 calibrated
+on random inputs, and the fused op, reset before each call); our ONNX export
 (`model.export(format="onnx")`, ONNX's `LSTM` op) next to the `Loop` form and
 to `torch.onnx` of the same `torch.nn.LSTM` (from `keras_lstm.to_torch`).
 
@@ -176,11 +177,27 @@ def export_all(args, folder):
         path = os.path.join(folder, "keras_lstm")
         theirs.export(path, format="tf_saved_model", verbose=False)
         rows["keras.layers.LSTM: model.export()"] = ("keras_export", path)
+        calibration = np.random.default_rng(0).standard_normal((200, *shape)).astype("float32")
         for batch in args.batches:
             path = export_tflite(
                 ours, os.path.join(folder, f"ours_{batch}.tflite"), batch_size=batch
             )
             rows[f"ours: TFLite float (export_tflite), batch {batch}"] = ("tflite", path)
+            path = export_tflite(
+                ours,
+                os.path.join(folder, f"ours_int8_{batch}.tflite"),
+                batch_size=batch,
+                quantize="int8",
+                representative_data=calibration,
+            )
+            rows[f"ours: TFLite int8, batch {batch}"] = ("tflite", path)
+            path = export_tflite(
+                ours,
+                os.path.join(folder, f"ours_fused_{batch}.tflite"),
+                batch_size=batch,
+                fused=True,
+            )
+            rows[f"ours: TFLite fused op (fused=True), batch {batch}"] = ("tflite_fused", path)
         path = os.path.join(folder, "ours_lstm_op.onnx")
         ours.export(path, format="onnx", verbose=False)
         rows["ours: ONNX (LSTM op)"] = ("onnx", path)
@@ -263,7 +280,7 @@ def main():
         np.save(x_path, x)
         workers = {}
         for name, (kind, path) in rows.items():
-            if kind == "tflite" and not name.endswith(f"batch {batch}"):
+            if kind.startswith("tflite") and not name.endswith(f"batch {batch}"):
                 continue
             workers[name] = Worker(kind, path, x_path)
         for _ in range(args.rounds):
@@ -275,6 +292,8 @@ def main():
             median = samples[len(samples) // 2]
             p99 = samples[int(0.99 * (len(samples) - 1))]
             diff = "n/a" if "step" in name else f"{np.abs(worker.output - expected).max():.1e}"
+            if "int8" in name:  # calibrated on random inputs: accuracy is measured elsewhere
+                diff = f"({diff})"
             shown = name.replace(f", batch {batch}", "")
             print(f"| {shown} | {batch} | {median:,.0f} | {p99:,.0f} | {diff} |")
 
