@@ -26,7 +26,7 @@ _FEATURES = {
 
 _OPTIONS_NOTE = (
     "an option that changes the maths (peephole, layer_norm, cifg, proj_units, zoneout_h, "
-    "zoneout_c, cell_clip), recurrent_dropout while training, or unroll=True"
+    "zoneout_c, cell_clip) or unroll=True"
 )
 
 

@@ -51,8 +51,8 @@ class GatedLSTM(keras.layers.RNN):
     `jit_compile`).
 
     How the sequence runs: on the TensorFlow backend, when the cell computes
-    the standard LSTM (tanh and sigmoid, no option that changes the maths)
-    and no recurrent dropout applies, a fused whole-sequence op with its own
+    the standard LSTM (tanh and sigmoid, no option that changes the maths;
+    dropout and recurrent dropout are fine), a fused whole-sequence op with its own
     gradient runs the recurrence (a native CPU kernel, under XLA as a custom
     call; a `tf.while_loop` on GPU and in exports). Otherwise, and on the JAX and
     torch backends, Keras's step loop calls the cell's `call`, which is also
@@ -258,6 +258,10 @@ class GatedLSTM(keras.layers.RNN):
         if training and self.cell.dropout > 0:
             # One mask per sequence, the one the cell would draw.
             sequences = sequences * self.cell.get_dropout_mask(sequences[:, 0, :])[:, None, :]
+        recurrent_mask = None
+        if training and self.cell.recurrent_dropout > 0:
+            # Likewise: the mask on h_{t-1} the cell's `call` would apply at every step.
+            recurrent_mask = self.cell.get_recurrent_dropout_mask(initial_state[0])
         return kernels.lstm_recurrence(
             sequences,
             self.cell.kernel,
@@ -270,6 +274,7 @@ class GatedLSTM(keras.layers.RNN):
             return_sequences=self.return_sequences,
             zero_output_for_mask=self.zero_output_for_mask,
             training=training,
+            recurrent_mask=recurrent_mask,
         )
 
     def _unrolled_backwards_loop(self, sequences, initial_state, mask, training):
@@ -295,13 +300,12 @@ class GatedLSTM(keras.layers.RNN):
 
     def _runs_fused_kernel(self, training) -> bool:
         """Whether `inner_loop` may use the fused op: TensorFlow backend, a cell
-        with the standard LSTM maths, no recurrent dropout while training, and
-        no `unroll=True` (which asks for one op per step, as TFLite wants)."""
+        with the standard LSTM maths (recurrent dropout included), and no
+        `unroll=True` (which asks for one op per step, as TFLite wants)."""
         return (
             keras.backend.backend() == "tensorflow"
             and not self.unroll
             and self.cell.is_standard_lstm
-            and not (training and self.cell.recurrent_dropout > 0)
         )
 
     def _check_call(self, sequences, initial_state, mask):

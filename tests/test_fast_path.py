@@ -206,7 +206,7 @@ def test_fused_op_is_the_path_taken_for_a_standard_cell(monkeypatch, rng):
 @pytest.mark.parametrize(
     "options, training, fused",
     [
-        ({"recurrent_dropout": 0.3}, True, False),
+        ({"recurrent_dropout": 0.3}, True, True),
         ({"recurrent_dropout": 0.3}, False, True),
         ({"dropout": 0.3}, True, True),
         ({"activation": "relu"}, False, False),
@@ -215,7 +215,7 @@ def test_fused_op_is_the_path_taken_for_a_standard_cell(monkeypatch, rng):
         ({"peephole": True}, False, False),
     ],
     ids=[
-        "recurrent_dropout_training_falls_back",
+        "recurrent_dropout_training_fused",
         "recurrent_dropout_inference_fused",
         "dropout_training_fused",
         "other_activation_falls_back",
@@ -244,6 +244,55 @@ def test_input_dropout_uses_the_same_mask_as_the_cell(implementation, rng):
     # Dropout really acted: the training output differs from inference.
     assert not np.allclose(out_fused[0][0], np.asarray(fused(x, training=False)), atol=1e-3)
     _assert_same(out_fused, out_generic)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"return_sequences": True},
+        {"return_sequences": True, "go_backwards": True, "return_state": True},
+        {"return_sequences": False, "dropout": 0.2},
+    ],
+    ids=["sequences", "backwards_with_states", "last_with_input_dropout"],
+)
+@pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
+def test_recurrent_dropout_matches_the_cells_own_loop(implementation, rng, options, masked):
+    # Keras's meaning: one mask per sequence on h_{t-1} before the recurrent
+    # product, the mask the cell's `call` would draw; outputs and gradients.
+    x, h0, c0 = _data(rng)
+    kwargs = {"recurrent_dropout": 0.4, "seed": 11, **options}
+    fused, generic = _pair(reference_cls=GatedLSTM, **kwargs)
+    generic._runs_fused_kernel = lambda training: False
+    mask = MASK if masked else None
+    out_fused = _run(fused, x, mask=mask, initial_state=[h0, c0], training=True)
+    out_generic = _run(generic, x, mask=mask, initial_state=[h0, c0], training=True)
+    # Recurrent dropout really acted: training differs from inference.
+    plain = np.asarray(fused(x, mask=mask, initial_state=[h0, c0], training=False)[0])
+    assert not np.allclose(out_fused[0][0], plain, atol=1e-3)
+    _assert_same(out_fused, out_generic)
+
+
+def test_recurrent_dropout_under_xla_matches_the_cells_own_loop(implementation, rng):
+    x, h0, c0 = _data(rng)
+    fused, generic = _pair(
+        reference_cls=GatedLSTM, recurrent_dropout=0.3, seed=5, return_sequences=True
+    )
+    generic._runs_fused_kernel = lambda training: False
+
+    @tf.function(jit_compile=True)
+    def step(layer, x, h0, c0):
+        with tf.GradientTape() as tape:
+            tape.watch([x, h0, c0])
+            y = layer(x, initial_state=[h0, c0], training=True)
+            loss = tf.reduce_sum(_ramp(y) * y * y)
+        return y, tape.gradient(loss, [x, h0, c0, *layer.trainable_weights])
+
+    args = (tf.constant(x), tf.constant(h0), tf.constant(c0))
+    y_fused, g_fused = step(fused, *args)
+    y_generic, g_generic = step(generic, *args)
+    np.testing.assert_allclose(y_fused, y_generic, atol=TOL)
+    for a, b in zip(g_fused, g_generic, strict=True):
+        np.testing.assert_allclose(a, b, atol=TOL, rtol=TOL)
 
 
 def test_mixed_precision_runs_fused_and_matches_the_cells_own_loop(rng):

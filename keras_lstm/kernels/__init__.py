@@ -220,6 +220,7 @@ def lstm_recurrence(
     return_sequences=True,
     zero_output_for_mask=False,
     training=True,
+    recurrent_mask=None,
 ):
     """Runs an LSTM over batch-major `inputs` (B, T, D), Keras-compatible.
 
@@ -229,10 +230,15 @@ def lstm_recurrence(
     state and outputs the previous output (zeros before any unmasked step,
     or zeros always with `zero_output_for_mask`). With `training=False` the
     native kernel keeps nothing for the backward pass (a gradient, if one is
-    asked for anyway, runs the forward pass again).
+    asked for anyway, runs the forward pass again). `recurrent_mask` (B, H),
+    if given, multiplies `h_{t-1}` before the recurrent product at every step
+    (recurrent dropout as Keras draws it: one mask per sequence, scaled);
+    exports, which never train, take none.
     """
     dtype = inputs.dtype
     kernel = tf.cast(kernel, dtype)
+    if recurrent_mask is not None:
+        recurrent_mask = tf.cast(recurrent_mask, dtype)
     recurrent_kernel = tf.cast(recurrent_kernel, dtype)
     x = tf.transpose(inputs, (1, 0, 2))
     if mask is not None:
@@ -253,6 +259,7 @@ def lstm_recurrence(
             mask,
             keep_for_gradient=bool(training) if isinstance(training, bool) else True,
             return_sequences=return_sequences,
+            recurrent_mask=recurrent_mask,
         )
     elif export_loop_form() in ("inference", "onnx"):
         h_seq, h_last, c_last = _while_loop.lstm_sequence_for_inference(
@@ -269,7 +276,7 @@ def lstm_recurrence(
         )
     elif in_xla_context():
         h_seq, c_seq = _while_loop.lstm_sequence_projecting(
-            x, kernel, bias, recurrent_kernel, h0, c0, mask
+            x, kernel, bias, recurrent_kernel, h0, c0, mask, recurrent_mask
         )
         h_last, c_last = h_seq[-1], c_seq[-1]
     else:
@@ -284,7 +291,9 @@ def lstm_recurrence(
                 xz, recurrent_kernel, h0, c0, mask
             )
         else:
-            h_seq, c_seq = _while_loop.lstm_sequence(xz, recurrent_kernel, h0, c0, mask)
+            h_seq, c_seq = _while_loop.lstm_sequence(
+                xz, recurrent_kernel, h0, c0, mask, recurrent_mask
+            )
             h_last, c_last = h_seq[-1], c_seq[-1]
     states = [h_last, c_last]
     if return_sequences:

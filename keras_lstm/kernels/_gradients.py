@@ -41,8 +41,15 @@ def projection_grads(x, kernel, dz):
     return dx, dkernel
 
 
-def recurrent_kernel_grad(h0, h_seq, dz):
-    """`sum_t h_{t-1}^T dz_t` as one matmul over all steps."""
+def recurrent_kernel_grad(h0, h_seq, dz, recurrent_mask=None):
+    """`sum_t h_{t-1}^T dz_t` as one matmul over all steps.
+
+    With a recurrent dropout mask r (B, H), U saw `h_{t-1} * r`: that is
+    what multiplies dz then.
+    """
+    if recurrent_mask is not None:
+        h0 = h0 * recurrent_mask
+        h_seq = h_seq * recurrent_mask
     units = tf.shape(h0)[-1]
     if in_xla_context():
         # XLA copies a slice that feeds a matmul, and dz[1:] is 4x the size of

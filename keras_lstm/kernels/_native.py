@@ -88,13 +88,13 @@ def _register_gradient():
     @tf.RegisterGradient("KerasLstmSequence")
     def _grad(op, dh_seq, dc_seq, _dgates, dh_last, dc_last):
         module = native_module()
-        x, kernel, bias, recurrent_kernel, h0, c0, mask = op.inputs
+        x, kernel, bias, recurrent_kernel, h0, c0, mask, recurrent_mask = op.inputs
         h_seq, c_seq, gates = op.outputs[:3]
         if not op.get_attr("keep_for_gradient"):
             # Run in inference mode, which keeps nothing for the gradient:
             # run the forward pass again, keeping it.
             h_seq, c_seq, gates, _, _ = module.keras_lstm_sequence(
-                x, kernel, bias, recurrent_kernel, h0, c0, mask
+                x, kernel, bias, recurrent_kernel, h0, c0, mask, recurrent_mask
             )
         empty = tf.zeros((0,), x.dtype)
         dh_seq, dc_seq, dh_last, dc_last = (
@@ -102,14 +102,25 @@ def _register_gradient():
             for grad in (dh_seq, dc_seq, dh_last, dc_last)
         )
         dz, dh0, dc0, dbias = module.keras_lstm_sequence_grad(
-            recurrent_kernel, h0, c0, mask, c_seq, gates, dh_seq, dc_seq, dh_last, dc_last
+            recurrent_kernel,
+            h0,
+            c0,
+            mask,
+            c_seq,
+            gates,
+            dh_seq,
+            dc_seq,
+            dh_last,
+            dc_last,
+            recurrent_mask,
         )
         # The input and weight gradients as single matmuls over all steps; the
         # bias gradient the kernel summed as it went.
         dx, dkernel = projection_grads(x, kernel, dz)
         dbias = dbias if bias.shape[0] else None
-        drecurrent = recurrent_kernel_grad(h0, h_seq, dz)
-        return dx, dkernel, dbias, drecurrent, dh0, dc0, None
+        dropped = recurrent_mask if recurrent_mask.shape[0] else None
+        drecurrent = recurrent_kernel_grad(h0, h_seq, dz, dropped)
+        return dx, dkernel, dbias, drecurrent, dh0, dc0, None, None
 
 
 def native_module():
@@ -149,6 +160,7 @@ def lstm_sequence(
     mask=None,
     keep_for_gradient=True,
     return_sequences=True,
+    recurrent_mask=None,
 ):
     """The native twin of `_while_loop.lstm_sequence_projecting` (float32, CPU).
 
@@ -157,10 +169,13 @@ def lstm_sequence(
     (T, B, H) gradient. Without `keep_for_gradient` the op keeps nothing for the
     backward pass (a gradient then runs the forward pass again) and `c_seq` is
     empty; `h_seq` is empty unless `return_sequences` or `keep_for_gradient`.
+    `recurrent_mask` (B, H), if given, multiplies `h_{t-1}` before the
+    recurrent product (recurrent dropout, one mask per sequence).
     """
     module = native_module()
     mask = tf.zeros((0,), tf.float32) if mask is None else tf.cast(mask, tf.float32)
     bias = tf.zeros((0,), tf.float32) if bias is None else bias
+    empty = tf.zeros((0,), tf.float32)
     h_seq, c_seq, _, h_last, c_last = module.keras_lstm_sequence(
         x,
         kernel,
@@ -169,6 +184,7 @@ def lstm_sequence(
         h0,
         c0,
         mask,
+        empty if recurrent_mask is None else recurrent_mask,
         keep_for_gradient=keep_for_gradient,
         return_sequences=return_sequences,
     )

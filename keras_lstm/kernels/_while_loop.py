@@ -21,7 +21,7 @@ def _split_gates(gates):
     return tf.split(gates, 4, axis=-1)
 
 
-def _forward(xs, recurrent_kernel, h0, c0, mask, project=None):
+def _forward(xs, recurrent_kernel, h0, c0, mask, project=None, recurrent_mask=None):
     """`xs` is the time-major `x W + b`, or `x` itself when `project` maps a step to it.
 
     Exports trace `lstm_sequence_for_inference` instead: tf2onnx turns this
@@ -40,7 +40,8 @@ def _forward(xs, recurrent_kernel, h0, c0, mask, project=None):
 
     def body(t, h, c, h_ta, c_ta, g_ta):
         x_t = xs_ta.read(t)
-        z = (x_t if project is None else project(x_t)) + tf.matmul(h, recurrent_kernel)
+        h_in = h if recurrent_mask is None else h * recurrent_mask  # recurrent dropout
+        z = (x_t if project is None else project(x_t)) + tf.matmul(h_in, recurrent_kernel)
         z_i, z_f, z_g, z_o = _split_gates(z)
         i, f, g, o = tf.sigmoid(z_i), tf.sigmoid(z_f), tf.tanh(z_g), tf.sigmoid(z_o)
         c_new = f * c + i * g
@@ -67,7 +68,7 @@ def _forward(xs, recurrent_kernel, h0, c0, mask, project=None):
     return h_ta.stack(), c_ta.stack(), g_ta.stack()
 
 
-def _backward(recurrent_kernel, c0, mask, c_seq, gates, dh_seq, dc_seq):
+def _backward(recurrent_kernel, c0, mask, c_seq, gates, dh_seq, dc_seq, recurrent_mask=None):
     steps = tf.shape(gates)[0]
     dtype = gates.dtype
     g_ta = tf.TensorArray(dtype, size=steps).unstack(gates)
@@ -103,6 +104,8 @@ def _backward(recurrent_kernel, c0, mask, c_seq, gates, dh_seq, dc_seq):
             axis=-1,
         )
         dh_prev = tf.matmul(dz, recurrent_kernel, transpose_b=True)
+        if recurrent_mask is not None:
+            dh_prev = dh_prev * recurrent_mask
         dc_prev = dct * f
         if mask_ta is not None:
             dh_prev = tf.where(keep, dh_prev, dh)
@@ -119,7 +122,9 @@ def _backward(recurrent_kernel, c0, mask, c_seq, gates, dh_seq, dc_seq):
     return dz_ta.stack(), dh0, dc0
 
 
-def lstm_sequence_projecting(x, kernel, bias, recurrent_kernel, h0, c0, mask=None):
+def lstm_sequence_projecting(
+    x, kernel, bias, recurrent_kernel, h0, c0, mask=None, recurrent_mask=None
+):
     """As `lstm_sequence`, but from time-major `x` (T, B, D), projecting each step in the loop.
 
     XLA on CPU runs this form faster than reading a precomputed `x W + b`
@@ -138,12 +143,15 @@ def lstm_sequence_projecting(x, kernel, bias, recurrent_kernel, h0, c0, mask=Non
                 c0,
                 mask,
                 project=lambda x_t: tf.matmul(x_t, kernel),
+                recurrent_mask=recurrent_mask,
             )
 
             def grad(dh_seq, dc_seq):
-                dz, dh0, dc0 = _backward(recurrent_kernel, c0, mask, c_seq, gates, dh_seq, dc_seq)
+                dz, dh0, dc0 = _backward(
+                    recurrent_kernel, c0, mask, c_seq, gates, dh_seq, dc_seq, recurrent_mask
+                )
                 dx, dkernel = projection_grads(x, kernel, dz)
-                return dx, dkernel, recurrent_kernel_grad(h0, h_seq, dz), dh0, dc0
+                return dx, dkernel, recurrent_kernel_grad(h0, h_seq, dz, recurrent_mask), dh0, dc0
 
             return (h_seq, c_seq), grad
 
@@ -158,13 +166,23 @@ def lstm_sequence_projecting(x, kernel, bias, recurrent_kernel, h0, c0, mask=Non
             c0,
             mask,
             project=lambda x_t: tf.matmul(x_t, kernel) + bias,
+            recurrent_mask=recurrent_mask,
         )
 
         def grad(dh_seq, dc_seq):
-            dz, dh0, dc0 = _backward(recurrent_kernel, c0, mask, c_seq, gates, dh_seq, dc_seq)
+            dz, dh0, dc0 = _backward(
+                recurrent_kernel, c0, mask, c_seq, gates, dh_seq, dc_seq, recurrent_mask
+            )
             dx, dkernel = projection_grads(x, kernel, dz)
             dbias = tf.reduce_sum(tf.reshape(dz, (-1, dz.shape[-1])), axis=0)
-            return dx, dkernel, dbias, recurrent_kernel_grad(h0, h_seq, dz), dh0, dc0
+            return (
+                dx,
+                dkernel,
+                dbias,
+                recurrent_kernel_grad(h0, h_seq, dz, recurrent_mask),
+                dh0,
+                dc0,
+            )
 
         return (h_seq, c_seq), grad
 
@@ -276,7 +294,7 @@ def lstm_sequence_for_inference(x, kernel, bias, recurrent_kernel, h0, c0, mask=
     return h_ta.stack(), h_last, c_last
 
 
-def lstm_sequence(xz, recurrent_kernel, h0, c0, mask=None):
+def lstm_sequence(xz, recurrent_kernel, h0, c0, mask=None, recurrent_mask=None):
     """Runs the recurrence over time-major `xz = x W + b` of shape (T, B, 4H).
 
     `mask` is an optional boolean (T, B); a `False` step keeps the row's
@@ -285,11 +303,15 @@ def lstm_sequence(xz, recurrent_kernel, h0, c0, mask=None):
 
     @tf.custom_gradient
     def run(xz, recurrent_kernel, h0, c0):
-        h_seq, c_seq, gates = _forward(xz, recurrent_kernel, h0, c0, mask)
+        h_seq, c_seq, gates = _forward(
+            xz, recurrent_kernel, h0, c0, mask, recurrent_mask=recurrent_mask
+        )
 
         def grad(dh_seq, dc_seq):
-            dz, dh0, dc0 = _backward(recurrent_kernel, c0, mask, c_seq, gates, dh_seq, dc_seq)
-            return dz, recurrent_kernel_grad(h0, h_seq, dz), dh0, dc0
+            dz, dh0, dc0 = _backward(
+                recurrent_kernel, c0, mask, c_seq, gates, dh_seq, dc_seq, recurrent_mask
+            )
+            return dz, recurrent_kernel_grad(h0, h_seq, dz, recurrent_mask), dh0, dc0
 
         return (h_seq, c_seq), grad
 

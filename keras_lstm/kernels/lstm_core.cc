@@ -77,6 +77,10 @@ void ForwardRows(const Forward& a, const float* kernels, int64_t row_begin,
   // [x_t, h_{t-1}] of this block; z when the gates are not kept; h and c
   // (two of each, this step's and the previous one) when not kept.
   Matrix xh(project_first ? 0 : rows, K);
+  // h_{t-1} * r, for the product, with recurrent dropout.
+  Matrix h_dropped(project_first && a.recurrent_mask ? rows : 0, H);
+  const ConstArrayMap r(a.recurrent_mask ? a.recurrent_mask + row_begin * H : nullptr,
+                        a.recurrent_mask ? rows : 0, H);
   std::vector<float> scratch((a.gates || project_first ? 0 : rows * G) +
                              (a.h_seq ? 0 : 2 * rows * H) + (a.c_seq ? 0 : 2 * rows * H));
   float* z_scratch = scratch.data();
@@ -91,11 +95,18 @@ void ForwardRows(const Forward& a, const float* kernels, int64_t row_begin,
     float* h = a.h_seq ? a.h_seq + at * H : h_scratch + (t & 1) * rows * H;
     float* c = a.c_seq ? a.c_seq + at * H : c_scratch + (t & 1) * rows * H;
     MatrixMap Z(z, rows, G);
-    if (project_first) {
+    if (project_first && a.recurrent_mask) {
+      h_dropped.array() = ConstArrayMap(h_prev, rows, H) * r;
+      MultiplyInto(Z, h_dropped, recurrent, /*accumulate=*/true);
+    } else if (project_first) {
       MultiplyInto(Z, ConstMatrixMap(h_prev, rows, H), recurrent, /*accumulate=*/true);
     } else {
       xh.leftCols(D) = ConstMatrixMap(a.x + at * D, rows, D);
-      xh.rightCols(H) = ConstMatrixMap(h_prev, rows, H);
+      if (a.recurrent_mask) {
+        xh.rightCols(H).array() = ConstArrayMap(h_prev, rows, H) * r;
+      } else {
+        xh.rightCols(H) = ConstMatrixMap(h_prev, rows, H);
+      }
       if (a.bias) {
         Z.rowwise() = Eigen::Map<const Eigen::RowVectorXf>(a.bias, G);
       } else {
@@ -155,6 +166,9 @@ void BackwardRows(const Backward& a, int64_t row_begin, int64_t row_end, float* 
     dc.setZero();
   }
   Row dct(H), tanh_c(H), di(H);
+  Matrix dh_through_u(a.recurrent_mask ? rows : 0, H);
+  const ConstArrayMap r(a.recurrent_mask ? a.recurrent_mask + row_begin * H : nullptr,
+                        a.recurrent_mask ? rows : 0, H);
   for (int64_t t = a.steps - 1; t >= 0; --t) {
     const int64_t at = t * B + row_begin;
     if (a.dh_seq) dh += ConstArrayMap(a.dh_seq + at * H, rows, H);
@@ -187,8 +201,16 @@ void BackwardRows(const Backward& a, int64_t row_begin, int64_t row_end, float* 
       // Replaced below by dz U^T, accumulated onto the rows a mask kept.
       dhr.setZero();
     }
-    MultiplyInto(MatrixMap(dh.data(), rows, H), ConstMatrixMap(a.dz + at * G, rows, G),
-                 U.transpose(), /*accumulate=*/true);
+    if (!a.recurrent_mask) {
+      MultiplyInto(MatrixMap(dh.data(), rows, H), ConstMatrixMap(a.dz + at * G, rows, G),
+                   U.transpose(), /*accumulate=*/true);
+      continue;
+    }
+    // h_{t-1} reached U through r: dh_{t-1} = (dz_t U^T) * r. A masked row's
+    // dz is zero, so its carried dh gains nothing.
+    MultiplyInto(MatrixMap(dh_through_u.data(), rows, H), ConstMatrixMap(a.dz + at * G, rows, G),
+                 U.transpose(), /*accumulate=*/false);
+    dh += dh_through_u.array() * r;
   }
 }
 

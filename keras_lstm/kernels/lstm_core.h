@@ -36,6 +36,7 @@ struct Forward {
   const float* h0 = nullptr;                // (B, H)
   const float* c0 = nullptr;                // (B, H)
   const float* mask = nullptr;              // (T, B), or null
+  const float* recurrent_mask = nullptr;    // (B, H), or null: see ForwardRows
   float* h_seq = nullptr;                   // (T, B, H), or null: not kept
   float* c_seq = nullptr;                   // (T, B, H), or null: not kept
   float* gates = nullptr;                   // (T, B, 4H) activations, or null: not kept
@@ -56,6 +57,7 @@ struct Backward {
   const float* recurrent_kernel = nullptr;  // (H, 4H)
   const float* c0 = nullptr;                // (B, H)
   const float* mask = nullptr;              // (T, B), or null
+  const float* recurrent_mask = nullptr;    // (B, H), or null: as in Forward
   const float* c_seq = nullptr;             // (T, B, H)
   const float* gates = nullptr;             // (T, B, 4H) activations
   const float* dh_seq = nullptr;            // (T, B, H), or null: zero
@@ -71,10 +73,12 @@ struct Backward {
 // over the stacked weights `kernels` ((D + H, 4H), see StackKernels), then
 //   i = sigmoid(z_i)   f = sigmoid(z_f)   g = tanh(z_g)   o = sigmoid(z_o)
 //   c = f * c_{t-1} + i * g               h = o * tanh(c)
+// With a `recurrent_mask` r (recurrent dropout: one mask per sequence, scaled
+// by 1 / (1 - rate)), h_{t-1} * r takes h_{t-1}'s place in the product.
 void ForwardRows(const Forward& a, const float* kernels, int64_t row_begin, int64_t row_end);
 
 // Carries dh and dc back through the steps: dz_t from the gates, then
-// dh_{t-1} = dz_t U^T and dc_{t-1} = dc_t * f. `dz` may share `gates`'s
+// dh_{t-1} = dz_t U^T (times r with a recurrent mask) and dc_{t-1} = dc_t * f. `dz` may share `gates`'s
 // buffer. `db` (4H), if not null, accumulates these rows' bias gradient.
 void BackwardRows(const Backward& a, int64_t row_begin, int64_t row_end, float* db = nullptr);
 

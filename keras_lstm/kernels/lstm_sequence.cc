@@ -70,7 +70,8 @@ float* DataOrNull(Tensor* tensor) {
 }
 
 void CheckStates(OpKernelContext* ctx, const Tensor& u, const Tensor& h0, const Tensor& c0,
-                 const Tensor& mask, int64_t steps, int64_t batch) {
+                 const Tensor& mask, const Tensor& recurrent_mask, int64_t steps,
+                 int64_t batch) {
   int64_t units = u.dim_size(0);
   OP_REQUIRES(ctx, u.dims() == 2 && u.dim_size(1) == 4 * units,
               InvalidArgument("recurrent_kernel must be (H, 4H), got ", u.shape().DebugString()));
@@ -81,6 +82,9 @@ void CheckStates(OpKernelContext* ctx, const Tensor& u, const Tensor& h0, const 
   OP_REQUIRES(ctx, mask.NumElements() == 0 || mask.shape() == TensorShape({steps, batch}),
               InvalidArgument("mask must be empty or (T, batch), got ",
                               mask.shape().DebugString()));
+  OP_REQUIRES(ctx, recurrent_mask.NumElements() == 0 || recurrent_mask.shape() == h0.shape(),
+              InvalidArgument("recurrent_mask must be empty or (batch, H), got ",
+                              recurrent_mask.shape().DebugString()));
 }
 
 class LstmSequenceOp : public OpKernel {
@@ -98,10 +102,11 @@ class LstmSequenceOp : public OpKernel {
     const Tensor& h0 = ctx->input(4);
     const Tensor& c0 = ctx->input(5);
     const Tensor& mask = ctx->input(6);
+    const Tensor& recurrent_mask = ctx->input(7);
     OP_REQUIRES(ctx, x.dims() == 3,
                 InvalidArgument("x must be (T, batch, D), got ", x.shape().DebugString()));
     const int64_t steps = x.dim_size(0), batch = x.dim_size(1), features = x.dim_size(2);
-    CheckStates(ctx, u, h0, c0, mask, steps, batch);
+    CheckStates(ctx, u, h0, c0, mask, recurrent_mask, steps, batch);
     if (!ctx->status().ok()) return;
     const int64_t units = u.dim_size(0);
     OP_REQUIRES(ctx, kernel.shape() == TensorShape({features, 4 * units}),
@@ -141,6 +146,7 @@ class LstmSequenceOp : public OpKernel {
     args.h0 = h0.flat<float>().data();
     args.c0 = c0.flat<float>().data();
     args.mask = DataOrNull(mask);
+    args.recurrent_mask = DataOrNull(recurrent_mask);
     args.h_seq = DataOrNull(h_out);
     args.c_seq = DataOrNull(c_out);
     args.gates = DataOrNull(gates_out);
@@ -173,10 +179,11 @@ class LstmSequenceGradOp : public OpKernel {
     const Tensor& dc_seq = ctx->input(7);
     const Tensor& dh_last = ctx->input(8);
     const Tensor& dc_last = ctx->input(9);
+    const Tensor& recurrent_mask = ctx->input(10);
     OP_REQUIRES(ctx, gates.dims() == 3,
                 InvalidArgument("gates must be (T, batch, 4H), got ", gates.shape().DebugString()));
     const int64_t steps = gates.dim_size(0), batch = gates.dim_size(1);
-    CheckStates(ctx, u, h0, c0, mask, steps, batch);
+    CheckStates(ctx, u, h0, c0, mask, recurrent_mask, steps, batch);
     if (!ctx->status().ok()) return;
     const int64_t units = u.dim_size(0);
     const TensorShape states({steps, batch, units});
@@ -204,6 +211,7 @@ class LstmSequenceGradOp : public OpKernel {
     args.recurrent_kernel = u.flat<float>().data();
     args.c0 = c0.flat<float>().data();
     args.mask = DataOrNull(mask);
+    args.recurrent_mask = DataOrNull(recurrent_mask);
     args.c_seq = c_seq.flat<float>().data();
     args.gates = gates.flat<float>().data();
     args.dh_seq = DataOrNull(dh_seq);
@@ -235,6 +243,7 @@ REGISTER_OP("KerasLstmSequence")
     .Input("h0: float")
     .Input("c0: float")
     .Input("mask: float")
+    .Input("recurrent_mask: float")
     .Attr("keep_for_gradient: bool = true")
     .Attr("return_sequences: bool = true")
     .Output("h: float")
@@ -273,6 +282,7 @@ REGISTER_OP("KerasLstmSequenceGrad")
     .Input("dc: float")
     .Input("dh_last: float")
     .Input("dc_last: float")
+    .Input("recurrent_mask: float")
     .Output("dz: float")
     .Output("dh0: float")
     .Output("dc0: float")

@@ -153,40 +153,41 @@ void ForEachChunk(int64_t rows, const std::function<void(int64_t, int64_t, int64
 
 struct Sizes {
   long long steps = 0, batch = 0, features = 0, units = 0;
-  int bias = 0, mask = 0, sequences = 0, keep = 0;
+  int bias = 0, mask = 0, sequences = 0, keep = 0, recurrent_mask = 0;
   int dh_seq = 0, dc_seq = 0, dh_last = 0, dc_last = 0;
 };
 
 // One format each for writing and reading.
 constexpr char kForwardFormat[] =
-    "T=%lld B=%lld D=%lld H=%lld bias=%d mask=%d sequences=%d keep=%d";
+    "T=%lld B=%lld D=%lld H=%lld bias=%d mask=%d sequences=%d keep=%d rmask=%d";
 constexpr char kBackwardFormat[] =
-    "T=%lld B=%lld H=%lld mask=%d dh=%d dc=%d dh_last=%d dc_last=%d";
+    "T=%lld B=%lld H=%lld mask=%d dh=%d dc=%d dh_last=%d dc_last=%d rmask=%d";
 
 std::string ForwardOpaque(const Sizes& s) {
   char text[256];
   std::snprintf(text, sizeof(text), kForwardFormat, s.steps, s.batch, s.features, s.units, s.bias,
-                s.mask, s.sequences, s.keep);
+                s.mask, s.sequences, s.keep, s.recurrent_mask);
   return text;
 }
 
 bool ParseForwardOpaque(const char* opaque, size_t length, Sizes* s) {
   const std::string text(opaque, length);
   return std::sscanf(text.c_str(), kForwardFormat, &s->steps, &s->batch, &s->features, &s->units,
-                     &s->bias, &s->mask, &s->sequences, &s->keep) == 8;
+                     &s->bias, &s->mask, &s->sequences, &s->keep, &s->recurrent_mask) == 9;
 }
 
 std::string BackwardOpaque(const Sizes& s) {
   char text[256];
   std::snprintf(text, sizeof(text), kBackwardFormat, s.steps, s.batch, s.units, s.mask, s.dh_seq,
-                s.dc_seq, s.dh_last, s.dc_last);
+                s.dc_seq, s.dh_last, s.dc_last, s.recurrent_mask);
   return text;
 }
 
 bool ParseBackwardOpaque(const char* opaque, size_t length, Sizes* s) {
   const std::string text(opaque, length);
   return std::sscanf(text.c_str(), kBackwardFormat, &s->steps, &s->batch, &s->units, &s->mask,
-                     &s->dh_seq, &s->dc_seq, &s->dh_last, &s->dc_last) == 8;
+                     &s->dh_seq, &s->dc_seq, &s->dh_last, &s->dc_last,
+                     &s->recurrent_mask) == 9;
 }
 
 // ---------------------------------------------------------------------------
@@ -214,6 +215,7 @@ void ForwardTarget(void* out, const void** in, const char* opaque, size_t opaque
   args.h0 = inputs[4];
   args.c0 = inputs[5];
   args.mask = s.mask ? inputs[6] : nullptr;
+  args.recurrent_mask = s.recurrent_mask ? inputs[7] : nullptr;
   args.h_seq = s.keep || s.sequences ? outputs[0] : nullptr;
   args.c_seq = s.keep ? outputs[1] : nullptr;
   args.gates = s.keep ? outputs[2] : nullptr;
@@ -246,6 +248,7 @@ void BackwardTarget(void* out, const void** in, const char* opaque, size_t opaqu
   args.dc_seq = s.dc_seq ? inputs[7] : nullptr;
   args.dh_last = s.dh_last ? inputs[8] : nullptr;
   args.dc_last = s.dc_last ? inputs[9] : nullptr;
+  args.recurrent_mask = s.recurrent_mask ? inputs[10] : nullptr;
   args.dz = outputs[0];
   args.dh0 = outputs[1];
   args.dc0 = outputs[2];
@@ -319,7 +322,7 @@ class LstmSequenceXlaOp : public XlaOpKernel {
     const TensorShape x = ctx->InputShape(0), kernel = ctx->InputShape(1),
                       bias = ctx->InputShape(2), u = ctx->InputShape(3),
                       h0 = ctx->InputShape(4), c0 = ctx->InputShape(5),
-                      mask = ctx->InputShape(6);
+                      mask = ctx->InputShape(6), recurrent_mask = ctx->InputShape(7);
     OP_REQUIRES(ctx, x.dims() == 3,
                 InvalidArgument("x must be (T, batch, D), got ", x.DebugString()));
     OP_REQUIRES(ctx, u.dims() == 2 && u.dim_size(1) == 4 * u.dim_size(0),
@@ -339,8 +342,12 @@ class LstmSequenceXlaOp : public XlaOpKernel {
                                 c0.DebugString()));
     OP_REQUIRES(ctx, !Present(mask) || mask == TensorShape({s.steps, s.batch}),
                 InvalidArgument("mask must be empty or (T, batch), got ", mask.DebugString()));
+    OP_REQUIRES(ctx, !Present(recurrent_mask) || recurrent_mask == TensorShape({s.batch, s.units}),
+                InvalidArgument("recurrent_mask must be empty or (batch, H), got ",
+                                recurrent_mask.DebugString()));
     s.bias = Present(bias);
     s.mask = Present(mask);
+    s.recurrent_mask = Present(recurrent_mask);
     s.sequences = return_sequences_;
     s.keep = keep_for_gradient_;
     const bool keep = keep_for_gradient_;
@@ -363,7 +370,7 @@ class LstmSequenceGradXlaOp : public XlaOpKernel {
                       mask = ctx->InputShape(3), c_seq = ctx->InputShape(4),
                       gates = ctx->InputShape(5), dh_seq = ctx->InputShape(6),
                       dc_seq = ctx->InputShape(7), dh_last = ctx->InputShape(8),
-                      dc_last = ctx->InputShape(9);
+                      dc_last = ctx->InputShape(9), recurrent_mask = ctx->InputShape(10);
     OP_REQUIRES(ctx, gates.dims() == 3,
                 InvalidArgument("gates must be (T, batch, 4H), got ", gates.DebugString()));
     Sizes s;
@@ -377,13 +384,15 @@ class LstmSequenceGradXlaOp : public XlaOpKernel {
             h0 == state && c0 == state && c_seq == states &&
             (!Present(mask) || mask == TensorShape({s.steps, s.batch})) &&
             (!Present(dh_seq) || dh_seq == states) && (!Present(dc_seq) || dc_seq == states) &&
-            (!Present(dh_last) || dh_last == state) && (!Present(dc_last) || dc_last == state),
+            (!Present(dh_last) || dh_last == state) && (!Present(dc_last) || dc_last == state) &&
+            (!Present(recurrent_mask) || recurrent_mask == state),
         InvalidArgument("inconsistent shapes in the LSTM sequence gradient"));
     s.mask = Present(mask);
     s.dh_seq = Present(dh_seq);
     s.dc_seq = Present(dc_seq);
     s.dh_last = Present(dh_last);
     s.dc_last = Present(dc_last);
+    s.recurrent_mask = Present(recurrent_mask);
     // dz may take over the gates' buffer (BackwardRows reads each step's
     // gates before writing its dz); XLA copies the gates first if they are
     // still needed elsewhere.
