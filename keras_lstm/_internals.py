@@ -226,6 +226,17 @@ def smoke_check() -> list[str]:
         assert hasattr(converter, "_experimental_lower_tensor_list_ops")
         keep_tensor_list_ops(converter)
 
+    def flat_buffers():
+        import tensorflow as tf
+
+        function = tf.function(lambda x: x + 1).get_concrete_function(tf.TensorSpec((1,)))
+        flat_buffer = tf.lite.TFLiteConverter.from_concrete_functions([function]).convert()
+        model = tflite_model_object(flat_buffer)
+        assert model.subgraphs and hasattr(
+            tflite_schema().BuiltinOptions, "UnidirectionalSequenceLSTMOptions"
+        )
+        assert tflite_model_bytes(model)
+
     def lambdas():
         from keras.src.saving import serialization_lib
         from keras.src.utils import python_utils
@@ -248,6 +259,7 @@ def smoke_check() -> list[str]:
         ("first_call_arguments/keras_history/node_output_count/layers_within", graph_records),
         ("in_save_context/in_xla_context", tensorflow_contexts),
         ("keep_tensor_list_ops", converter_flag),
+        ("tflite_schema/tflite_model_object/tflite_model_bytes", flat_buffers),
         ("saved_lambda", lambdas),
         ("keras_exporter_owners", exporters),
     ]:
