@@ -25,7 +25,7 @@ def _generator():
     return module
 
 
-def test_the_four_tutorial_notebooks_are_there():
+def test_every_generated_notebook_is_there():
     names = {path.name for path in NOTEBOOKS}
     assert set(_generator().NOTEBOOKS) <= names
 
