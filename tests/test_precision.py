@@ -180,4 +180,6 @@ def test_float32_output_layer_serves_float32_under_mixed_float16(tmp_path, rng):
     served = tf.saved_model.load(str(tmp_path / "served"))
     got = served.serve(tf.constant(x))
     assert got.dtype == tf.float32
-    np.testing.assert_allclose(got.numpy(), model.predict(x, verbose=0), atol=1e-6)
+    # float16 inside: the export's loop adds the bias at each step, predict's
+    # before the loop, so their float16 roundings differ (by about 5e-6 here).
+    np.testing.assert_allclose(got.numpy(), model.predict(x, verbose=0), atol=1e-4)
