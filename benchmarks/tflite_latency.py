@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -23,6 +22,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from benchmarks.serving import cpu_name
 from keras_lstm import GatedLSTM, export_for_serving, export_tflite
 
 
@@ -53,17 +53,6 @@ def tflite_runner(path, x):
         return interpreter.get_tensor(out)
 
     return call
-
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main():

@@ -102,19 +102,7 @@ def onnx_loop_reasons(model) -> list[str]:
 
 
 def _cell_changes(cell) -> str:
-    changes = [
-        name
-        for name, on in [
-            ("peephole", cell.peephole),
-            ("layer_norm", cell.layer_norm),
-            ("cifg", cell.cifg),
-            ("proj_units", cell.proj_units is not None),
-            ("zoneout_h", cell.zoneout_h > 0),
-            ("zoneout_c", cell.zoneout_c > 0),
-            ("cell_clip", cell.cell_clip is not None),
-        ]
-        if on
-    ]
+    changes = cell.options_changing_maths()
     for name in ("activation", "recurrent_activation"):
         value = keras.activations.serialize(getattr(cell, name))
         if value != {"activation": "tanh", "recurrent_activation": "sigmoid"}[name]:

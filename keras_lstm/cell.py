@@ -336,20 +336,28 @@ class GatedLSTMCell(keras.layers.Layer, _internals.dropout_rnn_cell()):
         equations. `chrono_init` only changes where the bias starts, so it
         keeps the cell standard; every other option turns this off.
         """
-        changes_maths = (
-            self.peephole
-            or self.layer_norm
-            or self.cifg
-            or self.proj_units is not None
-            or self.zoneout_h > 0
-            or self.zoneout_c > 0
-            or self.cell_clip is not None
-        )
         return (
-            not changes_maths
+            not self.options_changing_maths()
             and keras.activations.serialize(self.activation) == "tanh"
             and keras.activations.serialize(self.recurrent_activation) == "sigmoid"
         )
+
+    def options_changing_maths(self) -> list[str]:
+        """The names of the options turned on that change the equations (not
+        `chrono_init`, which only sets where the bias starts)."""
+        return [
+            name
+            for name, on in [
+                ("peephole", self.peephole),
+                ("layer_norm", self.layer_norm),
+                ("cifg", self.cifg),
+                ("proj_units", self.proj_units is not None),
+                ("zoneout_h", self.zoneout_h > 0),
+                ("zoneout_c", self.zoneout_c > 0),
+                ("cell_clip", self.cell_clip is not None),
+            ]
+            if on
+        ]
 
     def get_initial_state(self, batch_size=None):
         return [ops.zeros((batch_size, size), dtype=self.compute_dtype) for size in self.state_size]

@@ -279,18 +279,8 @@ def _check_torch_can_run(layer) -> None:
             f"{serialize(cell.recurrent_activation)!r}."
         )
     if isinstance(cell, GatedLSTMCell):
-        unsupported = [
-            name
-            for name, on in [
-                ("peephole", cell.peephole),
-                ("layer_norm", cell.layer_norm),
-                ("cifg", cell.cifg),
-                ("zoneout_h", cell.zoneout_h > 0),
-                ("zoneout_c", cell.zoneout_c > 0),
-                ("cell_clip", cell.cell_clip is not None),
-            ]
-            if on
-        ]
+        # torch.nn.LSTM has a projection (proj_size), none of the others.
+        unsupported = [name for name in cell.options_changing_maths() if name != "proj_units"]
         if unsupported:
             raise ValueError(
                 f"torch.nn.LSTM has no {', '.join(unsupported)}; `{layer.name}` uses "

@@ -143,8 +143,8 @@ ONNX_LOOP_REASONS = {
 
 @pytest.mark.parametrize("shape", CASES)
 def test_onnx_export_runs_in_onnxruntime_and_matches_predict(shape, tmp_path):
-    onnx = pytest.importorskip("onnx")
-    ort = pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx", reason="the ONNX export needs the `onnx` extra")
+    ort = pytest.importorskip("onnxruntime", reason="the ONNX export needs the `onnx` extra")
     model, x = SHAPES[shape](), _data()
     expected = model.predict(x, verbose=0)
     path = tmp_path / "model.onnx"
@@ -169,7 +169,9 @@ def test_onnx_export_runs_in_onnxruntime_and_matches_predict(shape, tmp_path):
 def test_litert_export_runs_in_litert_interpreter_and_matches_predict(shape, tmp_path):
     # Builtin ops only: LiteRT's interpreter has no TensorFlow (Flex) ops, which
     # keras.layers.LSTM's own LiteRT export needs (its TensorList ops).
-    interpreter = pytest.importorskip("ai_edge_litert.interpreter")
+    interpreter = pytest.importorskip(
+        "ai_edge_litert.interpreter", reason="LiteRT's interpreter is the `litert` extra"
+    )
     model, x = SHAPES[shape](), _data()
     expected = model.predict(x, verbose=0)
     path = tmp_path / "model.tflite"
@@ -183,7 +185,7 @@ def test_litert_export_runs_in_litert_interpreter_and_matches_predict(shape, tmp
 
 @pytest.mark.parametrize("shape", CASES)
 def test_openvino_export_runs_in_openvino_and_matches_predict(shape, tmp_path):
-    ov = pytest.importorskip("openvino")
+    ov = pytest.importorskip("openvino", reason="OpenVINO is the `openvino` extra")
     model, x = SHAPES[shape](), _data()
     expected = model.predict(x, verbose=0)
     path = tmp_path / "model.xml"

@@ -88,7 +88,9 @@ def _run(module: str, source: str, folder: Path) -> dict[str, str]:
 
 @pytest.mark.parametrize("module", sorted(MODULES))
 def test_keras_export_tests_that_pass_for_keras_lstm_pass_for_gated_lstm(module, tmp_path):
-    pytest.importorskip(MODULES[module])
+    pytest.importorskip(
+        MODULES[module], reason=f"{module} needs {MODULES[module]} (the test extra)"
+    )
     if not native_available():
         pytest.skip("the native kernel is not built here: the tests would not cover it")
     source = _prepare((EXPORT_TESTS / f"{module}.py").read_text())

@@ -170,7 +170,7 @@ def _litert_outputs(path, x):
     "quantize, tolerance", [("dynamic", 0.01), ("int8", 0.05), ("int16x8", 0.03)]
 )
 def test_quantized_models_run_in_litert_close_to_keras(tmp_path, quantize, tolerance):
-    pytest.importorskip("ai_edge_litert")
+    pytest.importorskip("ai_edge_litert", reason="LiteRT's interpreter is the `litert` extra")
     keras.utils.set_random_seed(3)
     model = keras.Sequential([keras.Input((12, 3)), GatedLSTM(16), keras.layers.Dense(1)])
     rng = np.random.default_rng(5)
@@ -221,7 +221,9 @@ def _fused_model():
 
 
 def test_fused_export_holds_the_fused_op_and_matches_keras_sequence_by_sequence(tmp_path):
-    from ai_edge_litert.interpreter import Interpreter
+    Interpreter = pytest.importorskip(
+        "ai_edge_litert.interpreter", reason="LiteRT's interpreter is the `litert` extra"
+    ).Interpreter
 
     model = _fused_model()
     path = export_tflite(model, tmp_path / "f.tflite", fused=True)
@@ -250,7 +252,9 @@ def test_fused_op_cell_state_is_not_clipped(tmp_path):
     model.set_weights([kernel * 0, recurrent * 0, bias, dense, dense_bias])
     path = export_tflite(model, tmp_path / "f.tflite", fused=True)
     x = np.ones((1, 30, 1), "float32")
-    from ai_edge_litert.interpreter import Interpreter
+    Interpreter = pytest.importorskip(
+        "ai_edge_litert.interpreter", reason="LiteRT's interpreter is the `litert` extra"
+    ).Interpreter
 
     runner = Interpreter(model_path=str(path))
     runner.allocate_tensors()
