@@ -7,6 +7,11 @@ and each mode (`eager`: Keras's compiled step without XLA; `jit`:
 `jit_compile=True`) it reports training and inference sequences per second,
 the ratios to each anchor, the share of the matmul limit (the same matmuls
 timed alone), the peak memory of one training step and the XLA compile time.
+`--options peephole,cifg,...` (or `all`) adds a `GatedLSTM` row per cell
+option, and `--dtype float32,mixed_bfloat16` rows under bfloat16 mixed
+precision (GatedLSTM, keras.layers.LSTM, and torch.nn.LSTM under
+`torch.autocast("cpu", dtype=torch.bfloat16)` in eager mode); each such row
+also shows its cost against the plain float32 GatedLSTM of the same run.
 Writes `<out>/benchmark.json` and `<out>/benchmark.png`.
 """
 
@@ -30,6 +35,19 @@ QUICK_SIZES = "8x12x4x16"
 OURS = "GatedLSTM"
 _TORCH_DEFAULT_THREADS = 1
 ANCHORS = ("keras.layers.LSTM", "keras.layers.RNN(LSTMCell)", "torch.nn.LSTM")
+# `--options`: one GatedLSTM row each ("half": proj_units = H // 2).
+OPTION_PRESETS = {
+    "recurrent_dropout": {"recurrent_dropout": 0.2},
+    "dropout": {"dropout": 0.2},
+    "peephole": {"peephole": True},
+    "cifg": {"cifg": True},
+    "cell_clip": {"cell_clip": 3.0},
+    "peephole+cifg+cell_clip": {"peephole": True, "cifg": True, "cell_clip": 3.0},
+    "layer_norm": {"layer_norm": True},
+    "proj_units": {"proj_units": "half"},
+    "zoneout_h": {"zoneout_h": 0.1},
+}
+DTYPES = ("float32", "mixed_bfloat16")
 
 
 def _log(message: str) -> None:
@@ -91,28 +109,40 @@ class _PeakTensorFlow:
         self.peak = self._tf.config.experimental.get_memory_info("CPU:0")["peak"] - self.start
 
 
-def _keras_contender(name, size, jit):
+def _option_name(option: str) -> str:
+    return f"{OURS}({option})"
+
+
+def _dtype_name(name: str, dtype: str) -> str:
+    return f"{name} [{'autocast bfloat16' if name == ANCHORS[2] else dtype}]"
+
+
+def _keras_contender(name, size, jit, options=None, dtype=None):
     import keras
     import tensorflow as tf
 
     from keras_lstm import GatedLSTM
 
     batch, steps, features, units = size
+    options = {
+        key: units // 2 if value == "half" else value for key, value in (options or {}).items()
+    }
     layer = {
-        OURS: lambda: GatedLSTM(units),
-        "keras.layers.LSTM": lambda: keras.layers.LSTM(units),
+        OURS: lambda: GatedLSTM(units, dtype=dtype, **options),
+        "keras.layers.LSTM": lambda: keras.layers.LSTM(units, dtype=dtype),
         "keras.layers.RNN(LSTMCell)": lambda: keras.layers.RNN(keras.layers.LSTMCell(units)),
     }[name]()
     model = keras.Sequential([keras.Input((steps, features), batch_size=batch), layer])
     optimizer = keras.optimizers.SGD(0.01)
     optimizer.build(model.trainable_variables)
     x = tf.random.normal((batch, steps, features), seed=1)
-    y = tf.random.normal((batch, units), seed=2)
+    y = tf.random.normal((batch, model.output_shape[-1]), seed=2)
 
     @tf.function(jit_compile=jit)
     def train_step(x, y):
         with tf.GradientTape() as tape:
-            loss = tf.reduce_mean(tf.square(model(x, training=True) - y))
+            out = tf.cast(model(x, training=True), tf.float32)
+            loss = tf.reduce_mean(tf.square(out - y))
         grads = tape.gradient(loss, model.trainable_variables)
         optimizer.apply(grads, model.trainable_variables)
         return loss
@@ -124,11 +154,11 @@ def _keras_contender(name, size, jit):
     return (lambda: train_step(x, y).numpy()), (lambda: infer_step(x).numpy())
 
 
-def _torch_contender(size):
+def _torch_contender(size, autocast=False):
     import torch
 
     batch, steps, features, units = size
-    train, infer = _torch_steps(size)
+    train, infer = _torch_steps(size, autocast)
     # On a loaded machine torch's OpenMP threads can spin against each other
     # and run far slower than one thread: give torch its better setting.
     timings = {}
@@ -149,8 +179,15 @@ def _torch_contender(size):
     return with_threads(train), with_threads(infer)
 
 
-def _torch_steps(size):
+def _torch_steps(size, autocast=False):
+    import contextlib
+
     import torch
+
+    def cast():
+        if not autocast:
+            return contextlib.nullcontext()
+        return torch.autocast("cpu", dtype=torch.bfloat16)
 
     batch, steps, features, units = size
     torch.manual_seed(0)
@@ -161,15 +198,16 @@ def _torch_steps(size):
 
     def train():
         optimizer.zero_grad()
-        out, _ = lstm(x)
-        loss = torch.mean((out[:, -1] - y) ** 2)
+        with cast():
+            out, _ = lstm(x)
+        loss = torch.mean((out[:, -1].float() - y) ** 2)
         loss.backward()
         optimizer.step()
         return loss.item()
 
     def infer():
-        with torch.no_grad():
-            return lstm(x)[0][:, -1].sum().item()
+        with torch.no_grad(), cast():
+            return lstm(x)[0][:, -1].float().sum().item()
 
     return train, infer
 
@@ -214,13 +252,25 @@ def _time_per_call(fn, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def _bench_size(size, mode, rounds, with_torch, target_s):
+def _bench_size(size, mode, rounds, with_torch, target_s, options=(), dtypes=("float32",)):
     jit = mode == "jit"
     contenders = {}
     for name in (OURS, *ANCHORS[:2]):
         contenders[name] = _keras_contender(name, size, jit)
     if with_torch and not jit:
         contenders[ANCHORS[2]] = _torch_contender(size)
+    # The extra rows: GatedLSTM with each option, and each contender under another dtype.
+    extra = {}
+    for option in options:
+        extra[_option_name(option)] = _keras_contender(OURS, size, jit, OPTION_PRESETS[option])
+    for dtype in dtypes:
+        if dtype == "float32":
+            continue
+        for name in (OURS, ANCHORS[0]):
+            extra[_dtype_name(name, dtype)] = _keras_contender(name, size, jit, dtype=dtype)
+        if with_torch and not jit:
+            extra[_dtype_name(ANCHORS[2], dtype)] = _torch_contender(size, autocast=True)
+    contenders.update(extra)
     contenders["matmul limit"] = _matmul_limit(size)
 
     results = {name: {"train_s": [], "infer_s": []} for name in contenders}
@@ -275,7 +325,13 @@ def _bench_size(size, mode, rounds, with_torch, target_s):
                 a = summary[anchor]
                 row[f"train_ratio_to {anchor}"] = row["train_seq_per_s"] / a["train_seq_per_s"]
                 row[f"infer_ratio_to {anchor}"] = row["infer_seq_per_s"] / a["infer_seq_per_s"]
-    return {"contenders": summary, "matmul_limit": limit}
+    plain = summary[OURS]
+    for name in extra:
+        row = summary[name]
+        # Cost: how many times longer than the plain float32 GatedLSTM a step takes.
+        row["train_cost_vs_plain"] = plain["train_seq_per_s"] / row["train_seq_per_s"]
+        row["infer_cost_vs_plain"] = plain["infer_seq_per_s"] / row["infer_seq_per_s"]
+    return {"contenders": summary, "matmul_limit": limit, "extra_rows": list(extra)}
 
 
 def _torch_ratios_for_jit(runs):
@@ -362,7 +418,36 @@ def _table(result) -> str:
                 f"| {row['peak_train_mib']:.1f} "
                 f"| {'–' if compile_s is None else f'{compile_s:.1f}'} |"
             )
+    extra = [run for run in result["runs"] if run.get("extra_rows")]
+    if extra:
+        lines += [
+            "",
+            "| size (B,T,D,H) | mode | contender | train seq/s | infer seq/s "
+            "| train cost vs GatedLSTM | infer cost vs GatedLSTM |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for run in extra:
+            for name in [OURS, *run["extra_rows"]]:
+                row = run["contenders"][name]
+                lines.append(
+                    f"| {run['size']} | {run['mode']} | {name} | {row['train_seq_per_s']:,.0f} "
+                    f"| {row['infer_seq_per_s']:,.0f} | {row.get('train_cost_vs_plain', 1.0):.2f}x "
+                    f"| {row.get('infer_cost_vs_plain', 1.0):.2f}x |"
+                )
     return "\n".join(lines)
+
+
+def _parse_list(flag: str, text: str, allowed, everything=None) -> list[str]:
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if everything is not None and items == ["all"]:
+        return list(everything)
+    unknown = [item for item in items if item not in allowed]
+    if unknown:
+        raise SystemExit(
+            f"{flag}: expected names from {', '.join(allowed)}, separated by commas; "
+            f"got {', '.join(map(repr, unknown))}"
+        )
+    return items
 
 
 def main(argv=None) -> int:
@@ -385,6 +470,17 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--no-torch", action="store_true", help="leave torch.nn.LSTM out")
     parser.add_argument(
+        "--options",
+        default="",
+        help=f"cell options to add a GatedLSTM row for, comma-separated, or all "
+        f"({', '.join(OPTION_PRESETS)})",
+    )
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        help=f"compute dtypes, comma-separated ({', '.join(DTYPES)}; default float32)",
+    )
+    parser.add_argument(
         "--out", default="benchmarks/results", help="directory for benchmark.json and benchmark.png"
     )
     args = parser.parse_args(argv)
@@ -397,6 +493,8 @@ def main(argv=None) -> int:
     if rounds < 1:
         raise SystemExit(f"--rounds must be a positive integer, got {rounds}")
     target_s = args.target_seconds or (0.05 if args.quick else 0.4)
+    options = _parse_list("--options", args.options, OPTION_PRESETS, everything=OPTION_PRESETS)
+    dtypes = _parse_list("--dtype", args.dtype, DTYPES) or ["float32"]
     with_torch = not args.no_torch
     if with_torch:
         try:
@@ -437,7 +535,7 @@ def main(argv=None) -> int:
         for mode in modes:
             label = "x".join(map(str, size))
             _log(f"[{len(result['runs']) + 1}/{total}] (B,T,D,H)={label} {mode} ...")
-            run = _bench_size(size, mode, rounds, with_torch, target_s)
+            run = _bench_size(size, mode, rounds, with_torch, target_s, options, dtypes)
             run.update(size=label, mode=mode)
             result["runs"].append(run)
             ours = run["contenders"][OURS]

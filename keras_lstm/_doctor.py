@@ -24,10 +24,9 @@ _FEATURES = {
     "aarch64": ("asimd", "asimdhp", "sve", "sve2", "bf16", "i8mm"),
 }
 
-_OPTIONS_NOTE = (
-    "an option that changes the maths (peephole, layer_norm, cifg, proj_units, zoneout_h, "
-    "zoneout_c, cell_clip) or unroll=True"
-)
+# Options the native kernel computes itself (kernels.NATIVE_CELL_OPTIONS), and the others.
+_FUSED_OPTIONS_NOTE = "peephole, cifg, cell_clip: the native kernel, where it runs above"
+_OPTIONS_NOTE = "layer_norm, proj_units, zoneout_h, zoneout_c or unroll=True"
 
 
 def _library_state(module, compiler: str):
@@ -133,6 +132,7 @@ def report() -> tuple[list[str], int]:
         if gpus:
             add("  on a GPU     TensorFlow ops (the native kernel is for the CPU)")
     add("  other dtypes TensorFlow ops (the native kernel is float32; mixed precision keeps them)")
+    add(f"  with {_FUSED_OPTIONS_NOTE} (else Keras's step loop)")
     add(f"  with {_OPTIONS_NOTE}: Keras's step loop around GatedLSTMCell")
     return lines, status
 

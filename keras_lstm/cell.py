@@ -336,9 +336,13 @@ class GatedLSTMCell(keras.layers.Layer, _internals.dropout_rnn_cell()):
         equations. `chrono_init` only changes where the bias starts, so it
         keeps the cell standard; every other option turns this off.
         """
+        return not self.options_changing_maths() and self.has_standard_activations
+
+    @property
+    def has_standard_activations(self) -> bool:
+        """Whether the activations are the LSTM's own: tanh and sigmoid."""
         return (
-            not self.options_changing_maths()
-            and keras.activations.serialize(self.activation) == "tanh"
+            keras.activations.serialize(self.activation) == "tanh"
             and keras.activations.serialize(self.recurrent_activation) == "sigmoid"
         )
 

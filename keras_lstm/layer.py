@@ -54,7 +54,8 @@ class GatedLSTM(keras.layers.RNN):
     the standard LSTM (tanh and sigmoid, no option that changes the maths;
     dropout and recurrent dropout are fine), a fused whole-sequence op with its own
     gradient runs the recurrence (a native CPU kernel, under XLA as a custom
-    call; a `tf.while_loop` on GPU and in exports). Otherwise, and on the JAX and
+    call; a `tf.while_loop` on GPU and in exports). The native kernel also
+    computes `peephole`, `cifg` and `cell_clip`. Otherwise, and on the JAX and
     torch backends, Keras's step loop calls the cell's `call`, which is also
     the reference the fused op is tested against. Both give the same numbers.
 
@@ -275,7 +276,27 @@ class GatedLSTM(keras.layers.RNN):
             zero_output_for_mask=self.zero_output_for_mask,
             training=training,
             recurrent_mask=recurrent_mask,
+            options=self._kernel_options(),
         )
+
+    def _kernel_options(self):
+        """The cell's options as the native kernel takes them, or `None` for a plain cell."""
+        from keras_lstm import kernels
+
+        cell = self.cell
+        if cell.is_standard_lstm:
+            return None
+        peephole = None
+        if cell.peephole:
+            weights = {
+                gate: ops.cast(w, cell.compute_dtype) for gate, w in cell._peephole.weights.items()
+            }
+            # [w_i, w_f, w_o]; with cifg there is no w_i, and the kernel reads none.
+            unused = ops.zeros_like(weights["forget"])
+            peephole = ops.stack(
+                [weights.get("input", unused), weights["forget"], weights["output"]]
+            )
+        return kernels.CellOptions(peephole=peephole, cifg=cell.cifg, cell_clip=cell.cell_clip)
 
     def _unrolled_backwards_loop(self, sequences, initial_state, mask, training):
         """Keras's unrolled loop, with masked outputs zeroed in the order they were made.
@@ -299,13 +320,21 @@ class GatedLSTM(keras.layers.RNN):
         return last_output, outputs, states
 
     def _runs_fused_kernel(self, training) -> bool:
-        """Whether `inner_loop` may use the fused op: TensorFlow backend, a cell
-        with the standard LSTM maths (recurrent dropout included), and no
-        `unroll=True` (which asks for one op per step, as TFLite wants)."""
+        """Whether `inner_loop` may use the fused op: TensorFlow backend, no
+        `unroll=True` (which asks for one op per step, as TFLite wants), and a
+        cell with the standard LSTM maths (recurrent dropout included), or
+        with options the native kernel computes where it runs (not in exports,
+        which take the standard maths only)."""
+        if keras.backend.backend() != "tensorflow" or self.unroll:
+            return False
+        if self.cell.is_standard_lstm:
+            return True
+        from keras_lstm import kernels
+
         return (
-            keras.backend.backend() == "tensorflow"
-            and not self.unroll
-            and self.cell.is_standard_lstm
+            self.cell.has_standard_activations
+            and set(self.cell.options_changing_maths()) <= set(kernels.NATIVE_CELL_OPTIONS)
+            and kernels.cell_options_fuse_here(self.compute_dtype)
         )
 
     def _check_call(self, sequences, initial_state, mask):

@@ -212,7 +212,8 @@ def test_fused_op_is_the_path_taken_for_a_standard_cell(monkeypatch, rng):
         ({"activation": "relu"}, False, False),
         ({"recurrent_activation": "hard_sigmoid"}, False, False),
         ({"unroll": True}, False, False),
-        ({"peephole": True}, False, False),
+        ({"layer_norm": True}, False, False),
+        ({"peephole": True, "cifg": True, "cell_clip": 3.0}, False, True),
     ],
     ids=[
         "recurrent_dropout_training_fused",
@@ -221,10 +222,13 @@ def test_fused_op_is_the_path_taken_for_a_standard_cell(monkeypatch, rng):
         "other_activation_falls_back",
         "other_recurrent_activation_falls_back",
         "unroll_runs_one_op_per_step",
-        "cell_option_falls_back",
+        "option_outside_the_kernel_falls_back",
+        "options_the_native_kernel_computes_fused",
     ],
 )
 def test_fallback_rule(monkeypatch, rng, options, training, fused):
+    if fused and "peephole" in options and not kernels.native_available():
+        fused = False  # only the native kernel computes the options
     calls = []
     real = kernels.lstm_recurrence
     monkeypatch.setattr(
@@ -454,6 +458,10 @@ def test_benchmark_quick_run_writes_json_and_chart(tmp_path):
             "--no-torch",
             "--target-seconds",
             "0.01",
+            "--options",
+            "peephole,proj_units",
+            "--dtype",
+            "float32,mixed_bfloat16",
             "--out",
             str(tmp_path),
         ]
@@ -461,15 +469,34 @@ def test_benchmark_quick_run_writes_json_and_chart(tmp_path):
     result = json.loads((tmp_path / "benchmark.json").read_text())
     (only,) = result["runs"]
     ours = only["contenders"]["GatedLSTM"]
+    extra = [
+        "GatedLSTM(peephole)",
+        "GatedLSTM(proj_units)",
+        "GatedLSTM [mixed_bfloat16]",
+        "keras.layers.LSTM [mixed_bfloat16]",
+    ]
     assert set(only["contenders"]) == {
         "GatedLSTM",
         "keras.layers.LSTM",
         "keras.layers.RNN(LSTMCell)",
+        *extra,
     }
+    assert only["extra_rows"] == extra
     assert ours["train_seq_per_s"] > 0 and ours["infer_seq_per_s"] > 0
     assert ours["train_ratio_to keras.layers.LSTM"] > 0
     assert 0 < ours["train_pct_of_matmul_limit"]
+    for name in extra:
+        assert only["contenders"][name]["train_cost_vs_plain"] > 0
     assert (tmp_path / "benchmark.png").stat().st_size > 1000
+
+
+def test_benchmark_rejects_unknown_options_and_dtypes():
+    from benchmarks import run
+
+    with pytest.raises(SystemExit, match="--options: expected names from .* got 'peeophole'"):
+        run.main(["--quick", "--options", "peeophole"])
+    with pytest.raises(SystemExit, match="--dtype: expected names from .* got 'bf16'"):
+        run.main(["--quick", "--dtype", "bf16"])
 
 
 def test_benchmark_rejects_malformed_sizes():

@@ -40,8 +40,16 @@ from keras_lstm.kernels._gradients import in_xla_context
 
 _local = threading.local()
 
+CellOptions = _native.CellOptions
+# The `GatedLSTMCell` options the native kernel computes itself (`CellOptions`);
+# a cell with any other option runs Keras's step loop.
+NATIVE_CELL_OPTIONS = ("peephole", "cifg", "cell_clip")
+
 __all__ = [
+    "NATIVE_CELL_OPTIONS",
+    "CellOptions",
     "build_native",
+    "cell_options_fuse_here",
     "export_loop_form",
     "lstm_recurrence",
     "native_available",
@@ -208,6 +216,13 @@ def _use_native(dtype) -> bool:
     return not in_xla_context() or _native_xla.xla_library() is not None
 
 
+def cell_options_fuse_here(dtype) -> bool:
+    """Whether `lstm_recurrence` takes `options` in the graph traced now: the
+    native kernel runs (float32 on CPU, not in an export; under XLA only with
+    its library)."""
+    return _use_native(tf.as_dtype(dtype))
+
+
 def lstm_recurrence(
     inputs,
     kernel,
@@ -221,6 +236,7 @@ def lstm_recurrence(
     zero_output_for_mask=False,
     training=True,
     recurrent_mask=None,
+    options=None,
 ):
     """Runs an LSTM over batch-major `inputs` (B, T, D), Keras-compatible.
 
@@ -233,9 +249,18 @@ def lstm_recurrence(
     asked for anyway, runs the forward pass again). `recurrent_mask` (B, H),
     if given, multiplies `h_{t-1}` before the recurrent product at every step
     (recurrent dropout as Keras draws it: one mask per sequence, scaled);
-    exports, which never train, take none.
+    exports, which never train, take none. `options` (a `CellOptions`) turns
+    on peephole, cifg and cell clip; only the native kernel computes them,
+    so they may be given only where `cell_options_fuse_here` says so.
     """
     dtype = inputs.dtype
+    if options is not None and not _use_native(dtype):
+        raise ValueError(
+            "cell options (peephole, cifg, cell_clip) run fused only in the native kernel, "
+            "which does not run here; use Keras's step loop around the cell instead."
+        )
+    if options is not None and options.peephole is not None:
+        options = options._replace(peephole=tf.cast(options.peephole, dtype))
     kernel = tf.cast(kernel, dtype)
     if recurrent_mask is not None:
         recurrent_mask = tf.cast(recurrent_mask, dtype)
@@ -260,6 +285,7 @@ def lstm_recurrence(
             keep_for_gradient=bool(training) if isinstance(training, bool) else True,
             return_sequences=return_sequences,
             recurrent_mask=recurrent_mask,
+            options=options,
         )
     elif export_loop_form() in ("inference", "onnx"):
         h_seq, h_last, c_last = _while_loop.lstm_sequence_for_inference(

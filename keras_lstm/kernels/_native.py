@@ -23,13 +23,35 @@ import sys
 import threading
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import tensorflow as tf
 
 from keras_lstm.kernels import _build, _cache
-from keras_lstm.kernels._gradients import is_zero_fill, projection_grads, recurrent_kernel_grad
+from keras_lstm.kernels._gradients import (
+    is_zero_fill,
+    peephole_grad,
+    projection_grads,
+    recurrent_kernel_grad,
+)
 
 _HERE = Path(__file__).parent
+
+
+class CellOptions(NamedTuple):
+    """The cell options the native kernel computes itself (`GatedLSTMCell`'s).
+
+    `peephole`: the weights `[w_i, w_f, w_o]` stacked, (3, H) (`w_i` zeros
+    with `cifg`), or `None`; `cifg`: the input gate is `1 - f` and the kernels
+    hold the gates forget, candidate, output; `cell_clip`: a positive bound
+    for the cell state, or `None`.
+    """
+
+    peephole: object = None
+    cifg: bool = False
+    cell_clip: float | None = None
+
+
 _state: dict = {}
 _state_lock = threading.Lock()
 
@@ -88,13 +110,14 @@ def _register_gradient():
     @tf.RegisterGradient("KerasLstmSequence")
     def _grad(op, dh_seq, dc_seq, _dgates, dh_last, dc_last):
         module = native_module()
-        x, kernel, bias, recurrent_kernel, h0, c0, mask, recurrent_mask = op.inputs
+        x, kernel, bias, recurrent_kernel, h0, c0, mask, recurrent_mask, peephole = op.inputs
+        options = {"cifg": op.get_attr("cifg"), "cell_clip": op.get_attr("cell_clip")}
         h_seq, c_seq, gates = op.outputs[:3]
         if not op.get_attr("keep_for_gradient"):
             # Run in inference mode, which keeps nothing for the gradient:
             # run the forward pass again, keeping it.
             h_seq, c_seq, gates, _, _ = module.keras_lstm_sequence(
-                x, kernel, bias, recurrent_kernel, h0, c0, mask, recurrent_mask
+                x, kernel, bias, recurrent_kernel, h0, c0, mask, recurrent_mask, peephole, **options
             )
         empty = tf.zeros((0,), x.dtype)
         dh_seq, dc_seq, dh_last, dc_last = (
@@ -113,6 +136,8 @@ def _register_gradient():
             dh_last,
             dc_last,
             recurrent_mask,
+            peephole,
+            **options,
         )
         # The input and weight gradients as single matmuls over all steps; the
         # bias gradient the kernel summed as it went.
@@ -120,7 +145,8 @@ def _register_gradient():
         dbias = dbias if bias.shape[0] else None
         dropped = recurrent_mask if recurrent_mask.shape[0] else None
         drecurrent = recurrent_kernel_grad(h0, h_seq, dz, dropped)
-        return dx, dkernel, dbias, drecurrent, dh0, dc0, None, None
+        dpeephole = peephole_grad(c0, c_seq, dz, options["cifg"]) if peephole.shape[0] else None
+        return dx, dkernel, dbias, drecurrent, dh0, dc0, None, None, dpeephole
 
 
 def native_module():
@@ -161,6 +187,7 @@ def lstm_sequence(
     keep_for_gradient=True,
     return_sequences=True,
     recurrent_mask=None,
+    options=None,
 ):
     """The native twin of `_while_loop.lstm_sequence_projecting` (float32, CPU).
 
@@ -170,9 +197,11 @@ def lstm_sequence(
     backward pass (a gradient then runs the forward pass again) and `c_seq` is
     empty; `h_seq` is empty unless `return_sequences` or `keep_for_gradient`.
     `recurrent_mask` (B, H), if given, multiplies `h_{t-1}` before the
-    recurrent product (recurrent dropout, one mask per sequence).
+    recurrent product (recurrent dropout, one mask per sequence). `options`
+    (a `CellOptions`), if given, turns on the cell options the kernel computes.
     """
     module = native_module()
+    options = options or CellOptions()
     mask = tf.zeros((0,), tf.float32) if mask is None else tf.cast(mask, tf.float32)
     bias = tf.zeros((0,), tf.float32) if bias is None else bias
     empty = tf.zeros((0,), tf.float32)
@@ -185,7 +214,10 @@ def lstm_sequence(
         c0,
         mask,
         empty if recurrent_mask is None else recurrent_mask,
+        empty if options.peephole is None else options.peephole,
         keep_for_gradient=keep_for_gradient,
         return_sequences=return_sequences,
+        cifg=options.cifg,
+        cell_clip=options.cell_clip or 0.0,
     )
     return h_seq, c_seq, h_last, c_last

@@ -53,16 +53,82 @@ auto Sigmoid(const T& x) {
   return 0.5f + 0.5f * (0.5f * x).tanh();
 }
 
+// One row's pointwise step with the options on (see ForwardRows): the
+// pre-activations `z` (G H) become the activations kept, and c and h are
+// written from c_prev.
+void PointwiseWithOptions(const Options& options, int64_t H, float* z, const float* c_prev,
+                          float* c, float* h) {
+  const bool cifg = options.cifg;
+  const float* peephole = options.peephole;
+  ConstRowMap cp(c_prev, H);
+  RowMap f(z + (cifg ? 0 : H), H), g(z + (cifg ? H : 2 * H), H), o(z + (cifg ? 2 * H : 3 * H), H);
+  RowMap c_new(c, H), h_new(h, H);
+  if (peephole) f += ConstRowMap(peephole + H, H) * cp;
+  f = Sigmoid(f);
+  g = g.tanh();
+  if (cifg) {
+    c_new = f * cp + (1.f - f) * g;
+  } else {
+    RowMap i(z, H);
+    if (peephole) i += ConstRowMap(peephole, H) * cp;
+    i = Sigmoid(i);
+    c_new = f * cp + i * g;
+  }
+  if (options.cell_clip > 0.f) c_new = c_new.max(-options.cell_clip).min(options.cell_clip);
+  if (peephole) o += ConstRowMap(peephole + 2 * H, H) * c_new;
+  o = Sigmoid(o);
+  h_new = o * c_new.tanh();
+}
+
+// One row's gradient step with the options on (see BackwardRows): from dh
+// and dc (of h_t and C_t) and the kept activations `gates`, writes dz (which
+// may be `gates` itself) and replaces dc with the gradient of C_{t-1}.
+void PointwiseGradWithOptions(const Options& options, int64_t H, const float* gates,
+                              const float* c_now, const float* c_prev, const float* dh, float* dc,
+                              float* dz) {
+  const bool cifg = options.cifg;
+  const float* peephole = options.peephole;
+  ConstRowMap f(gates + (cifg ? 0 : H), H), g(gates + (cifg ? H : 2 * H), H),
+      o(gates + (cifg ? 2 * H : 3 * H), H), c(c_now, H), cp(c_prev, H), dhr(dh, H);
+  RowMap dcr(dc, H);
+  const Row i = cifg ? Row(1.f - f) : Row(ConstRowMap(gates, H));
+  const Row tanh_c = c.tanh();
+  const Row dz_o = dhr * tanh_c * o * (1.f - o);
+  Row dct = dcr + dhr * o * (1.f - tanh_c.square());
+  if (peephole) dct += dz_o * ConstRowMap(peephole + 2 * H, H);
+  // The clip passes no gradient where it clipped.
+  if (options.cell_clip > 0.f) dct = (c.abs() < options.cell_clip).select(dct, 0.f);
+  // With cifg, C = f C_{t-1} + (1 - f) g, so dC/df = C_{t-1} - g.
+  const Row dz_f = dct * (cifg ? Row(cp - g) : Row(cp)) * f * (1.f - f);
+  const Row dz_g = dct * i * (1.f - g.square());
+  const Row dz_i = cifg ? Row() : Row(dct * g * i * (1.f - i));
+  dcr = dct * f;
+  if (peephole) {
+    dcr += dz_f * ConstRowMap(peephole + H, H);
+    if (!cifg) dcr += dz_i * ConstRowMap(peephole, H);
+  }
+  float* out = dz;
+  if (!cifg) {
+    RowMap(out, H) = dz_i;
+    out += H;
+  }
+  RowMap(out, H) = dz_f;
+  RowMap(out + H, H) = dz_g;
+  RowMap(out + 2 * H, H) = dz_o;
+}
+
 }  // namespace
 
 // One step a row block: z = [x_t, h_{t-1}] [W; U] + b as one matrix product
-// over the stacked weights `kernels` ((D + H, 4H), see StackKernels), then
+// over the stacked weights `kernels` ((D + H, G H), see StackKernels), then
 //   i = sigmoid(z_i)   f = sigmoid(z_f)   g = tanh(z_g)   o = sigmoid(z_o)
 //   c = f * c_{t-1} + i * g               h = o * tanh(c)
+// or, with an option on, PointwiseWithOptions's step.
 void ForwardRows(const Forward& a, const float* kernels, int64_t row_begin,
                         int64_t row_end) {
   const int64_t rows = row_end - row_begin, B = a.batch, D = a.input_size, H = a.units;
-  const int64_t G = 4 * H, K = D + H;
+  const int64_t G = a.options.gates() * H, K = D + H;
+  const bool plain = !a.options.cifg && !a.options.peephole && a.options.cell_clip <= 0.f;
   if (rows <= 0) return;
   ConstMatrixMap weights(kernels, K, G), recurrent(kernels + D * G, H, G);
   // A batch of a few rows (one block): one product projects the inputs of
@@ -119,6 +185,10 @@ void ForwardRows(const Forward& a, const float* kernels, int64_t row_begin,
     // backward pass needs.
     for (int64_t r = 0; r < rows; ++r) {
       float* zr = z + r * G;
+      if (!plain) {
+        PointwiseWithOptions(a.options, H, zr, c_prev + r * H, c + r * H, h + r * H);
+        continue;
+      }
       RowMap i(zr, H), f(zr + H, H), g(zr + 2 * H, H), o(zr + 3 * H, H);
       i = Sigmoid(i);
       f = Sigmoid(f);
@@ -145,13 +215,16 @@ void ForwardRows(const Forward& a, const float* kernels, int64_t row_begin,
 }
 
 // Carries dh and dc back through the steps: dz_t from the gates, then
-// dh_{t-1} = dz_t U^T and dc_{t-1} = dc_t * f. `dz` may share `gates`'s
+// dh_{t-1} = dz_t U^T and dc_{t-1} = dc_t * f (PointwiseGradWithOptions's
+// step with an option on). `dz` may share `gates`'s
 // buffer: each row reads a gate before it writes that gate's gradient in
-// its place. `db` (4H), if not null, accumulates these rows' bias gradient,
+// its place. `db` (G H), if not null, accumulates these rows' bias gradient,
 // the sum of their dz over all steps, made while each row is in cache (a
-// separate reduction over the (T, B, 4H) dz would read it all once more).
+// separate reduction over the (T, B, G H) dz would read it all once more).
 void BackwardRows(const Backward& a, int64_t row_begin, int64_t row_end, float* db) {
-  const int64_t rows = row_end - row_begin, B = a.batch, H = a.units, G = 4 * H;
+  const int64_t rows = row_end - row_begin, B = a.batch, H = a.units;
+  const int64_t G = a.options.gates() * H;
+  const bool plain = !a.options.cifg && !a.options.peephole && a.options.cell_clip <= 0.f;
   if (rows <= 0) return;
   ConstMatrixMap U(a.recurrent_kernel, H, G);
   ArrayMap dh(a.dh0 + row_begin * H, rows, H), dc(a.dc0 + row_begin * H, rows, H);
@@ -183,6 +256,13 @@ void BackwardRows(const Backward& a, int64_t row_begin, int64_t row_end, float* 
         // A masked step passed h and c through: dh and dc flow on unchanged,
         // and the step's gates get no gradient.
         std::fill(dz, dz + G, 0.f);
+        continue;
+      }
+      if (!plain) {
+        PointwiseGradWithOptions(a.options, H, g, a.c_seq + (at + r) * H, c_prev + r * H,
+                                 dhr.data(), dcr.data(), dz);
+        if (db) RowMap(db, G) += ConstRowMap(dz, G);
+        dhr.setZero();
         continue;
       }
       ConstRowMap i(g, H), f(g + H, H), cand(g + 2 * H, H), o(g + 3 * H, H);

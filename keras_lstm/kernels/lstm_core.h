@@ -14,10 +14,11 @@
 // addresses it is given when it is loaded.
 //
 // Layouts are row-major and time-major: x is (T, B, D), sequences of states
-// are (T, B, H), gates are (T, B, 4H) in Keras's order input, forget,
-// candidate, output. A mask value of 0 at (t, b) keeps row b's previous h
-// and c (Keras's rule). A null pointer means "absent": no bias, no mask, an
-// output that is not kept, or a gradient that is zero.
+// are (T, B, H), gates are (T, B, G H) with G = 4 gates in Keras's order
+// input, forget, candidate, output, or G = 3 (forget, candidate, output) with
+// `Options::cifg`. A mask value of 0 at (t, b) keeps row b's previous h and c
+// (Keras's rule). A null pointer means "absent": no bias, no mask, an output
+// that is not kept, or a gradient that is zero.
 
 #ifndef KERAS_LSTM_KERNELS_LSTM_CORE_H_
 #define KERAS_LSTM_KERNELS_LSTM_CORE_H_
@@ -27,59 +28,77 @@
 
 namespace keras_lstm {
 
+// The cell options the kernel computes (GatedLSTMCell's `peephole`, `cifg`
+// and `cell_clip`); all off is the standard LSTM.
+struct Options {
+  bool cifg = false;                // i = 1 - f: the kernels hold 3 gates
+  const float* peephole = nullptr;  // (3, H): w_i, w_f, w_o (w_i unused with cifg), or null
+  float cell_clip = 0.f;            // > 0: C is clipped to [-cell_clip, cell_clip]
+
+  int64_t gates() const { return cifg ? 3 : 4; }
+};
+
 struct Forward {
   int64_t steps = 0, batch = 0, input_size = 0, units = 0;
   const float* x = nullptr;                 // (T, B, D)
-  const float* kernel = nullptr;            // (D, 4H)
-  const float* bias = nullptr;              // (4H), or null
-  const float* recurrent_kernel = nullptr;  // (H, 4H)
+  const float* kernel = nullptr;            // (D, G H)
+  const float* bias = nullptr;              // (G H), or null
+  const float* recurrent_kernel = nullptr;  // (H, G H)
   const float* h0 = nullptr;                // (B, H)
   const float* c0 = nullptr;                // (B, H)
   const float* mask = nullptr;              // (T, B), or null
   const float* recurrent_mask = nullptr;    // (B, H), or null: see ForwardRows
+  Options options;
   float* h_seq = nullptr;                   // (T, B, H), or null: not kept
   float* c_seq = nullptr;                   // (T, B, H), or null: not kept
-  float* gates = nullptr;                   // (T, B, 4H) activations, or null: not kept
+  float* gates = nullptr;                   // (T, B, G H) activations, or null: not kept
   float* h_last = nullptr;                  // (B, H)
   float* c_last = nullptr;                  // (B, H)
 };
 
-// [W; U]: the input and recurrent kernels stacked, (D + H, 4H), so that a
+// [W; U]: the input and recurrent kernels stacked, (D + H, G H), so that a
 // step's projection is one matrix product.
 inline void StackKernels(const Forward& a, float* kernels) {
-  const int64_t G = 4 * a.units;
+  const int64_t G = a.options.gates() * a.units;
   std::copy(a.kernel, a.kernel + a.input_size * G, kernels);
   std::copy(a.recurrent_kernel, a.recurrent_kernel + a.units * G, kernels + a.input_size * G);
 }
 
 struct Backward {
   int64_t steps = 0, batch = 0, units = 0;
-  const float* recurrent_kernel = nullptr;  // (H, 4H)
+  const float* recurrent_kernel = nullptr;  // (H, G H)
   const float* c0 = nullptr;                // (B, H)
   const float* mask = nullptr;              // (T, B), or null
   const float* recurrent_mask = nullptr;    // (B, H), or null: as in Forward
+  Options options;                          // as in Forward
   const float* c_seq = nullptr;             // (T, B, H)
-  const float* gates = nullptr;             // (T, B, 4H) activations
+  const float* gates = nullptr;             // (T, B, G H) activations
   const float* dh_seq = nullptr;            // (T, B, H), or null: zero
   const float* dc_seq = nullptr;            // (T, B, H), or null: zero
   const float* dh_last = nullptr;           // (B, H), or null: zero
   const float* dc_last = nullptr;           // (B, H), or null: zero
-  float* dz = nullptr;                      // (T, B, 4H): gradient of the pre-activations
+  float* dz = nullptr;                      // (T, B, G H): gradient of the pre-activations
   float* dh0 = nullptr;                     // (B, H)
   float* dc0 = nullptr;                     // (B, H)
 };
 
 // One step a row block: z = [x_t, h_{t-1}] [W; U] + b as one matrix product
-// over the stacked weights `kernels` ((D + H, 4H), see StackKernels), then
+// over the stacked weights `kernels` ((D + H, G H), see StackKernels), then
 //   i = sigmoid(z_i)   f = sigmoid(z_f)   g = tanh(z_g)   o = sigmoid(z_o)
 //   c = f * c_{t-1} + i * g               h = o * tanh(c)
 // With a `recurrent_mask` r (recurrent dropout: one mask per sequence, scaled
 // by 1 / (1 - rate)), h_{t-1} * r takes h_{t-1}'s place in the product.
+// The options: `cifg` makes i = 1 - f; `peephole` adds w_i * c_{t-1} to z_i,
+// w_f * c_{t-1} to z_f and w_o * c to z_o; `cell_clip` clips c before the
+// output gate and h read it. The gates kept are the activations i, f, g, o
+// (f, g, o with cifg), the pre-activations' peephole terms included.
 void ForwardRows(const Forward& a, const float* kernels, int64_t row_begin, int64_t row_end);
 
 // Carries dh and dc back through the steps: dz_t from the gates, then
-// dh_{t-1} = dz_t U^T (times r with a recurrent mask) and dc_{t-1} = dc_t * f. `dz` may share `gates`'s
-// buffer. `db` (4H), if not null, accumulates these rows' bias gradient.
+// dh_{t-1} = dz_t U^T (times r with a recurrent mask) and dc_{t-1} = dc_t * f
+// (plus the peephole terms). `dz` may share `gates`'s buffer. `db` (G H), if
+// not null, accumulates these rows' bias gradient. The peephole weights'
+// gradients are sums of dz times c over the steps, which the caller makes.
 void BackwardRows(const Backward& a, int64_t row_begin, int64_t row_end, float* db = nullptr);
 
 // The same two functions as C symbols of the main library, for the XLA one.

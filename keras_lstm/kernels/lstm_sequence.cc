@@ -6,7 +6,9 @@
 // of as a (T, B, 4H) tensor. KerasLstmSequenceGrad carries the gradient back
 // through the steps and returns the gradient of the pre-activations, dz,
 // and the bias gradient db, from which the caller makes dx, dW and dU as
-// large matrix products over all steps. The maths lives in lstm_core.cc; this file adapts it to
+// large matrix products over all steps. The cell options the kernel covers
+// (cifg, cell_clip) are attributes and the peephole weights an input (empty
+// when off). The maths lives in lstm_core.cc; this file adapts it to
 // TensorFlow: shapes, outputs, and the worker threads the batch is split
 // across. It is compiled for the generic target (lstm_core.h says why).
 
@@ -69,12 +71,21 @@ float* DataOrNull(Tensor* tensor) {
   return tensor->NumElements() ? tensor->flat<float>().data() : nullptr;
 }
 
-void CheckStates(OpKernelContext* ctx, const Tensor& u, const Tensor& h0, const Tensor& c0,
-                 const Tensor& mask, const Tensor& recurrent_mask, int64_t steps,
+// The options (lstm_core.h) from the ops' attributes and their `peephole` input.
+tensorflow::Status ReadOptions(OpKernelConstruction* ctx, keras_lstm::Options* options) {
+  TF_RETURN_IF_ERROR(ctx->GetAttr("cifg", &options->cifg));
+  TF_RETURN_IF_ERROR(ctx->GetAttr("cell_clip", &options->cell_clip));
+  return absl::OkStatus();
+}
+
+void CheckStates(OpKernelContext* ctx, const keras_lstm::Options& options, const Tensor& u,
+                 const Tensor& h0, const Tensor& c0, const Tensor& mask,
+                 const Tensor& recurrent_mask, const Tensor& peephole, int64_t steps,
                  int64_t batch) {
   int64_t units = u.dim_size(0);
-  OP_REQUIRES(ctx, u.dims() == 2 && u.dim_size(1) == 4 * units,
-              InvalidArgument("recurrent_kernel must be (H, 4H), got ", u.shape().DebugString()));
+  OP_REQUIRES(ctx, u.dims() == 2 && u.dim_size(1) == options.gates() * units,
+              InvalidArgument("recurrent_kernel must be (H, ", options.gates(), "H), got ",
+                              u.shape().DebugString()));
   OP_REQUIRES(ctx, h0.shape() == TensorShape({batch, units}),
               InvalidArgument("h0 must be (batch, H), got ", h0.shape().DebugString()));
   OP_REQUIRES(ctx, c0.shape() == TensorShape({batch, units}),
@@ -85,6 +96,9 @@ void CheckStates(OpKernelContext* ctx, const Tensor& u, const Tensor& h0, const 
   OP_REQUIRES(ctx, recurrent_mask.NumElements() == 0 || recurrent_mask.shape() == h0.shape(),
               InvalidArgument("recurrent_mask must be empty or (batch, H), got ",
                               recurrent_mask.shape().DebugString()));
+  OP_REQUIRES(ctx, peephole.NumElements() == 0 || peephole.shape() == TensorShape({3, units}),
+              InvalidArgument("peephole must be empty or (3, H), got ",
+                              peephole.shape().DebugString()));
 }
 
 class LstmSequenceOp : public OpKernel {
@@ -92,6 +106,7 @@ class LstmSequenceOp : public OpKernel {
   explicit LstmSequenceOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("keep_for_gradient", &keep_for_gradient_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("return_sequences", &return_sequences_));
+    OP_REQUIRES_OK(ctx, ReadOptions(ctx, &options_));
   }
 
   void Compute(OpKernelContext* ctx) override {
@@ -103,16 +118,19 @@ class LstmSequenceOp : public OpKernel {
     const Tensor& c0 = ctx->input(5);
     const Tensor& mask = ctx->input(6);
     const Tensor& recurrent_mask = ctx->input(7);
+    const Tensor& peephole = ctx->input(8);
     OP_REQUIRES(ctx, x.dims() == 3,
                 InvalidArgument("x must be (T, batch, D), got ", x.shape().DebugString()));
     const int64_t steps = x.dim_size(0), batch = x.dim_size(1), features = x.dim_size(2);
-    CheckStates(ctx, u, h0, c0, mask, recurrent_mask, steps, batch);
+    CheckStates(ctx, options_, u, h0, c0, mask, recurrent_mask, peephole, steps, batch);
     if (!ctx->status().ok()) return;
-    const int64_t units = u.dim_size(0);
-    OP_REQUIRES(ctx, kernel.shape() == TensorShape({features, 4 * units}),
-                InvalidArgument("kernel must be (D, 4H), got ", kernel.shape().DebugString()));
-    OP_REQUIRES(ctx, bias.NumElements() == 0 || bias.shape() == TensorShape({4 * units}),
-                InvalidArgument("bias must be empty or (4H), got ", bias.shape().DebugString()));
+    const int64_t units = u.dim_size(0), gates = options_.gates() * units;
+    OP_REQUIRES(ctx, kernel.shape() == TensorShape({features, gates}),
+                InvalidArgument("kernel must be (D, ", options_.gates(), "H), got ",
+                                kernel.shape().DebugString()));
+    OP_REQUIRES(ctx, bias.NumElements() == 0 || bias.shape() == TensorShape({gates}),
+                InvalidArgument("bias must be empty or (", options_.gates(), "H), got ",
+                                bias.shape().DebugString()));
 
     // What the gradient needs is kept only when asked for; an output that is
     // not kept is an empty tensor.
@@ -122,7 +140,7 @@ class LstmSequenceOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, keep || return_sequences_ ? states : none, &h_out));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, keep ? states : none, &c_out));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(
-                            2, keep ? TensorShape({steps, batch, 4 * units}) : none, &gates_out));
+                            2, keep ? TensorShape({steps, batch, gates}) : none, &gates_out));
     // The final state as its own (batch, H) tensors: a loss that reads only
     // these sends back a (batch, H) gradient, not a (T, batch, H) one.
     OP_REQUIRES_OK(ctx, ctx->allocate_output(3, h0.shape(), &h_last_out));
@@ -147,12 +165,14 @@ class LstmSequenceOp : public OpKernel {
     args.c0 = c0.flat<float>().data();
     args.mask = DataOrNull(mask);
     args.recurrent_mask = DataOrNull(recurrent_mask);
+    args.options = options_;
+    args.options.peephole = DataOrNull(peephole);
     args.h_seq = DataOrNull(h_out);
     args.c_seq = DataOrNull(c_out);
     args.gates = DataOrNull(gates_out);
     args.h_last = h_last_out->flat<float>().data();
     args.c_last = c_last_out->flat<float>().data();
-    std::vector<float> kernels((features + units) * 4 * units);
+    std::vector<float> kernels((features + units) * gates);
     keras_lstm::StackKernels(args, kernels.data());
     ForEachChunk(ctx, batch, [&](int64_t, int64_t begin, int64_t end) {
       keras_lstm::ForwardRows(args, kernels.data(), begin, end);
@@ -162,11 +182,14 @@ class LstmSequenceOp : public OpKernel {
  private:
   bool keep_for_gradient_ = true;
   bool return_sequences_ = true;
+  keras_lstm::Options options_;
 };
 
 class LstmSequenceGradOp : public OpKernel {
  public:
-  explicit LstmSequenceGradOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+  explicit LstmSequenceGradOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ReadOptions(ctx, &options_));
+  }
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& u = ctx->input(0);
@@ -180,14 +203,15 @@ class LstmSequenceGradOp : public OpKernel {
     const Tensor& dh_last = ctx->input(8);
     const Tensor& dc_last = ctx->input(9);
     const Tensor& recurrent_mask = ctx->input(10);
+    const Tensor& peephole = ctx->input(11);
     OP_REQUIRES(ctx, gates.dims() == 3,
-                InvalidArgument("gates must be (T, batch, 4H), got ", gates.shape().DebugString()));
+                InvalidArgument("gates must be (T, batch, GH), got ", gates.shape().DebugString()));
     const int64_t steps = gates.dim_size(0), batch = gates.dim_size(1);
-    CheckStates(ctx, u, h0, c0, mask, recurrent_mask, steps, batch);
+    CheckStates(ctx, options_, u, h0, c0, mask, recurrent_mask, peephole, steps, batch);
     if (!ctx->status().ok()) return;
-    const int64_t units = u.dim_size(0);
+    const int64_t units = u.dim_size(0), width = options_.gates() * units;
     const TensorShape states({steps, batch, units});
-    OP_REQUIRES(ctx, gates.dim_size(2) == 4 * units && c_seq.shape() == states &&
+    OP_REQUIRES(ctx, gates.dim_size(2) == width && c_seq.shape() == states &&
                          (dh_seq.NumElements() == 0 || dh_seq.shape() == states) &&
                          (dc_seq.NumElements() == 0 || dc_seq.shape() == states) &&
                          (dh_last.NumElements() == 0 || dh_last.shape() == h0.shape()) &&
@@ -199,7 +223,7 @@ class LstmSequenceGradOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({5}, 0, gates.shape(), &dz_out));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, h0.shape(), &dh0_out));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, c0.shape(), &dc0_out));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(3, TensorShape({4 * units}), &db_out));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(3, TensorShape({width}), &db_out));
     auto db = db_out->flat<float>();
     db.setZero();
     if (batch == 0) return;
@@ -212,6 +236,8 @@ class LstmSequenceGradOp : public OpKernel {
     args.c0 = c0.flat<float>().data();
     args.mask = DataOrNull(mask);
     args.recurrent_mask = DataOrNull(recurrent_mask);
+    args.options = options_;
+    args.options.peephole = DataOrNull(peephole);
     args.c_seq = c_seq.flat<float>().data();
     args.gates = gates.flat<float>().data();
     args.dh_seq = DataOrNull(dh_seq);
@@ -223,14 +249,17 @@ class LstmSequenceGradOp : public OpKernel {
     args.dc0 = dc0_out->flat<float>().data();
     // Each chunk sums its own rows' bias gradient; then the chunks' sums add up.
     const int64_t chunks = NumChunks(ctx, batch);
-    std::vector<float> db_chunks(chunks * 4 * units, 0.f);
+    std::vector<float> db_chunks(chunks * width, 0.f);
     ForEachChunk(ctx, batch, [&](int64_t chunk, int64_t begin, int64_t end) {
-      keras_lstm::BackwardRows(args, begin, end, db_chunks.data() + chunk * 4 * units);
+      keras_lstm::BackwardRows(args, begin, end, db_chunks.data() + chunk * width);
     });
     for (int64_t k = 0; k < chunks; ++k) {
-      for (int64_t j = 0; j < 4 * units; ++j) db(j) += db_chunks[k * 4 * units + j];
+      for (int64_t j = 0; j < width; ++j) db(j) += db_chunks[k * width + j];
     }
   }
+
+ private:
+  keras_lstm::Options options_;
 };
 
 }  // namespace
@@ -244,24 +273,28 @@ REGISTER_OP("KerasLstmSequence")
     .Input("c0: float")
     .Input("mask: float")
     .Input("recurrent_mask: float")
+    .Input("peephole: float")
     .Attr("keep_for_gradient: bool = true")
     .Attr("return_sequences: bool = true")
+    .Attr("cifg: bool = false")
+    .Attr("cell_clip: float = 0")
     .Output("h: float")
     .Output("c: float")
     .Output("gates: float")
     .Output("h_last: float")
     .Output("c_last: float")
     .SetShapeFn([](tensorflow::shape_inference::InferenceContext* c) {
-      bool keep, sequences;
+      bool keep, sequences, cifg;
       TF_RETURN_IF_ERROR(c->GetAttr("keep_for_gradient", &keep));
       TF_RETURN_IF_ERROR(c->GetAttr("return_sequences", &sequences));
+      TF_RETURN_IF_ERROR(c->GetAttr("cifg", &cifg));
       auto x = c->input(0);
       auto units = c->Dim(c->input(3), 0);
       tensorflow::shape_inference::ShapeHandle states, gates;
       TF_RETURN_IF_ERROR(c->ReplaceDim(x, 2, units, &states));
-      tensorflow::shape_inference::DimensionHandle gates4;
-      TF_RETURN_IF_ERROR(c->Multiply(units, 4, &gates4));
-      TF_RETURN_IF_ERROR(c->ReplaceDim(x, 2, gates4, &gates));
+      tensorflow::shape_inference::DimensionHandle width;
+      TF_RETURN_IF_ERROR(c->Multiply(units, cifg ? 3 : 4, &width));
+      TF_RETURN_IF_ERROR(c->ReplaceDim(x, 2, width, &gates));
       auto none = c->MakeShape({0});
       c->set_output(0, keep || sequences ? states : none);
       c->set_output(1, keep ? states : none);
@@ -283,6 +316,9 @@ REGISTER_OP("KerasLstmSequenceGrad")
     .Input("dh_last: float")
     .Input("dc_last: float")
     .Input("recurrent_mask: float")
+    .Input("peephole: float")
+    .Attr("cifg: bool = false")
+    .Attr("cell_clip: float = 0")
     .Output("dz: float")
     .Output("dh0: float")
     .Output("dc0: float")
@@ -291,9 +327,11 @@ REGISTER_OP("KerasLstmSequenceGrad")
       c->set_output(0, c->input(5));
       c->set_output(1, c->input(1));
       c->set_output(2, c->input(2));
-      tensorflow::shape_inference::DimensionHandle gates4;
-      TF_RETURN_IF_ERROR(c->Multiply(c->Dim(c->input(0), 0), 4, &gates4));
-      c->set_output(3, c->Vector(gates4));
+      bool cifg;
+      TF_RETURN_IF_ERROR(c->GetAttr("cifg", &cifg));
+      tensorflow::shape_inference::DimensionHandle width;
+      TF_RETURN_IF_ERROR(c->Multiply(c->Dim(c->input(0), 0), cifg ? 3 : 4, &width));
+      c->set_output(3, c->Vector(width));
       return absl::OkStatus();
     });
 

@@ -11,7 +11,7 @@
 //
 // The static sizes and which optional inputs are present travel in the
 // custom call's opaque string, e.g. "T=100 B=64 D=32 H=128 bias=1 mask=0
-// sequences=1 keep=1". An absent input (no bias, no mask, a gradient that is
+// sequences=1 keep=1 rmask=0 cifg=0 clip=0 peep=0". An absent input (no bias, no mask, a gradient that is
 // zero) is a 0-element operand, as for the TensorFlow op.
 //
 // XLA runs a custom call on one of its threads and lends it no others, so the
@@ -155,39 +155,72 @@ struct Sizes {
   long long steps = 0, batch = 0, features = 0, units = 0;
   int bias = 0, mask = 0, sequences = 0, keep = 0, recurrent_mask = 0;
   int dh_seq = 0, dc_seq = 0, dh_last = 0, dc_last = 0;
+  int cifg = 0, peephole = 0;
+  float cell_clip = 0.f;  // written with 9 significant digits: every float32 reads back exactly
+
+  int64_t width() const { return (cifg ? 3 : 4) * units; }
+  keras_lstm::Options options(const float* peephole_weights) const {
+    keras_lstm::Options o;
+    o.cifg = cifg;
+    o.peephole = peephole ? peephole_weights : nullptr;
+    o.cell_clip = cell_clip;
+    return o;
+  }
 };
 
 // One format each for writing and reading.
 constexpr char kForwardFormat[] =
-    "T=%lld B=%lld D=%lld H=%lld bias=%d mask=%d sequences=%d keep=%d rmask=%d";
+    "T=%lld B=%lld D=%lld H=%lld bias=%d mask=%d sequences=%d keep=%d rmask=%d cifg=%d peep=%d";
 constexpr char kBackwardFormat[] =
-    "T=%lld B=%lld H=%lld mask=%d dh=%d dc=%d dh_last=%d dc_last=%d rmask=%d";
+    "T=%lld B=%lld H=%lld mask=%d dh=%d dc=%d dh_last=%d dc_last=%d rmask=%d cifg=%d peep=%d";
+// The clip ends both strings: printf writes a double, scanf reads a float.
+constexpr char kClipWrite[] = " clip=%.9g";
+constexpr char kClipRead[] = " clip=%g";
+
+void AppendClip(const Sizes& s, std::string* text) {
+  char clip[64];
+  std::snprintf(clip, sizeof(clip), kClipWrite, static_cast<double>(s.cell_clip));
+  *text += clip;
+}
+
+// Reads the " clip=..." that ends `text`; true when it is there.
+bool ParseClip(const std::string& text, Sizes* s) {
+  const size_t at = text.find(" clip=");
+  return at != std::string::npos && std::sscanf(text.c_str() + at, kClipRead, &s->cell_clip) == 1;
+}
 
 std::string ForwardOpaque(const Sizes& s) {
   char text[256];
   std::snprintf(text, sizeof(text), kForwardFormat, s.steps, s.batch, s.features, s.units, s.bias,
-                s.mask, s.sequences, s.keep, s.recurrent_mask);
-  return text;
+                s.mask, s.sequences, s.keep, s.recurrent_mask, s.cifg, s.peephole);
+  std::string opaque(text);
+  AppendClip(s, &opaque);
+  return opaque;
 }
 
 bool ParseForwardOpaque(const char* opaque, size_t length, Sizes* s) {
   const std::string text(opaque, length);
   return std::sscanf(text.c_str(), kForwardFormat, &s->steps, &s->batch, &s->features, &s->units,
-                     &s->bias, &s->mask, &s->sequences, &s->keep, &s->recurrent_mask) == 9;
+                     &s->bias, &s->mask, &s->sequences, &s->keep, &s->recurrent_mask, &s->cifg,
+                     &s->peephole) == 11 &&
+         ParseClip(text, s);
 }
 
 std::string BackwardOpaque(const Sizes& s) {
   char text[256];
   std::snprintf(text, sizeof(text), kBackwardFormat, s.steps, s.batch, s.units, s.mask, s.dh_seq,
-                s.dc_seq, s.dh_last, s.dc_last, s.recurrent_mask);
-  return text;
+                s.dc_seq, s.dh_last, s.dc_last, s.recurrent_mask, s.cifg, s.peephole);
+  std::string opaque(text);
+  AppendClip(s, &opaque);
+  return opaque;
 }
 
 bool ParseBackwardOpaque(const char* opaque, size_t length, Sizes* s) {
   const std::string text(opaque, length);
   return std::sscanf(text.c_str(), kBackwardFormat, &s->steps, &s->batch, &s->units, &s->mask,
-                     &s->dh_seq, &s->dc_seq, &s->dh_last, &s->dc_last,
-                     &s->recurrent_mask) == 9;
+                     &s->dh_seq, &s->dc_seq, &s->dh_last, &s->dc_last, &s->recurrent_mask,
+                     &s->cifg, &s->peephole) == 11 &&
+         ParseClip(text, s);
 }
 
 // ---------------------------------------------------------------------------
@@ -216,13 +249,14 @@ void ForwardTarget(void* out, const void** in, const char* opaque, size_t opaque
   args.c0 = inputs[5];
   args.mask = s.mask ? inputs[6] : nullptr;
   args.recurrent_mask = s.recurrent_mask ? inputs[7] : nullptr;
+  args.options = s.options(inputs[8]);
   args.h_seq = s.keep || s.sequences ? outputs[0] : nullptr;
   args.c_seq = s.keep ? outputs[1] : nullptr;
   args.gates = s.keep ? outputs[2] : nullptr;
   args.h_last = outputs[3];
   args.c_last = outputs[4];
   // With no step, ForwardRows copies h0 and c0 to the final state.
-  std::vector<float> kernels((s.features + s.units) * 4 * s.units);
+  std::vector<float> kernels((s.features + s.units) * s.width());
   keras_lstm::StackKernels(args, kernels.data());
   ForEachChunk(s.batch, [&](int64_t, int64_t begin, int64_t end) {
     forward_rows(&args, kernels.data(), begin, end);
@@ -249,20 +283,21 @@ void BackwardTarget(void* out, const void** in, const char* opaque, size_t opaqu
   args.dh_last = s.dh_last ? inputs[8] : nullptr;
   args.dc_last = s.dc_last ? inputs[9] : nullptr;
   args.recurrent_mask = s.recurrent_mask ? inputs[10] : nullptr;
+  args.options = s.options(inputs[11]);
   args.dz = outputs[0];
   args.dh0 = outputs[1];
   args.dc0 = outputs[2];
   // With no step, BackwardRows passes dh_last and dc_last (or zeros) to dh0 and dc0.
   // Each chunk sums its own rows' bias gradient; then the chunks' sums add up.
-  const int64_t gates4 = 4 * s.units, chunks = NumChunks(s.batch);
-  std::vector<float> db_chunks(chunks * gates4, 0.f);
+  const int64_t width = s.width(), chunks = NumChunks(s.batch);
+  std::vector<float> db_chunks(chunks * width, 0.f);
   ForEachChunk(s.batch, [&](int64_t chunk, int64_t begin, int64_t end) {
-    backward_rows(&args, begin, end, db_chunks.data() + chunk * gates4);
+    backward_rows(&args, begin, end, db_chunks.data() + chunk * width);
   });
   float* db = outputs[3];
-  std::fill(db, db + gates4, 0.f);
+  std::fill(db, db + width, 0.f);
   for (int64_t k = 0; k < chunks; ++k) {
-    for (int64_t j = 0; j < gates4; ++j) db[j] += db_chunks[k * gates4 + j];
+    for (int64_t j = 0; j < width; ++j) db[j] += db_chunks[k * width + j];
   }
 }
 
@@ -311,32 +346,45 @@ void EmitCustomCall(
 
 bool Present(const TensorShape& shape) { return shape.num_elements() > 0; }
 
+// The ops' option attributes (lstm_core.h's Options), into the opaque string's fields.
+tensorflow::Status ReadOptions(tensorflow::OpKernelConstruction* ctx, Sizes* s) {
+  bool cifg = false;
+  TF_RETURN_IF_ERROR(ctx->GetAttr("cifg", &cifg));
+  TF_RETURN_IF_ERROR(ctx->GetAttr("cell_clip", &s->cell_clip));
+  s->cifg = cifg;
+  return absl::OkStatus();
+}
+
 class LstmSequenceXlaOp : public XlaOpKernel {
  public:
   explicit LstmSequenceXlaOp(tensorflow::OpKernelConstruction* ctx) : XlaOpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("keep_for_gradient", &keep_for_gradient_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("return_sequences", &return_sequences_));
+    OP_REQUIRES_OK(ctx, ReadOptions(ctx, &options_));
   }
 
   void Compile(XlaOpKernelContext* ctx) override {
     const TensorShape x = ctx->InputShape(0), kernel = ctx->InputShape(1),
                       bias = ctx->InputShape(2), u = ctx->InputShape(3),
                       h0 = ctx->InputShape(4), c0 = ctx->InputShape(5),
-                      mask = ctx->InputShape(6), recurrent_mask = ctx->InputShape(7);
+                      mask = ctx->InputShape(6), recurrent_mask = ctx->InputShape(7),
+                      peephole = ctx->InputShape(8);
     OP_REQUIRES(ctx, x.dims() == 3,
                 InvalidArgument("x must be (T, batch, D), got ", x.DebugString()));
-    OP_REQUIRES(ctx, u.dims() == 2 && u.dim_size(1) == 4 * u.dim_size(0),
-                InvalidArgument("recurrent_kernel must be (H, 4H), got ", u.DebugString()));
-    Sizes s;
+    Sizes s = options_;
+    OP_REQUIRES(ctx, u.dims() == 2 && u.dim_size(1) == (s.cifg ? 3 : 4) * u.dim_size(0),
+                InvalidArgument("recurrent_kernel must be (H, GH), got ", u.DebugString()));
     s.steps = x.dim_size(0);
     s.batch = x.dim_size(1);
     s.features = x.dim_size(2);
     s.units = u.dim_size(0);
     const TensorShape states({s.steps, s.batch, s.units}), state({s.batch, s.units});
-    OP_REQUIRES(ctx, kernel == TensorShape({s.features, 4 * s.units}),
-                InvalidArgument("kernel must be (D, 4H), got ", kernel.DebugString()));
-    OP_REQUIRES(ctx, !Present(bias) || bias == TensorShape({4 * s.units}),
-                InvalidArgument("bias must be empty or (4H), got ", bias.DebugString()));
+    OP_REQUIRES(ctx, kernel == TensorShape({s.features, s.width()}),
+                InvalidArgument("kernel must be (D, GH), got ", kernel.DebugString()));
+    OP_REQUIRES(ctx, !Present(bias) || bias == TensorShape({s.width()}),
+                InvalidArgument("bias must be empty or (GH), got ", bias.DebugString()));
+    OP_REQUIRES(ctx, !Present(peephole) || peephole == TensorShape({3, s.units}),
+                InvalidArgument("peephole must be empty or (3, H), got ", peephole.DebugString()));
     OP_REQUIRES(ctx, h0 == state && c0 == state,
                 InvalidArgument("h0 and c0 must be (batch, H), got ", h0.DebugString(), " and ",
                                 c0.DebugString()));
@@ -348,44 +396,50 @@ class LstmSequenceXlaOp : public XlaOpKernel {
     s.bias = Present(bias);
     s.mask = Present(mask);
     s.recurrent_mask = Present(recurrent_mask);
+    s.peephole = Present(peephole);
     s.sequences = return_sequences_;
     s.keep = keep_for_gradient_;
     const bool keep = keep_for_gradient_;
     EmitCustomCall(ctx, kForwardTarget, ForwardOpaque(s),
                    {keep || return_sequences_ ? states : kNone, keep ? states : kNone,
-                    keep ? TensorShape({s.steps, s.batch, 4 * s.units}) : kNone, state, state});
+                    keep ? TensorShape({s.steps, s.batch, s.width()}) : kNone, state, state});
   }
 
  private:
   bool keep_for_gradient_ = true;
   bool return_sequences_ = true;
+  Sizes options_;
 };
 
 class LstmSequenceGradXlaOp : public XlaOpKernel {
  public:
-  explicit LstmSequenceGradXlaOp(tensorflow::OpKernelConstruction* ctx) : XlaOpKernel(ctx) {}
+  explicit LstmSequenceGradXlaOp(tensorflow::OpKernelConstruction* ctx) : XlaOpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ReadOptions(ctx, &options_));
+  }
 
   void Compile(XlaOpKernelContext* ctx) override {
     const TensorShape u = ctx->InputShape(0), h0 = ctx->InputShape(1), c0 = ctx->InputShape(2),
                       mask = ctx->InputShape(3), c_seq = ctx->InputShape(4),
                       gates = ctx->InputShape(5), dh_seq = ctx->InputShape(6),
                       dc_seq = ctx->InputShape(7), dh_last = ctx->InputShape(8),
-                      dc_last = ctx->InputShape(9), recurrent_mask = ctx->InputShape(10);
+                      dc_last = ctx->InputShape(9), recurrent_mask = ctx->InputShape(10),
+                      peephole = ctx->InputShape(11);
     OP_REQUIRES(ctx, gates.dims() == 3,
-                InvalidArgument("gates must be (T, batch, 4H), got ", gates.DebugString()));
-    Sizes s;
+                InvalidArgument("gates must be (T, batch, GH), got ", gates.DebugString()));
+    Sizes s = options_;
     s.steps = gates.dim_size(0);
     s.batch = gates.dim_size(1);
     s.units = u.dims() == 2 ? u.dim_size(0) : -1;
     const TensorShape states({s.steps, s.batch, s.units}), state({s.batch, s.units});
     OP_REQUIRES(
         ctx,
-        u == TensorShape({s.units, 4 * s.units}) && gates.dim_size(2) == 4 * s.units &&
+        u == TensorShape({s.units, s.width()}) && gates.dim_size(2) == s.width() &&
             h0 == state && c0 == state && c_seq == states &&
             (!Present(mask) || mask == TensorShape({s.steps, s.batch})) &&
             (!Present(dh_seq) || dh_seq == states) && (!Present(dc_seq) || dc_seq == states) &&
             (!Present(dh_last) || dh_last == state) && (!Present(dc_last) || dc_last == state) &&
-            (!Present(recurrent_mask) || recurrent_mask == state),
+            (!Present(recurrent_mask) || recurrent_mask == state) &&
+            (!Present(peephole) || peephole == TensorShape({3, s.units})),
         InvalidArgument("inconsistent shapes in the LSTM sequence gradient"));
     s.mask = Present(mask);
     s.dh_seq = Present(dh_seq);
@@ -393,13 +447,17 @@ class LstmSequenceGradXlaOp : public XlaOpKernel {
     s.dh_last = Present(dh_last);
     s.dc_last = Present(dc_last);
     s.recurrent_mask = Present(recurrent_mask);
+    s.peephole = Present(peephole);
     // dz may take over the gates' buffer (BackwardRows reads each step's
     // gates before writing its dz); XLA copies the gates first if they are
     // still needed elsewhere.
     EmitCustomCall(ctx, kBackwardTarget, BackwardOpaque(s),
-                   {gates, state, state, TensorShape({4 * s.units})},
+                   {gates, state, state, TensorShape({s.width()})},
                    {{xla::ShapeIndex({0}), {5, xla::ShapeIndex({})}}});
   }
+
+ private:
+  Sizes options_;
 };
 
 // Registered straight into TensorFlow's kernel registry for the XLA CPU JIT

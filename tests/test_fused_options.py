@@ -1,0 +1,232 @@
+"""The cell options the native kernel computes (peephole, cifg, cell_clip) match the cell.
+
+A `GatedLSTM` with these options runs the fused native op (eagerly, in a
+graph, and as the XLA custom call); its twin with the same weights runs
+Keras's step loop around `GatedLSTMCell.call`, the reference. Outputs, final
+states and the gradients of the inputs, the initial state and every weight
+(the peephole weights included) agree to 1e-5, with masks, backwards, and
+input and recurrent dropout (both draw the same masks).
+"""
+
+import itertools
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_lstm import GatedLSTM, kernels
+
+B, T, D, H = 5, 7, 4, 6
+TOL = 1e-5
+CLIP = 0.8
+
+MASK = np.array(
+    [
+        [1, 1, 0, 0, 1, 1, 1],
+        [0, 0, 1, 1, 1, 1, 1],
+        [1, 1, 1, 1, 1, 0, 0],
+        [1, 1, 1, 1, 1, 1, 1],
+        [1, 0, 1, 0, 1, 0, 1],
+    ],
+    dtype=bool,
+)
+
+# Every combination of the three options, one at least on.
+CELL_OPTIONS = [
+    {
+        name: value
+        for name, value, on in zip(
+            ("peephole", "cifg", "cell_clip"), (True, True, CLIP), ons, strict=True
+        )
+        if on
+    }
+    for ons in itertools.product([False, True], repeat=3)
+    if any(ons)
+]
+CELL_IDS = ["+".join(options) for options in CELL_OPTIONS]
+
+LAYER_OPTIONS = [
+    {"return_sequences": True, "return_state": True},
+    {"return_sequences": True, "go_backwards": True, "return_state": True},
+    {"return_sequences": False, "dropout": 0.2, "recurrent_dropout": 0.3, "seed": 3},
+]
+LAYER_IDS = ["sequences", "backwards", "last_with_dropouts"]
+
+
+@pytest.fixture(autouse=True)
+def _native_only():
+    if not kernels.native_available():
+        pytest.skip("the native kernel cannot be built here (no g++ or no TF headers)")
+
+
+def _twins(rng, **kwargs):
+    """A fused layer and its step-loop twin, with the same random weights."""
+    fused, generic = GatedLSTM(H, **kwargs), GatedLSTM(H, **kwargs)
+    fused.build((B, T, D))
+    generic.build((B, T, D))
+    # Random weights, peepholes included (they start at zero), large enough
+    # that the cell state reaches the clip.
+    weights = [rng.normal(scale=0.6, size=w.shape).astype("float32") for w in fused.get_weights()]
+    fused.set_weights(weights)
+    generic.set_weights(weights)
+    generic._runs_fused_kernel = lambda training: False
+    return fused, generic
+
+
+def _data(rng):
+    x = rng.normal(scale=1.5, size=(B, T, D)).astype("float32")
+    h0 = rng.normal(size=(B, H)).astype("float32")
+    c0 = rng.normal(size=(B, H)).astype("float32")
+    return x, h0, c0
+
+
+def _ramp(o):
+    size = tf.size(o)
+    return tf.reshape(tf.cast(tf.range(1, size + 1), o.dtype) / tf.cast(size, o.dtype), o.shape)
+
+
+def _outputs_and_grads(layer, x, h0, c0, mask, training, jit=None):
+    def run(x, h0, c0):
+        with tf.GradientTape() as tape:
+            tape.watch([x, h0, c0])
+            out = layer(x, initial_state=[h0, c0], mask=mask, training=training)
+            outs = out if isinstance(out, (list, tuple)) else [out]
+            loss = sum(tf.reduce_sum(_ramp(o) * o * o) for o in outs)
+        return outs, tape.gradient(loss, [x, h0, c0, *layer.trainable_weights])
+
+    if jit is not None:
+        run = tf.function(run, jit_compile=jit)
+    outs, grads = run(tf.constant(x), tf.constant(h0), tf.constant(c0))
+    return [np.asarray(o) for o in outs], [np.asarray(g) for g in grads]
+
+
+def _assert_same(got, want, names):
+    for kind, a_list, b_list in (("output", got[0], want[0]), ("gradient", got[1], want[1])):
+        assert len(a_list) == len(b_list)
+        for k, (a, b) in enumerate(zip(a_list, b_list, strict=True)):
+            what = names[k] if kind == "gradient" else f"output {k}"
+            np.testing.assert_allclose(a, b, atol=TOL, rtol=TOL, err_msg=f"{kind} of {what}")
+
+
+def _gradient_names(layer):
+    return ["x", "h0", "c0", *(w.path.rsplit("/", 1)[-1] for w in layer.trainable_weights)]
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """The `options` of each fused-op call made (a list that fills as layers run)."""
+    calls = []
+    real = kernels.lstm_recurrence
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("options"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "lstm_recurrence", spy)
+    return calls
+
+
+@pytest.mark.parametrize("layer_options", LAYER_OPTIONS, ids=LAYER_IDS)
+@pytest.mark.parametrize("cell_options", CELL_OPTIONS, ids=CELL_IDS)
+@pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
+def test_options_run_fused_and_match_the_cells_own_loop(
+    rng, fused_calls, cell_options, layer_options, masked
+):
+    x, h0, c0 = _data(rng)
+    fused, generic = _twins(rng, **cell_options, **layer_options)
+    mask = MASK if masked else None
+    training = "dropout" in layer_options
+    got = _outputs_and_grads(fused, x, h0, c0, mask, training)
+    assert fused_calls and fused_calls[-1] is not None, "the options did not run fused"
+    assert fused_calls[-1].cifg == ("cifg" in cell_options)
+    fused_calls.clear()
+    want = _outputs_and_grads(generic, x, h0, c0, mask, training)
+    assert not fused_calls, "the reference must run Keras's step loop"
+    _assert_same(got, want, _gradient_names(fused))
+
+
+@pytest.mark.parametrize("cell_options", CELL_OPTIONS, ids=CELL_IDS)
+def test_options_under_xla_match_the_cells_own_loop(rng, fused_calls, cell_options):
+    if not kernels.native_available(jit_compile=True):
+        pytest.skip("the native kernel's XLA library cannot be built here")
+    x, h0, c0 = _data(rng)
+    fused, generic = _twins(rng, return_sequences=True, return_state=True, **cell_options)
+    got = _outputs_and_grads(fused, x, h0, c0, MASK, training=True, jit=True)
+    assert fused_calls and fused_calls[-1] is not None
+    want = _outputs_and_grads(generic, x, h0, c0, MASK, training=True, jit=True)
+    _assert_same(got, want, _gradient_names(fused))
+
+
+def test_the_clip_clips_and_stops_the_gradient_where_it_does(rng):
+    # The weights above drive the cell state past the clip somewhere, and not everywhere.
+    x, h0, c0 = _data(rng)
+    fused, generic = _twins(rng, cell_clip=CLIP, return_sequences=True, return_state=True)
+    _, _, c_last = fused(x, initial_state=[h0, c0])
+    at_clip = np.isclose(np.abs(np.asarray(c_last)), CLIP, atol=1e-6)
+    assert at_clip.any() and not at_clip.all()
+    np.testing.assert_allclose(
+        np.asarray(generic(x, initial_state=[h0, c0])[2]), np.asarray(c_last), atol=TOL
+    )
+
+
+def test_a_batch_split_across_threads_matches(rng, fused_calls):
+    # 64 rows: the native op splits them into chunks, one per worker thread.
+    rows = 64
+    x = rng.normal(size=(rows, T, D)).astype("float32")
+    fused, generic = _twins(rng, peephole=True, cell_clip=CLIP, return_sequences=True)
+    got = _outputs_and_grads(fused, x, *np.zeros((2, rows, H), "float32"), None, False)
+    want = _outputs_and_grads(generic, x, *np.zeros((2, rows, H), "float32"), None, False)
+    _assert_same(got, want, _gradient_names(fused))
+
+
+def test_a_model_with_options_trains_fused_under_fit(rng, fused_calls):
+    model = keras.Sequential(
+        [
+            keras.Input((T, D)),
+            GatedLSTM(H, peephole=True, cifg=True, cell_clip=3.0),
+            keras.layers.Dense(1),
+        ]
+    )
+    model.compile(optimizer=keras.optimizers.Adam(0.02), loss="mse", jit_compile=True)
+    x = rng.normal(size=(64, T, D)).astype("float32")
+    y = x[:, :, :1].sum(axis=1) / T
+    history = model.fit(x, y, epochs=30, batch_size=16, verbose=0).history["loss"]
+    assert fused_calls and all(options is not None for options in fused_calls)
+    assert history[-1] < 0.5 * history[0]
+    peepholes = [w for w in model.weights if "peephole" in w.path]
+    assert peepholes and all(np.abs(np.asarray(w)).max() > 0 for w in peepholes)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"layer_norm": True},
+        {"proj_units": 3},
+        {"zoneout_h": 0.1},
+        {"peephole": True, "zoneout_c": 0.1},
+    ],
+    ids=["layer_norm", "proj_units", "zoneout_h", "peephole_with_zoneout_c"],
+)
+def test_options_the_kernel_does_not_compute_run_keras_step_loop(rng, fused_calls, options):
+    GatedLSTM(H, **options)(rng.normal(size=(B, T, D)).astype("float32"))
+    assert not fused_calls
+
+
+def test_options_run_keras_step_loop_where_the_native_kernel_does_not(
+    rng, fused_calls, monkeypatch
+):
+    # Other dtypes, GPU, or no native library: the TF-ops loop has no options.
+    monkeypatch.setattr(kernels, "_use_native", lambda dtype: False)
+    GatedLSTM(H, peephole=True)(rng.normal(size=(B, T, D)).astype("float32"))
+    assert not fused_calls
+    with pytest.raises(ValueError, match="run fused only in the native kernel"):
+        kernels.lstm_recurrence(
+            tf.zeros((B, T, D)),
+            tf.zeros((D, 4 * H)),
+            tf.zeros((H, 4 * H)),
+            None,
+            tf.zeros((B, H)),
+            tf.zeros((B, H)),
+            options=kernels.CellOptions(cifg=False, cell_clip=1.0),
+        )
