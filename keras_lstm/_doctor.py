@@ -25,8 +25,8 @@ _FEATURES = {
 }
 
 # Options the native kernel computes itself (kernels.NATIVE_CELL_OPTIONS), and the others.
-_FUSED_OPTIONS_NOTE = "peephole, cifg, cell_clip: the native kernel, where it runs above"
-_OPTIONS_NOTE = "layer_norm, proj_units, zoneout_h, zoneout_c or unroll=True"
+_FUSED_OPTIONS_NOTE = "peephole, cifg, cell_clip: as above (fused where the native kernel runs)"
+_OPTIONS_NOTE = "layer_norm, proj_units, zoneout_h, zoneout_c, unroll=True: Keras's step loop"
 
 
 def _library_state(module, compiler: str):
@@ -131,9 +131,9 @@ def report() -> tuple[list[str], int]:
             add(f"  {mode} {text}")
         if gpus:
             add("  on a GPU     TensorFlow ops (the native kernel is for the CPU)")
-    add("  other dtypes TensorFlow ops (the native kernel is float32; mixed precision keeps them)")
-    add(f"  with {_FUSED_OPTIONS_NOTE} (else Keras's step loop)")
-    add(f"  with {_OPTIONS_NOTE}: Keras's step loop around GatedLSTMCell")
+    add("  mixed policy as above, in float32 (cast in and out); float64: TensorFlow ops")
+    add(f"  options      {_FUSED_OPTIONS_NOTE}")
+    add(f"               {_OPTIONS_NOTE} around GatedLSTMCell")
     return lines, status
 
 

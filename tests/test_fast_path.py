@@ -299,20 +299,39 @@ def test_recurrent_dropout_under_xla_matches_the_cells_own_loop(implementation, 
         np.testing.assert_allclose(a, b, atol=TOL, rtol=TOL)
 
 
-def test_mixed_precision_runs_fused_and_matches_the_cells_own_loop(rng):
-    # float16 compute: the while-loop path (the native kernel is float32 only).
-    x, _, _ = _data(rng)
-    fused = GatedLSTM(H, dtype="mixed_float16", return_sequences=True)
-    generic = GatedLSTM(H, dtype="mixed_float16", return_sequences=True)
+@pytest.mark.parametrize(
+    "policy, tolerance", [("mixed_float16", 2e-3), ("mixed_bfloat16", 2e-2)], ids=["f16", "bf16"]
+)
+def test_mixed_precision_runs_fused_and_matches_the_cells_own_loop(
+    implementation, monkeypatch, rng, policy, tolerance
+):
+    # On CPU the native kernel runs a mixed policy in float32, cast in and out;
+    # the while-loop path computes in float16/bfloat16 itself.
+    calls = []
+    real = _native.lstm_sequence
+    monkeypatch.setattr(_native, "lstm_sequence", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x, h0, c0 = _data(rng)
+    fused = GatedLSTM(H, dtype=policy, return_sequences=True)
+    generic = GatedLSTM(H, dtype=policy, return_sequences=True)
     fused.build(x.shape)
     generic.build(x.shape)
     generic.set_weights(fused.get_weights())
     generic._runs_fused_kernel = lambda training: False
     out = fused(x)
-    assert out.dtype == "float16"
+    assert out.dtype == policy.removeprefix("mixed_")
+    assert bool(calls) == (implementation == "native")
     np.testing.assert_allclose(
-        np.asarray(out, "float32"), np.asarray(generic(x), "float32"), atol=2e-3
+        np.asarray(out, "float32"), np.asarray(generic(x), "float32"), atol=tolerance
     )
+    grads = []
+    for layer in (fused, generic):
+        with tf.GradientTape() as tape:
+            y = layer(x, training=True)
+            loss = tf.reduce_sum(tf.cast(y, tf.float32) ** 2)
+        grads.append(tape.gradient(loss, layer.trainable_weights))
+    for a, b in zip(*grads, strict=True):
+        assert a.dtype == tf.float32 and np.isfinite(np.asarray(a)).all()
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=10 * tolerance)
 
 
 def test_stateful_carries_state_like_keras(implementation, rng):

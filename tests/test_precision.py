@@ -160,10 +160,14 @@ def test_mixed_policy_model_exports_as_saved_model(policy, tmp_path):
     served = tf.saved_model.load(str(tmp_path / "served"))
     got = served.serve(tf.constant(x))
     assert got.dtype.name == COMPUTE[policy]
-    np.testing.assert_allclose(np.asarray(got, "float32"), expected.astype("float32"), atol=1e-3)
+    # On CPU `predict` runs the native kernel in float32 and rounds once at the
+    # end; the export computes in the policy's dtype at every step. bfloat16
+    # keeps 8 bits: one rounding step near 0.5 is 0.004.
+    atol = {"mixed_float16": 1e-3, "mixed_bfloat16": 1e-2}[policy]
+    np.testing.assert_allclose(np.asarray(got, "float32"), expected.astype("float32"), atol=atol)
     signature = served.signatures["serving_default"]
     (output,) = signature(tf.constant(x)).values()
-    np.testing.assert_allclose(np.asarray(output, "float32"), expected.astype("float32"), atol=1e-3)
+    np.testing.assert_allclose(np.asarray(output, "float32"), expected.astype("float32"), atol=atol)
 
 
 def test_float32_output_layer_serves_float32_under_mixed_float16(tmp_path, rng):

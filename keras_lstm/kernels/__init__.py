@@ -8,10 +8,12 @@ picks one of two implementations of the same maths:
 - a native C++ kernel (`lstm_sequence.cc`, maths in `lstm_core.h`), built on
   first use, for float32 on CPU: one matmul per step (input projection
   included) and one fused pointwise pass, the batch split across threads.
+  Under a mixed-precision policy (float16 or bfloat16 compute) on CPU it runs
+  in float32 too, its inputs and results cast;
   Under XLA (`jit_compile=True`) the same op runs as a custom call from a
   second library (`lstm_sequence_xla.cc`, see `_native_xla`);
 - TensorFlow ops in two `tf.while_loop`s with a custom gradient, everywhere
-  else (on GPU, other dtypes, in exports, or when a native library cannot be
+  else (on GPU, float64, in exports, or when a native library cannot be
   built).
 
 The weight and input gradients are large matmuls over all steps at once. The
@@ -205,10 +207,15 @@ def export_loop_form() -> str:
     return "inference" if _internals.in_save_context() else ""
 
 
+# Dtypes the native kernel takes: float32 itself, and the mixed-precision
+# compute dtypes, which it runs in float32 (cast in, cast out).
+_NATIVE_DTYPES = (tf.float32, tf.bfloat16, tf.float16)
+
+
 def _use_native(dtype) -> bool:
     if _exporting():
         return False
-    if dtype != tf.float32 or tf.config.list_logical_devices("GPU"):
+    if dtype not in _NATIVE_DTYPES or tf.config.list_logical_devices("GPU"):
         return False
     if _native.native_module() is None:
         return False
@@ -258,6 +265,31 @@ def lstm_recurrence(
         raise ValueError(
             "cell options (peephole, cifg, cell_clip) run fused only in the native kernel, "
             "which does not run here; use Keras's step loop around the cell instead."
+        )
+    if dtype != tf.float32 and _use_native(dtype):
+        # Mixed precision on CPU: the float32 kernel, its results cast back.
+        def f32(t):
+            return None if t is None else tf.cast(t, tf.float32)
+
+        last_output, outputs, states = lstm_recurrence(
+            f32(inputs),
+            f32(kernel),
+            f32(recurrent_kernel),
+            f32(bias),
+            f32(h0),
+            f32(c0),
+            mask=mask,
+            go_backwards=go_backwards,
+            return_sequences=return_sequences,
+            zero_output_for_mask=zero_output_for_mask,
+            training=training,
+            recurrent_mask=f32(recurrent_mask),
+            options=None if options is None else options._replace(peephole=f32(options.peephole)),
+        )
+        return (
+            tf.cast(last_output, dtype),
+            tf.cast(outputs, dtype),
+            [tf.cast(state, dtype) for state in states],
         )
     if options is not None and options.peephole is not None:
         options = options._replace(peephole=tf.cast(options.peephole, dtype))
