@@ -55,7 +55,7 @@ class GatedLSTM(keras.layers.RNN):
     dropout and recurrent dropout are fine), a fused whole-sequence op with its own
     gradient runs the recurrence (a native CPU kernel, under XLA as a custom
     call; a `tf.while_loop` on GPU and in exports). The native kernel also
-    computes `peephole`, `cifg` and `cell_clip`. Otherwise, and on the JAX and
+    computes `peephole`, `cifg`, `cell_clip` and `proj_units`. Otherwise, and on the JAX and
     torch backends, Keras's step loop calls the cell's `call`, which is also
     the reference the fused op is tested against. Both give the same numbers.
 
@@ -296,7 +296,12 @@ class GatedLSTM(keras.layers.RNN):
             peephole = ops.stack(
                 [weights.get("input", unused), weights["forget"], weights["output"]]
             )
-        return kernels.CellOptions(peephole=peephole, cifg=cell.cifg, cell_clip=cell.cell_clip)
+        projection = None
+        if cell.proj_units is not None:
+            projection = ops.cast(cell._projection.kernel, cell.compute_dtype)
+        return kernels.CellOptions(
+            peephole=peephole, cifg=cell.cifg, cell_clip=cell.cell_clip, projection=projection
+        )
 
     def _unrolled_backwards_loop(self, sequences, initial_state, mask, training):
         """Keras's unrolled loop, with masked outputs zeroed in the order they were made.

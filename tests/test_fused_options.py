@@ -1,4 +1,5 @@
-"""The cell options the native kernel computes (peephole, cifg, cell_clip) match the cell.
+"""The cell options the native kernel computes (peephole, cifg, cell_clip, proj_units)
+match the cell.
 
 A `GatedLSTM` with these options runs the fused native op (eagerly, in a
 graph, and as the XLA custom call); its twin with the same weights runs
@@ -7,8 +8,6 @@ states and the gradients of the inputs, the initial state and every weight
 (the peephole weights included) agree to 1e-5, with masks, backwards, and
 input and recurrent dropout (both draw the same masks).
 """
-
-import itertools
 
 import keras
 import numpy as np
@@ -32,17 +31,17 @@ MASK = np.array(
     dtype=bool,
 )
 
-# Every combination of the three options, one at least on.
+PROJ = 3
+# Each option alone, some pairs, and all four at once.
 CELL_OPTIONS = [
-    {
-        name: value
-        for name, value, on in zip(
-            ("peephole", "cifg", "cell_clip"), (True, True, CLIP), ons, strict=True
-        )
-        if on
-    }
-    for ons in itertools.product([False, True], repeat=3)
-    if any(ons)
+    {"peephole": True},
+    {"cifg": True},
+    {"cell_clip": CLIP},
+    {"proj_units": PROJ},
+    {"peephole": True, "cifg": True},
+    {"cifg": True, "proj_units": PROJ},
+    {"cell_clip": CLIP, "proj_units": PROJ},
+    {"peephole": True, "cifg": True, "cell_clip": CLIP, "proj_units": PROJ},
 ]
 CELL_IDS = ["+".join(options) for options in CELL_OPTIONS]
 
@@ -74,9 +73,9 @@ def _twins(rng, **kwargs):
     return fused, generic
 
 
-def _data(rng):
+def _data(rng, hidden=H):
     x = rng.normal(scale=1.5, size=(B, T, D)).astype("float32")
-    h0 = rng.normal(size=(B, H)).astype("float32")
+    h0 = rng.normal(size=(B, hidden)).astype("float32")
     c0 = rng.normal(size=(B, H)).astype("float32")
     return x, h0, c0
 
@@ -133,13 +132,15 @@ def fused_calls(monkeypatch):
 def test_options_run_fused_and_match_the_cells_own_loop(
     rng, fused_calls, cell_options, layer_options, masked
 ):
-    x, h0, c0 = _data(rng)
+    x, h0, c0 = _data(rng, cell_options.get("proj_units", H))
     fused, generic = _twins(rng, **cell_options, **layer_options)
     mask = MASK if masked else None
     training = "dropout" in layer_options
     got = _outputs_and_grads(fused, x, h0, c0, mask, training)
     assert fused_calls and fused_calls[-1] is not None, "the options did not run fused"
     assert fused_calls[-1].cifg == ("cifg" in cell_options)
+    assert (fused_calls[-1].projection is not None) == ("proj_units" in cell_options)
+    assert (fused_calls[-1].peephole is not None) == ("peephole" in cell_options)
     fused_calls.clear()
     want = _outputs_and_grads(generic, x, h0, c0, mask, training)
     assert not fused_calls, "the reference must run Keras's step loop"
@@ -150,7 +151,7 @@ def test_options_run_fused_and_match_the_cells_own_loop(
 def test_options_under_xla_match_the_cells_own_loop(rng, fused_calls, cell_options):
     if not kernels.native_available(jit_compile=True):
         pytest.skip("the native kernel's XLA library cannot be built here")
-    x, h0, c0 = _data(rng)
+    x, h0, c0 = _data(rng, cell_options.get("proj_units", H))
     fused, generic = _twins(rng, return_sequences=True, return_state=True, **cell_options)
     got = _outputs_and_grads(fused, x, h0, c0, MASK, training=True, jit=True)
     assert fused_calls and fused_calls[-1] is not None
@@ -174,9 +175,12 @@ def test_a_batch_split_across_threads_matches(rng, fused_calls):
     # 64 rows: the native op splits them into chunks, one per worker thread.
     rows = 64
     x = rng.normal(size=(rows, T, D)).astype("float32")
-    fused, generic = _twins(rng, peephole=True, cell_clip=CLIP, return_sequences=True)
-    got = _outputs_and_grads(fused, x, *np.zeros((2, rows, H), "float32"), None, False)
-    want = _outputs_and_grads(generic, x, *np.zeros((2, rows, H), "float32"), None, False)
+    fused, generic = _twins(
+        rng, peephole=True, cell_clip=CLIP, proj_units=PROJ, return_sequences=True
+    )
+    h0, c0 = np.zeros((rows, PROJ), "float32"), np.zeros((rows, H), "float32")
+    got = _outputs_and_grads(fused, x, h0, c0, None, False)
+    want = _outputs_and_grads(generic, x, h0, c0, None, False)
     _assert_same(got, want, _gradient_names(fused))
 
 
@@ -202,11 +206,10 @@ def test_a_model_with_options_trains_fused_under_fit(rng, fused_calls):
     "options",
     [
         {"layer_norm": True},
-        {"proj_units": 3},
         {"zoneout_h": 0.1},
-        {"peephole": True, "zoneout_c": 0.1},
+        {"proj_units": 3, "zoneout_c": 0.1},
     ],
-    ids=["layer_norm", "proj_units", "zoneout_h", "peephole_with_zoneout_c"],
+    ids=["layer_norm", "zoneout_h", "proj_units_with_zoneout_c"],
 )
 def test_options_the_kernel_does_not_compute_run_keras_step_loop(rng, fused_calls, options):
     GatedLSTM(H, **options)(rng.normal(size=(B, T, D)).astype("float32"))

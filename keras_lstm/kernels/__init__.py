@@ -45,7 +45,7 @@ _local = threading.local()
 CellOptions = _native.CellOptions
 # The `GatedLSTMCell` options the native kernel computes itself (`CellOptions`);
 # a cell with any other option runs Keras's step loop.
-NATIVE_CELL_OPTIONS = ("peephole", "cifg", "cell_clip")
+NATIVE_CELL_OPTIONS = ("peephole", "cifg", "cell_clip", "proj_units")
 
 __all__ = [
     "NATIVE_CELL_OPTIONS",
@@ -257,14 +257,15 @@ def lstm_recurrence(
     if given, multiplies `h_{t-1}` before the recurrent product at every step
     (recurrent dropout as Keras draws it: one mask per sequence, scaled);
     exports, which never train, take none. `options` (a `CellOptions`) turns
-    on peephole, cifg and cell clip; only the native kernel computes them,
-    so they may be given only where `cell_options_fuse_here` says so.
+    on peephole, cifg, cell clip and projection; only the native kernel
+    computes them, so they may be given only where `cell_options_fuse_here`
+    says so.
     """
     dtype = inputs.dtype
     if options is not None and not _use_native(dtype):
         raise ValueError(
-            "cell options (peephole, cifg, cell_clip) run fused only in the native kernel, "
-            "which does not run here; use Keras's step loop around the cell instead."
+            "cell options (peephole, cifg, cell_clip, proj_units) run fused only in the native "
+            "kernel, which does not run here; use Keras's step loop around the cell instead."
         )
     if dtype != tf.float32 and _use_native(dtype):
         # Mixed precision on CPU: the float32 kernel, its results cast back.
@@ -284,15 +285,22 @@ def lstm_recurrence(
             zero_output_for_mask=zero_output_for_mask,
             training=training,
             recurrent_mask=f32(recurrent_mask),
-            options=None if options is None else options._replace(peephole=f32(options.peephole)),
+            options=None
+            if options is None
+            else options._replace(
+                peephole=f32(options.peephole), projection=f32(options.projection)
+            ),
         )
         return (
             tf.cast(last_output, dtype),
             tf.cast(outputs, dtype),
             [tf.cast(state, dtype) for state in states],
         )
-    if options is not None and options.peephole is not None:
-        options = options._replace(peephole=tf.cast(options.peephole, dtype))
+    if options is not None:
+        options = options._replace(
+            peephole=None if options.peephole is None else tf.cast(options.peephole, dtype),
+            projection=None if options.projection is None else tf.cast(options.projection, dtype),
+        )
     kernel = tf.cast(kernel, dtype)
     if recurrent_mask is not None:
         recurrent_mask = tf.cast(recurrent_mask, dtype)

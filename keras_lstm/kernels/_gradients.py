@@ -84,3 +84,18 @@ def peephole_grad(c0, c_seq, dz, cifg):
     d_output = tf.reduce_sum(dz_o * c_seq, axis=(0, 1))
     d_input = tf.zeros_like(d_forget) if cifg else tf.reduce_sum(parts[0] * c_prev, axis=(0, 1))
     return tf.stack([d_input, d_forget, d_output])
+
+
+def projection_kernel_grad(c_seq, gates, dh_projected):
+    """The gradient of the projection W_hr (H, P): `sum_t m_t^T dh_t` as one matmul.
+
+    m_t = o_t * tanh(C_t) is what W_hr projects; o is the last H of the
+    kept gate activations. `dh_projected` is zero where a mask kept h.
+    """
+    units = c_seq.shape[-1] if c_seq.shape[-1] is not None else tf.shape(c_seq)[-1]
+    m = gates[..., -units:] * tf.tanh(c_seq)
+    return tf.matmul(
+        tf.reshape(m, (-1, units)),
+        tf.reshape(dh_projected, (-1, tf.shape(dh_projected)[-1])),
+        transpose_a=True,
+    )

@@ -32,6 +32,7 @@ from keras_lstm.kernels._gradients import (
     is_zero_fill,
     peephole_grad,
     projection_grads,
+    projection_kernel_grad,
     recurrent_kernel_grad,
 )
 
@@ -44,12 +45,15 @@ class CellOptions(NamedTuple):
     `peephole`: the weights `[w_i, w_f, w_o]` stacked, (3, H) (`w_i` zeros
     with `cifg`), or `None`; `cifg`: the input gate is `1 - f` and the kernels
     hold the gates forget, candidate, output; `cell_clip`: a positive bound
-    for the cell state, or `None`.
+    for the cell state, or `None`; `projection`: W_hr (H, P), so that
+    h = (o * tanh(c)) W_hr has P features (h0 and the recurrent kernel's rows
+    then have P), or `None`.
     """
 
     peephole: object = None
     cifg: bool = False
     cell_clip: float | None = None
+    projection: object = None
 
 
 _state: dict = {}
@@ -110,21 +114,33 @@ def _register_gradient():
     @tf.RegisterGradient("KerasLstmSequence")
     def _grad(op, dh_seq, dc_seq, _dgates, dh_last, dc_last):
         module = native_module()
-        x, kernel, bias, recurrent_kernel, h0, c0, mask, recurrent_mask, peephole = op.inputs
+        (x, kernel, bias, recurrent_kernel, h0, c0, mask, recurrent_mask, peephole, projection) = (
+            op.inputs
+        )
         options = {"cifg": op.get_attr("cifg"), "cell_clip": op.get_attr("cell_clip")}
         h_seq, c_seq, gates = op.outputs[:3]
         if not op.get_attr("keep_for_gradient"):
             # Run in inference mode, which keeps nothing for the gradient:
             # run the forward pass again, keeping it.
             h_seq, c_seq, gates, _, _ = module.keras_lstm_sequence(
-                x, kernel, bias, recurrent_kernel, h0, c0, mask, recurrent_mask, peephole, **options
+                x,
+                kernel,
+                bias,
+                recurrent_kernel,
+                h0,
+                c0,
+                mask,
+                recurrent_mask,
+                peephole,
+                projection,
+                **options,
             )
         empty = tf.zeros((0,), x.dtype)
         dh_seq, dc_seq, dh_last, dc_last = (
             empty if grad is None or is_zero_fill(grad) else grad
             for grad in (dh_seq, dc_seq, dh_last, dc_last)
         )
-        dz, dh0, dc0, dbias = module.keras_lstm_sequence_grad(
+        dz, dh0, dc0, dbias, dh_projected = module.keras_lstm_sequence_grad(
             recurrent_kernel,
             h0,
             c0,
@@ -137,6 +153,7 @@ def _register_gradient():
             dc_last,
             recurrent_mask,
             peephole,
+            projection,
             **options,
         )
         # The input and weight gradients as single matmuls over all steps; the
@@ -146,7 +163,10 @@ def _register_gradient():
         dropped = recurrent_mask if recurrent_mask.shape[0] else None
         drecurrent = recurrent_kernel_grad(h0, h_seq, dz, dropped)
         dpeephole = peephole_grad(c0, c_seq, dz, options["cifg"]) if peephole.shape[0] else None
-        return dx, dkernel, dbias, drecurrent, dh0, dc0, None, None, dpeephole
+        dprojection = None
+        if projection.shape[0]:
+            dprojection = projection_kernel_grad(c_seq, gates, dh_projected)
+        return dx, dkernel, dbias, drecurrent, dh0, dc0, None, None, dpeephole, dprojection
 
 
 def native_module():
@@ -215,6 +235,7 @@ def lstm_sequence(
         mask,
         empty if recurrent_mask is None else recurrent_mask,
         empty if options.peephole is None else options.peephole,
+        empty if options.projection is None else options.projection,
         keep_for_gradient=keep_for_gradient,
         return_sequences=return_sequences,
         cifg=options.cifg,

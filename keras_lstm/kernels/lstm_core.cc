@@ -120,17 +120,19 @@ void PointwiseGradWithOptions(const Options& options, int64_t H, const float* ga
 }  // namespace
 
 // One step a row block: z = [x_t, h_{t-1}] [W; U] + b as one matrix product
-// over the stacked weights `kernels` ((D + H, G H), see StackKernels), then
+// over the stacked weights `kernels` ((D + R, G H), see StackKernels), then
 //   i = sigmoid(z_i)   f = sigmoid(z_f)   g = tanh(z_g)   o = sigmoid(z_o)
 //   c = f * c_{t-1} + i * g               h = o * tanh(c)
-// or, with an option on, PointwiseWithOptions's step.
+// or, with an option on, PointwiseWithOptions's step; with a projection,
+// h = (o * tanh(c)) W_hr.
 void ForwardRows(const Forward& a, const float* kernels, int64_t row_begin,
                         int64_t row_end) {
   const int64_t rows = row_end - row_begin, B = a.batch, D = a.input_size, H = a.units;
-  const int64_t G = a.options.gates() * H, K = D + H;
-  const bool plain = !a.options.cifg && !a.options.peephole && a.options.cell_clip <= 0.f;
+  const int64_t G = a.options.gates() * H, R = a.options.hidden(H), K = D + R;
+  const bool plain = a.options.plain();
+  const float* projection = a.options.projection;
   if (rows <= 0) return;
-  ConstMatrixMap weights(kernels, K, G), recurrent(kernels + D * G, H, G);
+  ConstMatrixMap weights(kernels, K, G), recurrent(kernels + D * G, R, G);
   // A batch of a few rows (one block): one product projects the inputs of
   // every step first, so that each step's vector-matrix products read U only.
   const bool project_first = rows == B && rows <= kMaxRowsForGemv;
@@ -144,34 +146,36 @@ void ForwardRows(const Forward& a, const float* kernels, int64_t row_begin,
   // (two of each, this step's and the previous one) when not kept.
   Matrix xh(project_first ? 0 : rows, K);
   // h_{t-1} * r, for the product, with recurrent dropout.
-  Matrix h_dropped(project_first && a.recurrent_mask ? rows : 0, H);
-  const ConstArrayMap r(a.recurrent_mask ? a.recurrent_mask + row_begin * H : nullptr,
-                        a.recurrent_mask ? rows : 0, H);
+  Matrix h_dropped(project_first && a.recurrent_mask ? rows : 0, R);
+  // o * tanh(c) before the projection W_hr makes it h.
+  Matrix unprojected(projection ? rows : 0, H);
+  const ConstArrayMap r(a.recurrent_mask ? a.recurrent_mask + row_begin * R : nullptr,
+                        a.recurrent_mask ? rows : 0, R);
   std::vector<float> scratch((a.gates || project_first ? 0 : rows * G) +
-                             (a.h_seq ? 0 : 2 * rows * H) + (a.c_seq ? 0 : 2 * rows * H));
+                             (a.h_seq ? 0 : 2 * rows * R) + (a.c_seq ? 0 : 2 * rows * H));
   float* z_scratch = scratch.data();
   float* h_scratch = z_scratch + (a.gates || project_first ? 0 : rows * G);
-  float* c_scratch = h_scratch + (a.h_seq ? 0 : 2 * rows * H);
+  float* c_scratch = h_scratch + (a.h_seq ? 0 : 2 * rows * R);
 
-  const float* h_prev = a.h0 + row_begin * H;
+  const float* h_prev = a.h0 + row_begin * R;
   const float* c_prev = a.c0 + row_begin * H;
   for (int64_t t = 0; t < a.steps; ++t) {
     const int64_t at = t * B + row_begin;
     float* z = a.gates ? a.gates + at * G : project_first ? projected.data() + at * G : z_scratch;
-    float* h = a.h_seq ? a.h_seq + at * H : h_scratch + (t & 1) * rows * H;
+    float* h = a.h_seq ? a.h_seq + at * R : h_scratch + (t & 1) * rows * R;
     float* c = a.c_seq ? a.c_seq + at * H : c_scratch + (t & 1) * rows * H;
     MatrixMap Z(z, rows, G);
     if (project_first && a.recurrent_mask) {
-      h_dropped.array() = ConstArrayMap(h_prev, rows, H) * r;
+      h_dropped.array() = ConstArrayMap(h_prev, rows, R) * r;
       MultiplyInto(Z, h_dropped, recurrent, /*accumulate=*/true);
     } else if (project_first) {
-      MultiplyInto(Z, ConstMatrixMap(h_prev, rows, H), recurrent, /*accumulate=*/true);
+      MultiplyInto(Z, ConstMatrixMap(h_prev, rows, R), recurrent, /*accumulate=*/true);
     } else {
       xh.leftCols(D) = ConstMatrixMap(a.x + at * D, rows, D);
       if (a.recurrent_mask) {
-        xh.rightCols(H).array() = ConstArrayMap(h_prev, rows, H) * r;
+        xh.rightCols(R).array() = ConstArrayMap(h_prev, rows, R) * r;
       } else {
-        xh.rightCols(H) = ConstMatrixMap(h_prev, rows, H);
+        xh.rightCols(R) = ConstMatrixMap(h_prev, rows, R);
       }
       if (a.bias) {
         Z.rowwise() = Eigen::Map<const Eigen::RowVectorXf>(a.bias, G);
@@ -182,11 +186,13 @@ void ForwardRows(const Forward& a, const float* kernels, int64_t row_begin,
     }
 
     // Pre-activations become activations in place: they are what the
-    // backward pass needs.
+    // backward pass needs. With a projection the pointwise pass writes
+    // o * tanh(c), which one more product turns into h.
+    float* out = projection ? unprojected.data() : h;
     for (int64_t r = 0; r < rows; ++r) {
       float* zr = z + r * G;
       if (!plain) {
-        PointwiseWithOptions(a.options, H, zr, c_prev + r * H, c + r * H, h + r * H);
+        PointwiseWithOptions(a.options, H, zr, c_prev + r * H, c + r * H, out + r * H);
         continue;
       }
       RowMap i(zr, H), f(zr + H, H), g(zr + 2 * H, H), o(zr + 3 * H, H);
@@ -194,15 +200,19 @@ void ForwardRows(const Forward& a, const float* kernels, int64_t row_begin,
       f = Sigmoid(f);
       g = g.tanh();
       o = Sigmoid(o);
-      RowMap c_new(c + r * H, H), h_new(h + r * H, H);
+      RowMap c_new(c + r * H, H), h_new(out + r * H, H);
       c_new = f * ConstRowMap(c_prev + r * H, H) + i * g;
       h_new = o * c_new.tanh();
+    }
+    if (projection) {
+      MultiplyInto(MatrixMap(h, rows, R), unprojected, ConstMatrixMap(projection, H, R),
+                   /*accumulate=*/false);
     }
     if (a.mask) {
       const float* m = a.mask + at;
       for (int64_t r = 0; r < rows; ++r) {
         if (m[r] == 0.f) {
-          std::copy(h_prev + r * H, h_prev + (r + 1) * H, h + r * H);
+          std::copy(h_prev + r * R, h_prev + (r + 1) * R, h + r * R);
           std::copy(c_prev + r * H, c_prev + (r + 1) * H, c + r * H);
         }
       }
@@ -210,26 +220,28 @@ void ForwardRows(const Forward& a, const float* kernels, int64_t row_begin,
     h_prev = h;
     c_prev = c;
   }
-  std::copy(h_prev, h_prev + rows * H, a.h_last + row_begin * H);
+  std::copy(h_prev, h_prev + rows * R, a.h_last + row_begin * R);
   std::copy(c_prev, c_prev + rows * H, a.c_last + row_begin * H);
 }
 
 // Carries dh and dc back through the steps: dz_t from the gates, then
 // dh_{t-1} = dz_t U^T and dc_{t-1} = dc_t * f (PointwiseGradWithOptions's
-// step with an option on). `dz` may share `gates`'s
+// step with an option on; with a projection the gates see dh W_hr^T, and
+// `dh_projected` keeps each step's dh). `dz` may share `gates`'s
 // buffer: each row reads a gate before it writes that gate's gradient in
 // its place. `db` (G H), if not null, accumulates these rows' bias gradient,
 // the sum of their dz over all steps, made while each row is in cache (a
 // separate reduction over the (T, B, G H) dz would read it all once more).
 void BackwardRows(const Backward& a, int64_t row_begin, int64_t row_end, float* db) {
   const int64_t rows = row_end - row_begin, B = a.batch, H = a.units;
-  const int64_t G = a.options.gates() * H;
-  const bool plain = !a.options.cifg && !a.options.peephole && a.options.cell_clip <= 0.f;
+  const int64_t G = a.options.gates() * H, R = a.options.hidden(H);
+  const bool plain = a.options.plain();
+  const float* projection = a.options.projection;
   if (rows <= 0) return;
-  ConstMatrixMap U(a.recurrent_kernel, H, G);
-  ArrayMap dh(a.dh0 + row_begin * H, rows, H), dc(a.dc0 + row_begin * H, rows, H);
+  ConstMatrixMap U(a.recurrent_kernel, R, G);
+  ArrayMap dh(a.dh0 + row_begin * R, rows, R), dc(a.dc0 + row_begin * H, rows, H);
   if (a.dh_last) {
-    dh = ConstArrayMap(a.dh_last + row_begin * H, rows, H);
+    dh = ConstArrayMap(a.dh_last + row_begin * R, rows, R);
   } else {
     dh.setZero();
   }
@@ -239,28 +251,39 @@ void BackwardRows(const Backward& a, int64_t row_begin, int64_t row_end, float* 
     dc.setZero();
   }
   Row dct(H), tanh_c(H), di(H);
-  Matrix dh_through_u(a.recurrent_mask ? rows : 0, H);
-  const ConstArrayMap r(a.recurrent_mask ? a.recurrent_mask + row_begin * H : nullptr,
-                        a.recurrent_mask ? rows : 0, H);
+  Matrix dh_through_u(a.recurrent_mask ? rows : 0, R);
+  // With a projection, the gradient of o * tanh(c): dh W_hr^T.
+  Matrix d_unprojected(projection ? rows : 0, H);
+  const ConstArrayMap r(a.recurrent_mask ? a.recurrent_mask + row_begin * R : nullptr,
+                        a.recurrent_mask ? rows : 0, R);
   for (int64_t t = a.steps - 1; t >= 0; --t) {
     const int64_t at = t * B + row_begin;
-    if (a.dh_seq) dh += ConstArrayMap(a.dh_seq + at * H, rows, H);
+    if (a.dh_seq) dh += ConstArrayMap(a.dh_seq + at * R, rows, R);
     if (a.dc_seq) dc += ConstArrayMap(a.dc_seq + at * H, rows, H);
     const float* c_prev = t ? a.c_seq + (at - B) * H : a.c0 + row_begin * H;
     const float* m = a.mask ? a.mask + at : nullptr;
+    if (projection) {
+      MatrixMap dh_step(a.dh_projected + at * R, rows, R);
+      dh_step = dh.matrix();
+      MultiplyInto(MatrixMap(d_unprojected.data(), rows, H), dh_step,
+                   ConstMatrixMap(projection, H, R).transpose(), /*accumulate=*/false);
+    }
     for (int64_t r = 0; r < rows; ++r) {
       const float* g = a.gates + (at + r) * G;
       float* dz = a.dz + (at + r) * G;
-      RowMap dhr(dh.data() + r * H, H), dcr(dc.data() + r * H, H);
+      RowMap dhr(dh.data() + r * R, R), dcr(dc.data() + r * H, H);
       if (m && m[r] == 0.f) {
         // A masked step passed h and c through: dh and dc flow on unchanged,
-        // and the step's gates get no gradient.
+        // and the step's gates (and projection) get no gradient.
         std::fill(dz, dz + G, 0.f);
+        if (projection) std::fill(a.dh_projected + (at + r) * R, a.dh_projected + (at + r + 1) * R, 0.f);
         continue;
       }
+      // The gradient of o * tanh(c): dh itself, or through the projection.
+      ConstRowMap dmr(projection ? d_unprojected.data() + r * H : dhr.data(), H);
       if (!plain) {
         PointwiseGradWithOptions(a.options, H, g, a.c_seq + (at + r) * H, c_prev + r * H,
-                                 dhr.data(), dcr.data(), dz);
+                                 dmr.data(), dcr.data(), dz);
         if (db) RowMap(db, G) += ConstRowMap(dz, G);
         dhr.setZero();
         continue;
@@ -270,8 +293,8 @@ void BackwardRows(const Backward& a, int64_t row_begin, int64_t row_end, float* 
       RowMap dz_i(dz, H), dz_f(dz + H, H), dz_g(dz + 2 * H, H), dz_o(dz + 3 * H, H);
       // In this order, each gate is read before its gradient overwrites it.
       tanh_c = c.tanh();
-      dct = dcr + dhr * o * (1.f - tanh_c.square());
-      dz_o = dhr * tanh_c * o * (1.f - o);
+      dct = dcr + dmr * o * (1.f - tanh_c.square());
+      dz_o = dmr * tanh_c * o * (1.f - o);
       dcr = dct * f;
       dz_f = dct * cp * f * (1.f - f);
       di = dct * cand * i * (1.f - i);
@@ -282,13 +305,13 @@ void BackwardRows(const Backward& a, int64_t row_begin, int64_t row_end, float* 
       dhr.setZero();
     }
     if (!a.recurrent_mask) {
-      MultiplyInto(MatrixMap(dh.data(), rows, H), ConstMatrixMap(a.dz + at * G, rows, G),
+      MultiplyInto(MatrixMap(dh.data(), rows, R), ConstMatrixMap(a.dz + at * G, rows, G),
                    U.transpose(), /*accumulate=*/true);
       continue;
     }
     // h_{t-1} reached U through r: dh_{t-1} = (dz_t U^T) * r. A masked row's
     // dz is zero, so its carried dh gains nothing.
-    MultiplyInto(MatrixMap(dh_through_u.data(), rows, H), ConstMatrixMap(a.dz + at * G, rows, G),
+    MultiplyInto(MatrixMap(dh_through_u.data(), rows, R), ConstMatrixMap(a.dz + at * G, rows, G),
                  U.transpose(), /*accumulate=*/false);
     dh += dh_through_u.array() * r;
   }

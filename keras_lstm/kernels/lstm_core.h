@@ -16,7 +16,9 @@
 // Layouts are row-major and time-major: x is (T, B, D), sequences of states
 // are (T, B, H), gates are (T, B, G H) with G = 4 gates in Keras's order
 // input, forget, candidate, output, or G = 3 (forget, candidate, output) with
-// `Options::cifg`. A mask value of 0 at (t, b) keeps row b's previous h and c
+// `Options::cifg`. h has R features: H, or P with a projection
+// (`Options::projection`), so h0, h_seq and U's rows are R wide while c stays
+// H wide. A mask value of 0 at (t, b) keeps row b's previous h and c
 // (Keras's rule). A null pointer means "absent": no bias, no mask, an output
 // that is not kept, or a gradient that is zero.
 
@@ -28,14 +30,19 @@
 
 namespace keras_lstm {
 
-// The cell options the kernel computes (GatedLSTMCell's `peephole`, `cifg`
-// and `cell_clip`); all off is the standard LSTM.
+// The cell options the kernel computes (GatedLSTMCell's `peephole`, `cifg`,
+// `cell_clip` and `proj_units`); all off is the standard LSTM.
 struct Options {
-  bool cifg = false;                // i = 1 - f: the kernels hold 3 gates
-  const float* peephole = nullptr;  // (3, H): w_i, w_f, w_o (w_i unused with cifg), or null
-  float cell_clip = 0.f;            // > 0: C is clipped to [-cell_clip, cell_clip]
+  bool cifg = false;                  // i = 1 - f: the kernels hold 3 gates
+  const float* peephole = nullptr;    // (3, H): w_i, w_f, w_o (w_i unused with cifg), or null
+  float cell_clip = 0.f;              // > 0: C is clipped to [-cell_clip, cell_clip]
+  const float* projection = nullptr;  // (H, P): h = (o * tanh(C)) W_hr, or null
+  int64_t proj_units = 0;             // P, with a projection
 
   int64_t gates() const { return cifg ? 3 : 4; }
+  // R, the width of h: P with a projection, else H.
+  int64_t hidden(int64_t units) const { return projection ? proj_units : units; }
+  bool plain() const { return !cifg && !peephole && cell_clip <= 0.f; }
 };
 
 struct Forward {
@@ -43,43 +50,46 @@ struct Forward {
   const float* x = nullptr;                 // (T, B, D)
   const float* kernel = nullptr;            // (D, G H)
   const float* bias = nullptr;              // (G H), or null
-  const float* recurrent_kernel = nullptr;  // (H, G H)
-  const float* h0 = nullptr;                // (B, H)
+  const float* recurrent_kernel = nullptr;  // (R, G H)
+  const float* h0 = nullptr;                // (B, R)
   const float* c0 = nullptr;                // (B, H)
   const float* mask = nullptr;              // (T, B), or null
-  const float* recurrent_mask = nullptr;    // (B, H), or null: see ForwardRows
+  const float* recurrent_mask = nullptr;    // (B, R), or null: see ForwardRows
   Options options;
-  float* h_seq = nullptr;                   // (T, B, H), or null: not kept
+  float* h_seq = nullptr;                   // (T, B, R), or null: not kept
   float* c_seq = nullptr;                   // (T, B, H), or null: not kept
   float* gates = nullptr;                   // (T, B, G H) activations, or null: not kept
-  float* h_last = nullptr;                  // (B, H)
+  float* h_last = nullptr;                  // (B, R)
   float* c_last = nullptr;                  // (B, H)
 };
 
-// [W; U]: the input and recurrent kernels stacked, (D + H, G H), so that a
+// [W; U]: the input and recurrent kernels stacked, (D + R, G H), so that a
 // step's projection is one matrix product.
 inline void StackKernels(const Forward& a, float* kernels) {
-  const int64_t G = a.options.gates() * a.units;
+  const int64_t G = a.options.gates() * a.units, R = a.options.hidden(a.units);
   std::copy(a.kernel, a.kernel + a.input_size * G, kernels);
-  std::copy(a.recurrent_kernel, a.recurrent_kernel + a.units * G, kernels + a.input_size * G);
+  std::copy(a.recurrent_kernel, a.recurrent_kernel + R * G, kernels + a.input_size * G);
 }
 
 struct Backward {
   int64_t steps = 0, batch = 0, units = 0;
-  const float* recurrent_kernel = nullptr;  // (H, G H)
+  const float* recurrent_kernel = nullptr;  // (R, G H)
   const float* c0 = nullptr;                // (B, H)
   const float* mask = nullptr;              // (T, B), or null
-  const float* recurrent_mask = nullptr;    // (B, H), or null: as in Forward
+  const float* recurrent_mask = nullptr;    // (B, R), or null: as in Forward
   Options options;                          // as in Forward
   const float* c_seq = nullptr;             // (T, B, H)
   const float* gates = nullptr;             // (T, B, G H) activations
-  const float* dh_seq = nullptr;            // (T, B, H), or null: zero
+  const float* dh_seq = nullptr;            // (T, B, R), or null: zero
   const float* dc_seq = nullptr;            // (T, B, H), or null: zero
-  const float* dh_last = nullptr;           // (B, H), or null: zero
+  const float* dh_last = nullptr;           // (B, R), or null: zero
   const float* dc_last = nullptr;           // (B, H), or null: zero
   float* dz = nullptr;                      // (T, B, G H): gradient of the pre-activations
-  float* dh0 = nullptr;                     // (B, H)
+  float* dh0 = nullptr;                     // (B, R)
   float* dc0 = nullptr;                     // (B, H)
+  // With a projection: the whole gradient of each step's h (T, B, P), zero
+  // where a mask kept h, from which the caller makes W_hr's gradient.
+  float* dh_projected = nullptr;
 };
 
 // One step a row block: z = [x_t, h_{t-1}] [W; U] + b as one matrix product
@@ -90,15 +100,18 @@ struct Backward {
 // by 1 / (1 - rate)), h_{t-1} * r takes h_{t-1}'s place in the product.
 // The options: `cifg` makes i = 1 - f; `peephole` adds w_i * c_{t-1} to z_i,
 // w_f * c_{t-1} to z_f and w_o * c to z_o; `cell_clip` clips c before the
-// output gate and h read it. The gates kept are the activations i, f, g, o
+// output gate and h read it; `projection` makes h = (o * tanh(c)) W_hr, one
+// more product a step. The gates kept are the activations i, f, g, o
 // (f, g, o with cifg), the pre-activations' peephole terms included.
 void ForwardRows(const Forward& a, const float* kernels, int64_t row_begin, int64_t row_end);
 
 // Carries dh and dc back through the steps: dz_t from the gates, then
 // dh_{t-1} = dz_t U^T (times r with a recurrent mask) and dc_{t-1} = dc_t * f
-// (plus the peephole terms). `dz` may share `gates`'s buffer. `db` (G H), if
-// not null, accumulates these rows' bias gradient. The peephole weights'
-// gradients are sums of dz times c over the steps, which the caller makes.
+// (plus the peephole terms; with a projection, dh reaches the gates as
+// dh W_hr^T). `dz` may share `gates`'s buffer. `db` (G H), if not null,
+// accumulates these rows' bias gradient. The peephole weights' gradients
+// are sums of dz times c over the steps, and W_hr's the product of
+// o * tanh(c) and `dh_projected` over all steps, which the caller makes.
 void BackwardRows(const Backward& a, int64_t row_begin, int64_t row_end, float* db = nullptr);
 
 // The same two functions as C symbols of the main library, for the XLA one.

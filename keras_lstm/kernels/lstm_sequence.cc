@@ -6,9 +6,11 @@
 // of as a (T, B, 4H) tensor. KerasLstmSequenceGrad carries the gradient back
 // through the steps and returns the gradient of the pre-activations, dz,
 // and the bias gradient db, from which the caller makes dx, dW and dU as
-// large matrix products over all steps. The cell options the kernel covers
-// (cifg, cell_clip) are attributes and the peephole weights an input (empty
-// when off). The maths lives in lstm_core.cc; this file adapts it to
+// large matrix products over all steps. Of the cell options the kernel
+// covers, cifg and cell_clip are attributes; the peephole and projection
+// weights are inputs (empty when off), and with a projection the gradient op
+// also returns each step's dh, for W_hr's gradient. The maths lives in
+// lstm_core.cc; this file adapts it to
 // TensorFlow: shapes, outputs, and the worker threads the batch is split
 // across. It is compiled for the generic target (lstm_core.h says why).
 
@@ -78,27 +80,44 @@ tensorflow::Status ReadOptions(OpKernelConstruction* ctx, keras_lstm::Options* o
   return absl::OkStatus();
 }
 
+// Checks the shapes the two ops share; the options' sizes come from them:
+// H from c0, R (h's width) from h0, P from `projection`.
 void CheckStates(OpKernelContext* ctx, const keras_lstm::Options& options, const Tensor& u,
                  const Tensor& h0, const Tensor& c0, const Tensor& mask,
-                 const Tensor& recurrent_mask, const Tensor& peephole, int64_t steps,
-                 int64_t batch) {
-  int64_t units = u.dim_size(0);
-  OP_REQUIRES(ctx, u.dims() == 2 && u.dim_size(1) == options.gates() * units,
-              InvalidArgument("recurrent_kernel must be (H, ", options.gates(), "H), got ",
-                              u.shape().DebugString()));
-  OP_REQUIRES(ctx, h0.shape() == TensorShape({batch, units}),
-              InvalidArgument("h0 must be (batch, H), got ", h0.shape().DebugString()));
-  OP_REQUIRES(ctx, c0.shape() == TensorShape({batch, units}),
+                 const Tensor& recurrent_mask, const Tensor& peephole,
+                 const Tensor& projection, int64_t steps, int64_t batch) {
+  OP_REQUIRES(ctx, c0.dims() == 2 && c0.dim_size(0) == batch,
               InvalidArgument("c0 must be (batch, H), got ", c0.shape().DebugString()));
+  const int64_t units = c0.dim_size(1);
+  const bool projecting = projection.NumElements() > 0;
+  OP_REQUIRES(ctx, !projecting || (projection.dims() == 2 && projection.dim_size(0) == units),
+              InvalidArgument("projection must be empty or (H, P), got ",
+                              projection.shape().DebugString()));
+  const int64_t hidden = projecting ? projection.dim_size(1) : units;
+  OP_REQUIRES(ctx, u.shape() == TensorShape({hidden, options.gates() * units}),
+              InvalidArgument("recurrent_kernel must be (", hidden, ", ", options.gates() * units,
+                              "), got ", u.shape().DebugString()));
+  OP_REQUIRES(ctx, h0.shape() == TensorShape({batch, hidden}),
+              InvalidArgument("h0 must be (batch, ", hidden, "), got ",
+                              h0.shape().DebugString()));
   OP_REQUIRES(ctx, mask.NumElements() == 0 || mask.shape() == TensorShape({steps, batch}),
               InvalidArgument("mask must be empty or (T, batch), got ",
                               mask.shape().DebugString()));
   OP_REQUIRES(ctx, recurrent_mask.NumElements() == 0 || recurrent_mask.shape() == h0.shape(),
-              InvalidArgument("recurrent_mask must be empty or (batch, H), got ",
+              InvalidArgument("recurrent_mask must be empty or shaped as h0, got ",
                               recurrent_mask.shape().DebugString()));
   OP_REQUIRES(ctx, peephole.NumElements() == 0 || peephole.shape() == TensorShape({3, units}),
               InvalidArgument("peephole must be empty or (3, H), got ",
                               peephole.shape().DebugString()));
+}
+
+// The options with the weights the ops take as inputs.
+keras_lstm::Options WithWeights(keras_lstm::Options options, const Tensor& peephole,
+                                const Tensor& projection) {
+  options.peephole = DataOrNull(peephole);
+  options.projection = DataOrNull(projection);
+  options.proj_units = projection.NumElements() ? projection.dim_size(1) : 0;
+  return options;
 }
 
 class LstmSequenceOp : public OpKernel {
@@ -119,12 +138,15 @@ class LstmSequenceOp : public OpKernel {
     const Tensor& mask = ctx->input(6);
     const Tensor& recurrent_mask = ctx->input(7);
     const Tensor& peephole = ctx->input(8);
+    const Tensor& projection = ctx->input(9);
     OP_REQUIRES(ctx, x.dims() == 3,
                 InvalidArgument("x must be (T, batch, D), got ", x.shape().DebugString()));
     const int64_t steps = x.dim_size(0), batch = x.dim_size(1), features = x.dim_size(2);
-    CheckStates(ctx, options_, u, h0, c0, mask, recurrent_mask, peephole, steps, batch);
+    CheckStates(ctx, options_, u, h0, c0, mask, recurrent_mask, peephole, projection, steps,
+                batch);
     if (!ctx->status().ok()) return;
-    const int64_t units = u.dim_size(0), gates = options_.gates() * units;
+    const int64_t units = c0.dim_size(1), hidden = h0.dim_size(1);
+    const int64_t gates = options_.gates() * units;
     OP_REQUIRES(ctx, kernel.shape() == TensorShape({features, gates}),
                 InvalidArgument("kernel must be (D, ", options_.gates(), "H), got ",
                                 kernel.shape().DebugString()));
@@ -135,9 +157,9 @@ class LstmSequenceOp : public OpKernel {
     // What the gradient needs is kept only when asked for; an output that is
     // not kept is an empty tensor.
     const bool keep = keep_for_gradient_;
-    const TensorShape states({steps, batch, units}), none({0});
+    const TensorShape states({steps, batch, units}), hs({steps, batch, hidden}), none({0});
     Tensor *h_out, *c_out, *gates_out, *h_last_out, *c_last_out;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, keep || return_sequences_ ? states : none, &h_out));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, keep || return_sequences_ ? hs : none, &h_out));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, keep ? states : none, &c_out));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(
                             2, keep ? TensorShape({steps, batch, gates}) : none, &gates_out));
@@ -165,14 +187,13 @@ class LstmSequenceOp : public OpKernel {
     args.c0 = c0.flat<float>().data();
     args.mask = DataOrNull(mask);
     args.recurrent_mask = DataOrNull(recurrent_mask);
-    args.options = options_;
-    args.options.peephole = DataOrNull(peephole);
+    args.options = WithWeights(options_, peephole, projection);
     args.h_seq = DataOrNull(h_out);
     args.c_seq = DataOrNull(c_out);
     args.gates = DataOrNull(gates_out);
     args.h_last = h_last_out->flat<float>().data();
     args.c_last = c_last_out->flat<float>().data();
-    std::vector<float> kernels((features + units) * gates);
+    std::vector<float> kernels((features + hidden) * gates);
     keras_lstm::StackKernels(args, kernels.data());
     ForEachChunk(ctx, batch, [&](int64_t, int64_t begin, int64_t end) {
       keras_lstm::ForwardRows(args, kernels.data(), begin, end);
@@ -204,26 +225,31 @@ class LstmSequenceGradOp : public OpKernel {
     const Tensor& dc_last = ctx->input(9);
     const Tensor& recurrent_mask = ctx->input(10);
     const Tensor& peephole = ctx->input(11);
+    const Tensor& projection = ctx->input(12);
     OP_REQUIRES(ctx, gates.dims() == 3,
                 InvalidArgument("gates must be (T, batch, GH), got ", gates.shape().DebugString()));
     const int64_t steps = gates.dim_size(0), batch = gates.dim_size(1);
-    CheckStates(ctx, options_, u, h0, c0, mask, recurrent_mask, peephole, steps, batch);
+    CheckStates(ctx, options_, u, h0, c0, mask, recurrent_mask, peephole, projection, steps,
+                batch);
     if (!ctx->status().ok()) return;
-    const int64_t units = u.dim_size(0), width = options_.gates() * units;
-    const TensorShape states({steps, batch, units});
+    const int64_t units = c0.dim_size(1), hidden = h0.dim_size(1);
+    const int64_t width = options_.gates() * units;
+    const TensorShape states({steps, batch, units}), hs({steps, batch, hidden});
     OP_REQUIRES(ctx, gates.dim_size(2) == width && c_seq.shape() == states &&
-                         (dh_seq.NumElements() == 0 || dh_seq.shape() == states) &&
+                         (dh_seq.NumElements() == 0 || dh_seq.shape() == hs) &&
                          (dc_seq.NumElements() == 0 || dc_seq.shape() == states) &&
                          (dh_last.NumElements() == 0 || dh_last.shape() == h0.shape()) &&
                          (dc_last.NumElements() == 0 || dc_last.shape() == c0.shape()),
                 InvalidArgument("inconsistent shapes in the LSTM sequence gradient"));
 
-    Tensor *dz_out, *dh0_out, *dc0_out, *db_out;
+    Tensor *dz_out, *dh0_out, *dc0_out, *db_out, *dh_projected_out;
     // dz takes over the gates' buffer when nothing else holds it.
     OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({5}, 0, gates.shape(), &dz_out));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, h0.shape(), &dh0_out));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, c0.shape(), &dc0_out));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(3, TensorShape({width}), &db_out));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(4, projection.NumElements() ? hs : TensorShape({0}),
+                                             &dh_projected_out));
     auto db = db_out->flat<float>();
     db.setZero();
     if (batch == 0) return;
@@ -236,8 +262,8 @@ class LstmSequenceGradOp : public OpKernel {
     args.c0 = c0.flat<float>().data();
     args.mask = DataOrNull(mask);
     args.recurrent_mask = DataOrNull(recurrent_mask);
-    args.options = options_;
-    args.options.peephole = DataOrNull(peephole);
+    args.options = WithWeights(options_, peephole, projection);
+    args.dh_projected = DataOrNull(dh_projected_out);
     args.c_seq = c_seq.flat<float>().data();
     args.gates = gates.flat<float>().data();
     args.dh_seq = DataOrNull(dh_seq);
@@ -274,6 +300,7 @@ REGISTER_OP("KerasLstmSequence")
     .Input("mask: float")
     .Input("recurrent_mask: float")
     .Input("peephole: float")
+    .Input("projection: float")
     .Attr("keep_for_gradient: bool = true")
     .Attr("return_sequences: bool = true")
     .Attr("cifg: bool = false")
@@ -289,14 +316,15 @@ REGISTER_OP("KerasLstmSequence")
       TF_RETURN_IF_ERROR(c->GetAttr("return_sequences", &sequences));
       TF_RETURN_IF_ERROR(c->GetAttr("cifg", &cifg));
       auto x = c->input(0);
-      auto units = c->Dim(c->input(3), 0);
-      tensorflow::shape_inference::ShapeHandle states, gates;
+      auto units = c->Dim(c->input(5), 1), hidden = c->Dim(c->input(4), 1);
+      tensorflow::shape_inference::ShapeHandle states, hs, gates;
       TF_RETURN_IF_ERROR(c->ReplaceDim(x, 2, units, &states));
+      TF_RETURN_IF_ERROR(c->ReplaceDim(x, 2, hidden, &hs));
       tensorflow::shape_inference::DimensionHandle width;
       TF_RETURN_IF_ERROR(c->Multiply(units, cifg ? 3 : 4, &width));
       TF_RETURN_IF_ERROR(c->ReplaceDim(x, 2, width, &gates));
       auto none = c->MakeShape({0});
-      c->set_output(0, keep || sequences ? states : none);
+      c->set_output(0, keep || sequences ? hs : none);
       c->set_output(1, keep ? states : none);
       c->set_output(2, keep ? gates : none);
       c->set_output(3, c->input(4));
@@ -317,12 +345,14 @@ REGISTER_OP("KerasLstmSequenceGrad")
     .Input("dc_last: float")
     .Input("recurrent_mask: float")
     .Input("peephole: float")
+    .Input("projection: float")
     .Attr("cifg: bool = false")
     .Attr("cell_clip: float = 0")
     .Output("dz: float")
     .Output("dh0: float")
     .Output("dc0: float")
     .Output("db: float")
+    .Output("dh_projected: float")
     .SetShapeFn([](tensorflow::shape_inference::InferenceContext* c) {
       c->set_output(0, c->input(5));
       c->set_output(1, c->input(1));
@@ -330,8 +360,10 @@ REGISTER_OP("KerasLstmSequenceGrad")
       bool cifg;
       TF_RETURN_IF_ERROR(c->GetAttr("cifg", &cifg));
       tensorflow::shape_inference::DimensionHandle width;
-      TF_RETURN_IF_ERROR(c->Multiply(c->Dim(c->input(0), 0), cifg ? 3 : 4, &width));
+      TF_RETURN_IF_ERROR(c->Multiply(c->Dim(c->input(2), 1), cifg ? 3 : 4, &width));
       c->set_output(3, c->Vector(width));
+      // (T, batch, P) with a projection, else empty: known only from the input's size.
+      c->set_output(4, c->UnknownShape());
       return absl::OkStatus();
     });
 

@@ -11,7 +11,7 @@
 //
 // The static sizes and which optional inputs are present travel in the
 // custom call's opaque string, e.g. "T=100 B=64 D=32 H=128 bias=1 mask=0
-// sequences=1 keep=1 rmask=0 cifg=0 clip=0 peep=0". An absent input (no bias, no mask, a gradient that is
+// sequences=1 keep=1 rmask=0 cifg=0 peep=0 P=0 clip=0". An absent input (no bias, no mask, a gradient that is
 // zero) is a 0-element operand, as for the TensorFlow op.
 //
 // XLA runs a custom call on one of its threads and lends it no others, so the
@@ -156,23 +156,30 @@ struct Sizes {
   int bias = 0, mask = 0, sequences = 0, keep = 0, recurrent_mask = 0;
   int dh_seq = 0, dc_seq = 0, dh_last = 0, dc_last = 0;
   int cifg = 0, peephole = 0;
+  long long proj_units = 0;  // P, with a projection
   float cell_clip = 0.f;  // written with 9 significant digits: every float32 reads back exactly
 
   int64_t width() const { return (cifg ? 3 : 4) * units; }
-  keras_lstm::Options options(const float* peephole_weights) const {
+  int64_t hidden() const { return proj_units ? proj_units : units; }
+  keras_lstm::Options options(const float* peephole_weights,
+                              const float* projection_weights) const {
     keras_lstm::Options o;
     o.cifg = cifg;
     o.peephole = peephole ? peephole_weights : nullptr;
     o.cell_clip = cell_clip;
+    o.projection = proj_units ? projection_weights : nullptr;
+    o.proj_units = proj_units;
     return o;
   }
 };
 
 // One format each for writing and reading.
 constexpr char kForwardFormat[] =
-    "T=%lld B=%lld D=%lld H=%lld bias=%d mask=%d sequences=%d keep=%d rmask=%d cifg=%d peep=%d";
+    "T=%lld B=%lld D=%lld H=%lld bias=%d mask=%d sequences=%d keep=%d rmask=%d cifg=%d peep=%d "
+    "P=%lld";
 constexpr char kBackwardFormat[] =
-    "T=%lld B=%lld H=%lld mask=%d dh=%d dc=%d dh_last=%d dc_last=%d rmask=%d cifg=%d peep=%d";
+    "T=%lld B=%lld H=%lld mask=%d dh=%d dc=%d dh_last=%d dc_last=%d rmask=%d cifg=%d peep=%d "
+    "P=%lld";
 // The clip ends both strings: printf writes a double, scanf reads a float.
 constexpr char kClipWrite[] = " clip=%.9g";
 constexpr char kClipRead[] = " clip=%g";
@@ -192,7 +199,7 @@ bool ParseClip(const std::string& text, Sizes* s) {
 std::string ForwardOpaque(const Sizes& s) {
   char text[256];
   std::snprintf(text, sizeof(text), kForwardFormat, s.steps, s.batch, s.features, s.units, s.bias,
-                s.mask, s.sequences, s.keep, s.recurrent_mask, s.cifg, s.peephole);
+                s.mask, s.sequences, s.keep, s.recurrent_mask, s.cifg, s.peephole, s.proj_units);
   std::string opaque(text);
   AppendClip(s, &opaque);
   return opaque;
@@ -202,14 +209,14 @@ bool ParseForwardOpaque(const char* opaque, size_t length, Sizes* s) {
   const std::string text(opaque, length);
   return std::sscanf(text.c_str(), kForwardFormat, &s->steps, &s->batch, &s->features, &s->units,
                      &s->bias, &s->mask, &s->sequences, &s->keep, &s->recurrent_mask, &s->cifg,
-                     &s->peephole) == 11 &&
+                     &s->peephole, &s->proj_units) == 12 &&
          ParseClip(text, s);
 }
 
 std::string BackwardOpaque(const Sizes& s) {
   char text[256];
   std::snprintf(text, sizeof(text), kBackwardFormat, s.steps, s.batch, s.units, s.mask, s.dh_seq,
-                s.dc_seq, s.dh_last, s.dc_last, s.recurrent_mask, s.cifg, s.peephole);
+                s.dc_seq, s.dh_last, s.dc_last, s.recurrent_mask, s.cifg, s.peephole, s.proj_units);
   std::string opaque(text);
   AppendClip(s, &opaque);
   return opaque;
@@ -219,7 +226,7 @@ bool ParseBackwardOpaque(const char* opaque, size_t length, Sizes* s) {
   const std::string text(opaque, length);
   return std::sscanf(text.c_str(), kBackwardFormat, &s->steps, &s->batch, &s->units, &s->mask,
                      &s->dh_seq, &s->dc_seq, &s->dh_last, &s->dc_last, &s->recurrent_mask,
-                     &s->cifg, &s->peephole) == 11 &&
+                     &s->cifg, &s->peephole, &s->proj_units) == 12 &&
          ParseClip(text, s);
 }
 
@@ -249,14 +256,14 @@ void ForwardTarget(void* out, const void** in, const char* opaque, size_t opaque
   args.c0 = inputs[5];
   args.mask = s.mask ? inputs[6] : nullptr;
   args.recurrent_mask = s.recurrent_mask ? inputs[7] : nullptr;
-  args.options = s.options(inputs[8]);
+  args.options = s.options(inputs[8], inputs[9]);
   args.h_seq = s.keep || s.sequences ? outputs[0] : nullptr;
   args.c_seq = s.keep ? outputs[1] : nullptr;
   args.gates = s.keep ? outputs[2] : nullptr;
   args.h_last = outputs[3];
   args.c_last = outputs[4];
   // With no step, ForwardRows copies h0 and c0 to the final state.
-  std::vector<float> kernels((s.features + s.units) * s.width());
+  std::vector<float> kernels((s.features + s.hidden()) * s.width());
   keras_lstm::StackKernels(args, kernels.data());
   ForEachChunk(s.batch, [&](int64_t, int64_t begin, int64_t end) {
     forward_rows(&args, kernels.data(), begin, end);
@@ -283,10 +290,11 @@ void BackwardTarget(void* out, const void** in, const char* opaque, size_t opaqu
   args.dh_last = s.dh_last ? inputs[8] : nullptr;
   args.dc_last = s.dc_last ? inputs[9] : nullptr;
   args.recurrent_mask = s.recurrent_mask ? inputs[10] : nullptr;
-  args.options = s.options(inputs[11]);
+  args.options = s.options(inputs[11], inputs[12]);
   args.dz = outputs[0];
   args.dh0 = outputs[1];
   args.dc0 = outputs[2];
+  args.dh_projected = s.proj_units ? outputs[4] : nullptr;
   // With no step, BackwardRows passes dh_last and dc_last (or zeros) to dh0 and dc0.
   // Each chunk sums its own rows' bias gradient; then the chunks' sums add up.
   const int64_t width = s.width(), chunks = NumChunks(s.batch);
@@ -368,30 +376,37 @@ class LstmSequenceXlaOp : public XlaOpKernel {
                       bias = ctx->InputShape(2), u = ctx->InputShape(3),
                       h0 = ctx->InputShape(4), c0 = ctx->InputShape(5),
                       mask = ctx->InputShape(6), recurrent_mask = ctx->InputShape(7),
-                      peephole = ctx->InputShape(8);
-    OP_REQUIRES(ctx, x.dims() == 3,
-                InvalidArgument("x must be (T, batch, D), got ", x.DebugString()));
+                      peephole = ctx->InputShape(8), projection = ctx->InputShape(9);
+    OP_REQUIRES(ctx, x.dims() == 3 && c0.dims() == 2,
+                InvalidArgument("x must be (T, batch, D) and c0 (batch, H), got ",
+                                x.DebugString(), " and ", c0.DebugString()));
     Sizes s = options_;
-    OP_REQUIRES(ctx, u.dims() == 2 && u.dim_size(1) == (s.cifg ? 3 : 4) * u.dim_size(0),
-                InvalidArgument("recurrent_kernel must be (H, GH), got ", u.DebugString()));
     s.steps = x.dim_size(0);
     s.batch = x.dim_size(1);
     s.features = x.dim_size(2);
-    s.units = u.dim_size(0);
-    const TensorShape states({s.steps, s.batch, s.units}), state({s.batch, s.units});
+    s.units = c0.dim_size(1);
+    OP_REQUIRES(ctx, !Present(projection) || (projection.dims() == 2 &&
+                                              projection.dim_size(0) == s.units),
+                InvalidArgument("projection must be empty or (H, P), got ",
+                                projection.DebugString()));
+    s.proj_units = Present(projection) ? projection.dim_size(1) : 0;
+    const TensorShape states({s.steps, s.batch, s.units}), state({s.batch, s.units}),
+        hs({s.steps, s.batch, s.hidden()}), h_state({s.batch, s.hidden()});
+    OP_REQUIRES(ctx, u == TensorShape({s.hidden(), s.width()}),
+                InvalidArgument("recurrent_kernel must be (R, GH), got ", u.DebugString()));
     OP_REQUIRES(ctx, kernel == TensorShape({s.features, s.width()}),
                 InvalidArgument("kernel must be (D, GH), got ", kernel.DebugString()));
     OP_REQUIRES(ctx, !Present(bias) || bias == TensorShape({s.width()}),
                 InvalidArgument("bias must be empty or (GH), got ", bias.DebugString()));
     OP_REQUIRES(ctx, !Present(peephole) || peephole == TensorShape({3, s.units}),
                 InvalidArgument("peephole must be empty or (3, H), got ", peephole.DebugString()));
-    OP_REQUIRES(ctx, h0 == state && c0 == state,
-                InvalidArgument("h0 and c0 must be (batch, H), got ", h0.DebugString(), " and ",
-                                c0.DebugString()));
+    OP_REQUIRES(ctx, h0 == h_state && c0 == state,
+                InvalidArgument("h0 must be (batch, R) and c0 (batch, H), got ", h0.DebugString(),
+                                " and ", c0.DebugString()));
     OP_REQUIRES(ctx, !Present(mask) || mask == TensorShape({s.steps, s.batch}),
                 InvalidArgument("mask must be empty or (T, batch), got ", mask.DebugString()));
-    OP_REQUIRES(ctx, !Present(recurrent_mask) || recurrent_mask == TensorShape({s.batch, s.units}),
-                InvalidArgument("recurrent_mask must be empty or (batch, H), got ",
+    OP_REQUIRES(ctx, !Present(recurrent_mask) || recurrent_mask == h_state,
+                InvalidArgument("recurrent_mask must be empty or (batch, R), got ",
                                 recurrent_mask.DebugString()));
     s.bias = Present(bias);
     s.mask = Present(mask);
@@ -401,8 +416,8 @@ class LstmSequenceXlaOp : public XlaOpKernel {
     s.keep = keep_for_gradient_;
     const bool keep = keep_for_gradient_;
     EmitCustomCall(ctx, kForwardTarget, ForwardOpaque(s),
-                   {keep || return_sequences_ ? states : kNone, keep ? states : kNone,
-                    keep ? TensorShape({s.steps, s.batch, s.width()}) : kNone, state, state});
+                   {keep || return_sequences_ ? hs : kNone, keep ? states : kNone,
+                    keep ? TensorShape({s.steps, s.batch, s.width()}) : kNone, h_state, state});
   }
 
  private:
@@ -423,23 +438,28 @@ class LstmSequenceGradXlaOp : public XlaOpKernel {
                       gates = ctx->InputShape(5), dh_seq = ctx->InputShape(6),
                       dc_seq = ctx->InputShape(7), dh_last = ctx->InputShape(8),
                       dc_last = ctx->InputShape(9), recurrent_mask = ctx->InputShape(10),
-                      peephole = ctx->InputShape(11);
-    OP_REQUIRES(ctx, gates.dims() == 3,
-                InvalidArgument("gates must be (T, batch, GH), got ", gates.DebugString()));
+                      peephole = ctx->InputShape(11), projection = ctx->InputShape(12);
+    OP_REQUIRES(ctx, gates.dims() == 3 && c0.dims() == 2,
+                InvalidArgument("gates must be (T, batch, GH) and c0 (batch, H), got ",
+                                gates.DebugString(), " and ", c0.DebugString()));
     Sizes s = options_;
     s.steps = gates.dim_size(0);
     s.batch = gates.dim_size(1);
-    s.units = u.dims() == 2 ? u.dim_size(0) : -1;
-    const TensorShape states({s.steps, s.batch, s.units}), state({s.batch, s.units});
+    s.units = c0.dim_size(1);
+    s.proj_units = Present(projection) && projection.dims() == 2 ? projection.dim_size(1) : 0;
+    const TensorShape states({s.steps, s.batch, s.units}), state({s.batch, s.units}),
+        hs({s.steps, s.batch, s.hidden()}), h_state({s.batch, s.hidden()});
     OP_REQUIRES(
         ctx,
-        u == TensorShape({s.units, s.width()}) && gates.dim_size(2) == s.width() &&
-            h0 == state && c0 == state && c_seq == states &&
+        u == TensorShape({s.hidden(), s.width()}) && gates.dim_size(2) == s.width() &&
+            h0 == h_state && c0 == state && c_seq == states &&
             (!Present(mask) || mask == TensorShape({s.steps, s.batch})) &&
-            (!Present(dh_seq) || dh_seq == states) && (!Present(dc_seq) || dc_seq == states) &&
-            (!Present(dh_last) || dh_last == state) && (!Present(dc_last) || dc_last == state) &&
-            (!Present(recurrent_mask) || recurrent_mask == state) &&
-            (!Present(peephole) || peephole == TensorShape({3, s.units})),
+            (!Present(dh_seq) || dh_seq == hs) && (!Present(dc_seq) || dc_seq == states) &&
+            (!Present(dh_last) || dh_last == h_state) &&
+            (!Present(dc_last) || dc_last == state) &&
+            (!Present(recurrent_mask) || recurrent_mask == h_state) &&
+            (!Present(peephole) || peephole == TensorShape({3, s.units})) &&
+            (!Present(projection) || projection == TensorShape({s.units, s.proj_units})),
         InvalidArgument("inconsistent shapes in the LSTM sequence gradient"));
     s.mask = Present(mask);
     s.dh_seq = Present(dh_seq);
@@ -452,7 +472,7 @@ class LstmSequenceGradXlaOp : public XlaOpKernel {
     // gates before writing its dz); XLA copies the gates first if they are
     // still needed elsewhere.
     EmitCustomCall(ctx, kBackwardTarget, BackwardOpaque(s),
-                   {gates, state, state, TensorShape({s.width()})},
+                   {gates, h_state, state, TensorShape({s.width()}), s.proj_units ? hs : kNone},
                    {{xla::ShapeIndex({0}), {5, xla::ShapeIndex({})}}});
   }
 
