@@ -26,9 +26,9 @@ _FEATURES = {
 
 # Options the native kernel computes itself (kernels.NATIVE_CELL_OPTIONS), and the others.
 _FUSED_OPTIONS_NOTE = (
-    "peephole, cifg, cell_clip, proj_units: as above (fused where the native kernel runs)"
+    "peephole, cifg, cell_clip, proj_units, zoneout: as above (fused where the native kernel runs)"
 )
-_OPTIONS_NOTE = "layer_norm, zoneout_h, zoneout_c, unroll=True: Keras's step loop"
+_OPTIONS_NOTE = "layer_norm, unroll=True: Keras's step loop"
 
 
 def _library_state(module, compiler: str):

@@ -55,7 +55,8 @@ class GatedLSTM(keras.layers.RNN):
     dropout and recurrent dropout are fine), a fused whole-sequence op with its own
     gradient runs the recurrence (a native CPU kernel, under XLA as a custom
     call; a `tf.while_loop` on GPU and in exports). The native kernel also
-    computes `peephole`, `cifg`, `cell_clip` and `proj_units`. Otherwise, and on the JAX and
+    computes `peephole`, `cifg`, `cell_clip`, `proj_units`, `zoneout_h` and
+    `zoneout_c`. Otherwise, and on the JAX and
     torch backends, Keras's step loop calls the cell's `call`, which is also
     the reference the fused op is tested against. Both give the same numbers.
 
@@ -276,10 +277,10 @@ class GatedLSTM(keras.layers.RNN):
             zero_output_for_mask=self.zero_output_for_mask,
             training=training,
             recurrent_mask=recurrent_mask,
-            options=self._kernel_options(),
+            options=self._kernel_options(sequences, training),
         )
 
-    def _kernel_options(self):
+    def _kernel_options(self, sequences, training):
         """The cell's options as the native kernel takes them, or `None` for a plain cell."""
         from keras_lstm import kernels
 
@@ -299,9 +300,36 @@ class GatedLSTM(keras.layers.RNN):
         projection = None
         if cell.proj_units is not None:
             projection = ops.cast(cell._projection.kernel, cell.compute_dtype)
-        return kernels.CellOptions(
-            peephole=peephole, cifg=cell.cifg, cell_clip=cell.cell_clip, projection=projection
+        steps, batch = ops.shape(sequences)[1], ops.shape(sequences)[0]
+        zoneout_h, zoneout_c = (
+            self._zoneout_masks(state, (steps, batch)) if training else None for state in "hc"
         )
+        return kernels.CellOptions(
+            peephole=peephole,
+            cifg=cell.cifg,
+            cell_clip=cell.cell_clip,
+            projection=projection,
+            zoneout_h=zoneout_h,
+            zoneout_c=zoneout_c,
+            zoneout_h_rate=cell.zoneout_h,
+            zoneout_c_rate=cell.zoneout_c,
+        )
+
+    def _zoneout_masks(self, state, steps_and_batch):
+        """Zoneout's masks of `state` ("h" or "c") for a whole sequence in training,
+        (steps, batch, width) in processing order: 1 where a unit keeps its previous
+        value, drawn as the cell's `call` draws them (Bernoulli of the rate, from the
+        cell's seed generator), or `None` when that state's rate is 0."""
+        cell = self.cell
+        rate, width = {
+            "h": (cell.zoneout_h, cell.state_size[0]),
+            "c": (cell.zoneout_c, cell.units),
+        }[state]
+        if rate == 0.0:
+            return None
+        shape = (*steps_and_batch, width)
+        keep = keras.random.uniform(shape, seed=cell.seed_generator) < rate
+        return ops.cast(keep, cell.compute_dtype)
 
     def _unrolled_backwards_loop(self, sequences, initial_state, mask, training):
         """Keras's unrolled loop, with masked outputs zeroed in the order they were made.

@@ -80,7 +80,7 @@ def _run(layer, x, mask=None, initial_state=None, training=False):
 
 def _ramp(o):
     size = tf.size(o)
-    return tf.reshape(tf.cast(tf.range(1, size + 1), o.dtype) / tf.cast(size, o.dtype), o.shape)
+    return tf.reshape(tf.cast(tf.range(1, size + 1), o.dtype) / tf.cast(size, o.dtype), tf.shape(o))
 
 
 def _assert_same(a, b):
@@ -274,6 +274,29 @@ def test_recurrent_dropout_matches_the_cells_own_loop(implementation, rng, optio
     plain = np.asarray(fused(x, mask=mask, initial_state=[h0, c0], training=False)[0])
     assert not np.allclose(out_fused[0][0], plain, atol=1e-3)
     _assert_same(out_fused, out_generic)
+
+
+def test_recurrent_dropout_with_a_free_batch_size_matches_the_cells_own_loop(implementation, rng):
+    # `model.fit` traces with the batch size unknown (a last, partial batch):
+    # the recurrent kernel's gradient must still see the mask.
+    x, _, _ = _data(rng)
+    fused, generic = _pair(
+        reference_cls=GatedLSTM, recurrent_dropout=0.4, seed=5, return_sequences=True
+    )
+    generic._runs_fused_kernel = lambda training: False
+    results = []
+    for layer in (fused, generic):
+
+        @tf.function(input_signature=[tf.TensorSpec((None, T, D), tf.float32)])
+        def step(x, layer=layer):
+            with tf.GradientTape() as tape:
+                y = layer(x, training=True)
+                loss = tf.reduce_sum(_ramp(y) * y * y)
+            return [y, *tape.gradient(loss, layer.trainable_weights)]
+
+        results.append([np.asarray(v) for v in step(tf.constant(x))])
+    for a, b in zip(*results, strict=True):
+        np.testing.assert_allclose(a, b, atol=TOL, rtol=TOL)
 
 
 def test_recurrent_dropout_under_xla_matches_the_cells_own_loop(implementation, rng):

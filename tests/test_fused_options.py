@@ -1,12 +1,13 @@
-"""The cell options the native kernel computes (peephole, cifg, cell_clip, proj_units)
-match the cell.
+"""The cell options the native kernel computes (peephole, cifg, cell_clip, proj_units,
+zoneout_h, zoneout_c) match the cell.
 
 A `GatedLSTM` with these options runs the fused native op (eagerly, in a
 graph, and as the XLA custom call); its twin with the same weights runs
 Keras's step loop around `GatedLSTMCell.call`, the reference. Outputs, final
 states and the gradients of the inputs, the initial state and every weight
 (the peephole weights included) agree to 1e-5, with masks, backwards, and
-input and recurrent dropout (both draw the same masks).
+input and recurrent dropout (both draw the same masks). Zoneout in training
+draws a fresh mask a step; the tests hand both paths the same masks.
 """
 
 import keras
@@ -184,6 +185,27 @@ def test_a_batch_split_across_threads_matches(rng, fused_calls):
     _assert_same(got, want, _gradient_names(fused))
 
 
+@pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
+def test_a_batch_of_two_rows_matches(rng, fused_calls, training):
+    # Two rows: the kernel projects every step's input first, then runs
+    # vector-matrix products (its small-batch path).
+    rows = 2
+    x = rng.normal(scale=1.5, size=(rows, T, D)).astype("float32")
+    h0 = rng.normal(size=(rows, PROJ)).astype("float32")
+    c0 = rng.normal(size=(rows, H)).astype("float32")
+    options = {"peephole": True, "cell_clip": CLIP, "proj_units": PROJ, "zoneout_c": 0.2}
+    fused, generic = _twins(rng, return_sequences=True, recurrent_dropout=0.3, seed=2, **options)
+    if training:  # the same zoneout masks for both
+        masks = (rng.uniform(size=(T, rows, H)) < 0.2).astype("float32")
+        fused._zoneout_masks = lambda state, steps_and_batch: masks if state == "c" else None
+        generic.unroll = True
+        generic.cell._zoneout = _FixedZoneout(None, masks)
+    got = _outputs_and_grads(fused, x, h0, c0, MASK[:rows], training)
+    assert fused_calls and fused_calls[-1] is not None
+    want = _outputs_and_grads(generic, x, h0, c0, MASK[:rows], training)
+    _assert_same(got, want, _gradient_names(fused))
+
+
 def test_a_model_with_options_trains_fused_under_fit(rng, fused_calls):
     model = keras.Sequential(
         [
@@ -193,7 +215,9 @@ def test_a_model_with_options_trains_fused_under_fit(rng, fused_calls):
         ]
     )
     model.compile(optimizer=keras.optimizers.Adam(0.02), loss="mse", jit_compile=True)
-    x = rng.normal(size=(64, T, D)).astype("float32")
+    # 60 rows in batches of 16: the last batch is short, so the step is traced
+    # with a free batch size.
+    x = rng.normal(size=(60, T, D)).astype("float32")
     y = x[:, :, :1].sum(axis=1) / T
     history = model.fit(x, y, epochs=30, batch_size=16, verbose=0).history["loss"]
     assert fused_calls and all(options is not None for options in fused_calls)
@@ -206,10 +230,9 @@ def test_a_model_with_options_trains_fused_under_fit(rng, fused_calls):
     "options",
     [
         {"layer_norm": True},
-        {"zoneout_h": 0.1},
-        {"proj_units": 3, "zoneout_c": 0.1},
+        {"layer_norm": True, "peephole": True, "zoneout_c": 0.1},
     ],
-    ids=["layer_norm", "zoneout_h", "proj_units_with_zoneout_c"],
+    ids=["layer_norm", "layer_norm_with_other_options"],
 )
 def test_options_the_kernel_does_not_compute_run_keras_step_loop(rng, fused_calls, options):
     GatedLSTM(H, **options)(rng.normal(size=(B, T, D)).astype("float32"))
@@ -233,3 +256,98 @@ def test_options_run_keras_step_loop_where_the_native_kernel_does_not(
             tf.zeros((B, H)),
             options=kernels.CellOptions(cifg=False, cell_clip=1.0),
         )
+
+
+ZONEOUT_OPTIONS = [
+    {"zoneout_h": 0.3},
+    {"zoneout_c": 0.3},
+    {"zoneout_h": 0.3, "zoneout_c": 0.2, "peephole": True, "proj_units": PROJ, "cell_clip": CLIP},
+]
+ZONEOUT_IDS = ["zoneout_h", "zoneout_c", "both_with_peephole_projection_clip"]
+
+
+class _FixedZoneout:
+    """The cell's zoneout with given masks, one a call, in the order the steps run."""
+
+    def __init__(self, masks_h, masks_c):
+        self.masks = (masks_h, masks_c)
+        self.step = 0
+
+    def __call__(self, h, c, h_prev, c_prev, training, seed_generator):
+        assert training
+        mixed = []
+        for new, prev, masks in zip((h, c), (h_prev, c_prev), self.masks, strict=True):
+            if masks is not None:
+                d = masks[self.step]
+                new = d * prev + (1.0 - d) * new
+            mixed.append(new)
+        self.step += 1
+        return tuple(mixed)
+
+
+def _zoneout_twins(rng, cell_options, **layer_options):
+    """The fused layer drawing fixed masks, and the cell's own (unrolled) loop using them."""
+    fused, generic = _twins(rng, **cell_options, **layer_options)
+    generic.unroll = True  # one cell call a step, in order: the masks are taken in turn
+    hidden = cell_options.get("proj_units", H)
+    masks = {
+        rate_name: (rng.uniform(size=(T, B, width)) < cell_options[rate_name]).astype("float32")
+        if rate_name in cell_options
+        else None
+        for rate_name, width in (("zoneout_h", hidden), ("zoneout_c", H))
+    }
+    fused._zoneout_masks = lambda state, steps_and_batch: masks[f"zoneout_{state}"]
+    generic.cell._zoneout = _FixedZoneout(masks["zoneout_h"], masks["zoneout_c"])
+    return fused, generic
+
+
+@pytest.mark.parametrize("go_backwards", [False, True], ids=["forwards", "backwards"])
+@pytest.mark.parametrize("cell_options", ZONEOUT_OPTIONS, ids=ZONEOUT_IDS)
+def test_zoneout_in_training_matches_the_cells_own_loop_with_the_same_masks(
+    rng, fused_calls, cell_options, go_backwards
+):
+    x, h0, c0 = _data(rng, cell_options.get("proj_units", H))
+    fused, generic = _zoneout_twins(
+        rng, cell_options, return_sequences=True, return_state=True, go_backwards=go_backwards
+    )
+    got = _outputs_and_grads(fused, x, h0, c0, MASK, training=True)
+    assert fused_calls and fused_calls[-1].zoneout_h_rate == cell_options.get("zoneout_h", 0.0)
+    want = _outputs_and_grads(generic, x, h0, c0, MASK, training=True)
+    assert generic.cell._zoneout.step == T
+    _assert_same(got, want, _gradient_names(fused))
+
+
+@pytest.mark.parametrize("cell_options", ZONEOUT_OPTIONS, ids=ZONEOUT_IDS)
+def test_zoneout_in_training_under_xla_matches_the_cells_own_loop(rng, fused_calls, cell_options):
+    if not kernels.native_available(jit_compile=True):
+        pytest.skip("the native kernel's XLA library cannot be built here")
+    x, h0, c0 = _data(rng, cell_options.get("proj_units", H))
+    fused, generic = _zoneout_twins(rng, cell_options, return_sequences=True, return_state=True)
+    got = _outputs_and_grads(fused, x, h0, c0, MASK, training=True, jit=True)
+    want = _outputs_and_grads(generic, x, h0, c0, MASK, training=True, jit=True)
+    _assert_same(got, want, _gradient_names(fused))
+
+
+@pytest.mark.parametrize("cell_options", ZONEOUT_OPTIONS, ids=ZONEOUT_IDS)
+def test_zoneout_in_inference_mixes_by_the_rate_like_the_cell(rng, fused_calls, cell_options):
+    x, h0, c0 = _data(rng, cell_options.get("proj_units", H))
+    fused, generic = _twins(rng, return_sequences=True, return_state=True, **cell_options)
+    got = _outputs_and_grads(fused, x, h0, c0, MASK, training=False)
+    assert fused_calls and fused_calls[-1].zoneout_h is None
+    want = _outputs_and_grads(generic, x, h0, c0, MASK, training=False)
+    _assert_same(got, want, _gradient_names(fused))
+
+
+def test_zoneout_masks_are_drawn_like_the_cells(rng):
+    # Bernoulli(rate), fresh for each step, row and unit, and seeded.
+    layer = GatedLSTM(H, zoneout_h=0.25, seed=4)
+    layer.build((B, T, D))
+    masks = np.asarray(layer._zoneout_masks("h", (400, B)))
+    assert masks.shape == (400, B, H)
+    assert set(np.unique(masks)) == {0.0, 1.0}
+    assert abs(masks.mean() - 0.25) < 0.01
+    assert not np.array_equal(masks[0], masks[1])
+    assert layer._zoneout_masks("c", (400, B)) is None  # zoneout_c is 0
+    again = GatedLSTM(H, zoneout_h=0.25, seed=4)
+    again.build((B, T, D))
+    np.testing.assert_array_equal(np.asarray(again._zoneout_masks("h", (400, B))), masks)

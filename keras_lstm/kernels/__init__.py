@@ -45,7 +45,7 @@ _local = threading.local()
 CellOptions = _native.CellOptions
 # The `GatedLSTMCell` options the native kernel computes itself (`CellOptions`);
 # a cell with any other option runs Keras's step loop.
-NATIVE_CELL_OPTIONS = ("peephole", "cifg", "cell_clip", "proj_units")
+NATIVE_CELL_OPTIONS = ("peephole", "cifg", "cell_clip", "proj_units", "zoneout_h", "zoneout_c")
 
 __all__ = [
     "NATIVE_CELL_OPTIONS",
@@ -257,15 +257,16 @@ def lstm_recurrence(
     if given, multiplies `h_{t-1}` before the recurrent product at every step
     (recurrent dropout as Keras draws it: one mask per sequence, scaled);
     exports, which never train, take none. `options` (a `CellOptions`) turns
-    on peephole, cifg, cell clip and projection; only the native kernel
-    computes them, so they may be given only where `cell_options_fuse_here`
-    says so.
+    on peephole, cifg, cell clip, projection and zoneout; only the native
+    kernel computes them, so they may be given only where
+    `cell_options_fuse_here` says so.
     """
     dtype = inputs.dtype
     if options is not None and not _use_native(dtype):
         raise ValueError(
-            "cell options (peephole, cifg, cell_clip, proj_units) run fused only in the native "
-            "kernel, which does not run here; use Keras's step loop around the cell instead."
+            "cell options (peephole, cifg, cell_clip, proj_units, zoneout) run fused only in the "
+            "native kernel, which does not run here; use Keras's step loop around the cell "
+            "instead."
         )
     if dtype != tf.float32 and _use_native(dtype):
         # Mixed precision on CPU: the float32 kernel, its results cast back.
@@ -288,7 +289,10 @@ def lstm_recurrence(
             options=None
             if options is None
             else options._replace(
-                peephole=f32(options.peephole), projection=f32(options.projection)
+                peephole=f32(options.peephole),
+                projection=f32(options.projection),
+                zoneout_h=f32(options.zoneout_h),
+                zoneout_c=f32(options.zoneout_c),
             ),
         )
         return (
@@ -297,9 +301,15 @@ def lstm_recurrence(
             [tf.cast(state, dtype) for state in states],
         )
     if options is not None:
+
+        def cast(t):
+            return None if t is None else tf.cast(t, dtype)
+
         options = options._replace(
-            peephole=None if options.peephole is None else tf.cast(options.peephole, dtype),
-            projection=None if options.projection is None else tf.cast(options.projection, dtype),
+            peephole=cast(options.peephole),
+            projection=cast(options.projection),
+            zoneout_h=cast(options.zoneout_h),
+            zoneout_c=cast(options.zoneout_c),
         )
     kernel = tf.cast(kernel, dtype)
     if recurrent_mask is not None:

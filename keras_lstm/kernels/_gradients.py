@@ -69,19 +69,21 @@ def recurrent_kernel_grad(h0, h_seq, dz, recurrent_mask=None):
     return later + tf.matmul(h0, dz[0], transpose_a=True)
 
 
-def peephole_grad(c0, c_seq, dz, cifg):
+def peephole_grad(c0, c_seq, dz, cifg, c_read=None):
     """The gradient of the stacked peephole weights `[w_i, w_f, w_o]` (3, H).
 
     w_i and w_f multiply C_{t-1}, w_o multiplies C_t, each inside its gate's
     pre-activation, so each gradient is that gate's dz times the state it
     read, summed over steps and rows (w_i's is zero with cifg, where it is
-    unused).
+    unused). `c_read` is the C_t the output gate read, where it differs from
+    the state carried on (zoneout of C).
     """
+    c_read = c_seq if c_read is None else c_read
     c_prev = tf.concat([c0[None], c_seq[:-1]], axis=0)
     parts = tf.split(dz, 3 if cifg else 4, axis=-1)
     dz_f, dz_o = parts[-3], parts[-1]
     d_forget = tf.reduce_sum(dz_f * c_prev, axis=(0, 1))
-    d_output = tf.reduce_sum(dz_o * c_seq, axis=(0, 1))
+    d_output = tf.reduce_sum(dz_o * c_read, axis=(0, 1))
     d_input = tf.zeros_like(d_forget) if cifg else tf.reduce_sum(parts[0] * c_prev, axis=(0, 1))
     return tf.stack([d_input, d_forget, d_output])
 

@@ -47,13 +47,20 @@ class CellOptions(NamedTuple):
     hold the gates forget, candidate, output; `cell_clip`: a positive bound
     for the cell state, or `None`; `projection`: W_hr (H, P), so that
     h = (o * tanh(c)) W_hr has P features (h0 and the recurrent kernel's rows
-    then have P), or `None`.
+    then have P), or `None`; `zoneout_h` / `zoneout_c`: zoneout of h and of
+    C, each a 0/1 mask a step (T, B, width) in processing order (1: keep the
+    previous value), or `None`; `zoneout_h_rate` / `zoneout_c_rate`: the
+    rates, used as the mixing weight where no mask is given (inference).
     """
 
     peephole: object = None
     cifg: bool = False
     cell_clip: float | None = None
     projection: object = None
+    zoneout_h: object = None
+    zoneout_c: object = None
+    zoneout_h_rate: float = 0.0
+    zoneout_c_rate: float = 0.0
 
 
 _state: dict = {}
@@ -112,28 +119,20 @@ def load(force: bool = False):
 @functools.cache  # TensorFlow takes one gradient per op name and process
 def _register_gradient():
     @tf.RegisterGradient("KerasLstmSequence")
-    def _grad(op, dh_seq, dc_seq, _dgates, dh_last, dc_last):
+    def _grad(op, dh_seq, dc_seq, _dgates, dh_last, dc_last, _dc_computed):
         module = native_module()
-        (x, kernel, bias, recurrent_kernel, h0, c0, mask, recurrent_mask, peephole, projection) = (
-            op.inputs
-        )
-        options = {"cifg": op.get_attr("cifg"), "cell_clip": op.get_attr("cell_clip")}
-        h_seq, c_seq, gates = op.outputs[:3]
+        (x, kernel, bias, recurrent_kernel, h0, c0, mask, recurrent_mask) = op.inputs[:8]
+        peephole, projection, zoneout_h, zoneout_c = op.inputs[8:]
+        options = {
+            name: op.get_attr(name)
+            for name in ("cifg", "cell_clip", "zoneout_h_rate", "zoneout_c_rate")
+        }
+        h_seq, c_seq, gates, _, _, c_computed = op.outputs
         if not op.get_attr("keep_for_gradient"):
             # Run in inference mode, which keeps nothing for the gradient:
             # run the forward pass again, keeping it.
-            h_seq, c_seq, gates, _, _ = module.keras_lstm_sequence(
-                x,
-                kernel,
-                bias,
-                recurrent_kernel,
-                h0,
-                c0,
-                mask,
-                recurrent_mask,
-                peephole,
-                projection,
-                **options,
+            h_seq, c_seq, gates, _, _, c_computed = module.keras_lstm_sequence(
+                *op.inputs, **options
             )
         empty = tf.zeros((0,), x.dtype)
         dh_seq, dc_seq, dh_last, dc_last = (
@@ -154,19 +153,31 @@ def _register_gradient():
             recurrent_mask,
             peephole,
             projection,
+            zoneout_h,
+            zoneout_c,
+            c_computed,
             **options,
         )
         # The input and weight gradients as single matmuls over all steps; the
         # bias gradient the kernel summed as it went.
         dx, dkernel = projection_grads(x, kernel, dz)
         dbias = dbias if bias.shape[0] else None
-        dropped = recurrent_mask if recurrent_mask.shape[0] else None
+        # An absent input is an empty (0,) tensor; a given one has rank 2 or 3,
+        # whose leading sizes may be unknown while tracing (a free batch size).
+        dropped = recurrent_mask if recurrent_mask.shape.rank == 2 else None
         drecurrent = recurrent_kernel_grad(h0, h_seq, dz, dropped)
-        dpeephole = peephole_grad(c0, c_seq, dz, options["cifg"]) if peephole.shape[0] else None
+        # The c the gates and h read: with zoneout of C, before it mixed in the previous one.
+        c_read = c_computed if c_computed.shape.rank == 3 else c_seq
+        dpeephole = None
+        if peephole.shape[0]:
+            dpeephole = peephole_grad(c0, c_seq, dz, options["cifg"], c_read)
         dprojection = None
         if projection.shape[0]:
-            dprojection = projection_kernel_grad(c_seq, gates, dh_projected)
-        return dx, dkernel, dbias, drecurrent, dh0, dc0, None, None, dpeephole, dprojection
+            dprojection = projection_kernel_grad(c_read, gates, dh_projected)
+        return (dx, dkernel, dbias, drecurrent, dh0, dc0, None, None, dpeephole, dprojection) + (
+            None,
+            None,
+        )
 
 
 def native_module():
@@ -225,7 +236,7 @@ def lstm_sequence(
     mask = tf.zeros((0,), tf.float32) if mask is None else tf.cast(mask, tf.float32)
     bias = tf.zeros((0,), tf.float32) if bias is None else bias
     empty = tf.zeros((0,), tf.float32)
-    h_seq, c_seq, _, h_last, c_last = module.keras_lstm_sequence(
+    h_seq, c_seq, _, h_last, c_last, _ = module.keras_lstm_sequence(
         x,
         kernel,
         bias,
@@ -236,9 +247,13 @@ def lstm_sequence(
         empty if recurrent_mask is None else recurrent_mask,
         empty if options.peephole is None else options.peephole,
         empty if options.projection is None else options.projection,
+        empty if options.zoneout_h is None else options.zoneout_h,
+        empty if options.zoneout_c is None else options.zoneout_c,
         keep_for_gradient=keep_for_gradient,
         return_sequences=return_sequences,
         cifg=options.cifg,
         cell_clip=options.cell_clip or 0.0,
+        zoneout_h_rate=options.zoneout_h_rate,
+        zoneout_c_rate=options.zoneout_c_rate,
     )
     return h_seq, c_seq, h_last, c_last

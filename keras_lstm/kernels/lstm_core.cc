@@ -117,6 +117,36 @@ void PointwiseGradWithOptions(const Options& options, int64_t H, const float* ga
   RowMap(out + 2 * H, H) = dz_o;
 }
 
+// Zoneout of `rows` rows at `at` (their first row's index in (T, B)):
+// state = d * previous + (1 - d) * state, in place; d is the mask's or the rate.
+void MixZoneout(const Zoneout& zoneout, int64_t at, int64_t rows, int64_t width,
+                const float* previous, float* state) {
+  ArrayMap now(state, rows, width);
+  ConstArrayMap before(previous, rows, width);
+  if (zoneout.mask) {
+    ConstArrayMap d(zoneout.mask + at * width, rows, width);
+    now = d * before + (1.f - d) * now;
+  } else {
+    now = zoneout.rate * before + (1.f - zoneout.rate) * now;
+  }
+}
+
+// The backward of MixZoneout: `carry` gets d * grad (what flows to the
+// previous state) and `grad` becomes (1 - d) * grad (what flows to the
+// computed one).
+void SplitZoneoutGrad(const Zoneout& zoneout, int64_t at, int64_t rows, int64_t width,
+                      float* grad, float* carry) {
+  ArrayMap g(grad, rows, width), to_previous(carry, rows, width);
+  if (zoneout.mask) {
+    ConstArrayMap d(zoneout.mask + at * width, rows, width);
+    to_previous = d * g;
+    g *= 1.f - d;
+  } else {
+    to_previous = zoneout.rate * g;
+    g *= 1.f - zoneout.rate;
+  }
+}
+
 }  // namespace
 
 // One step a row block: z = [x_t, h_{t-1}] [W; U] + b as one matrix product
@@ -149,6 +179,9 @@ void ForwardRows(const Forward& a, const float* kernels, int64_t row_begin,
   Matrix h_dropped(project_first && a.recurrent_mask ? rows : 0, R);
   // o * tanh(c) before the projection W_hr makes it h.
   Matrix unprojected(projection ? rows : 0, H);
+  const Zoneout &zoneout_h = a.options.zoneout_h, &zoneout_c = a.options.zoneout_c;
+  // The c a step computes, before zoneout mixes in the previous one.
+  Matrix c_computed_scratch(zoneout_c.on() && !a.c_computed ? rows : 0, H);
   const ConstArrayMap r(a.recurrent_mask ? a.recurrent_mask + row_begin * R : nullptr,
                         a.recurrent_mask ? rows : 0, R);
   std::vector<float> scratch((a.gates || project_first ? 0 : rows * G) +
@@ -164,6 +197,9 @@ void ForwardRows(const Forward& a, const float* kernels, int64_t row_begin,
     float* z = a.gates ? a.gates + at * G : project_first ? projected.data() + at * G : z_scratch;
     float* h = a.h_seq ? a.h_seq + at * R : h_scratch + (t & 1) * rows * R;
     float* c = a.c_seq ? a.c_seq + at * H : c_scratch + (t & 1) * rows * H;
+    float* c_new = !zoneout_c.on()  ? c
+                   : a.c_computed ? a.c_computed + at * H
+                                  : c_computed_scratch.data();
     MatrixMap Z(z, rows, G);
     if (project_first && a.recurrent_mask) {
       h_dropped.array() = ConstArrayMap(h_prev, rows, R) * r;
@@ -192,7 +228,7 @@ void ForwardRows(const Forward& a, const float* kernels, int64_t row_begin,
     for (int64_t r = 0; r < rows; ++r) {
       float* zr = z + r * G;
       if (!plain) {
-        PointwiseWithOptions(a.options, H, zr, c_prev + r * H, c + r * H, out + r * H);
+        PointwiseWithOptions(a.options, H, zr, c_prev + r * H, c_new + r * H, out + r * H);
         continue;
       }
       RowMap i(zr, H), f(zr + H, H), g(zr + 2 * H, H), o(zr + 3 * H, H);
@@ -200,14 +236,19 @@ void ForwardRows(const Forward& a, const float* kernels, int64_t row_begin,
       f = Sigmoid(f);
       g = g.tanh();
       o = Sigmoid(o);
-      RowMap c_new(c + r * H, H), h_new(out + r * H, H);
-      c_new = f * ConstRowMap(c_prev + r * H, H) + i * g;
-      h_new = o * c_new.tanh();
+      RowMap c_row(c_new + r * H, H), h_new(out + r * H, H);
+      c_row = f * ConstRowMap(c_prev + r * H, H) + i * g;
+      h_new = o * c_row.tanh();
     }
     if (projection) {
       MultiplyInto(MatrixMap(h, rows, R), unprojected, ConstMatrixMap(projection, H, R),
                    /*accumulate=*/false);
     }
+    if (zoneout_c.on()) {
+      std::copy(c_new, c_new + rows * H, c);
+      MixZoneout(zoneout_c, at, rows, H, c_prev, c);
+    }
+    if (zoneout_h.on()) MixZoneout(zoneout_h, at, rows, R, h_prev, h);
     if (a.mask) {
       const float* m = a.mask + at;
       for (int64_t r = 0; r < rows; ++r) {
@@ -254,6 +295,9 @@ void BackwardRows(const Backward& a, int64_t row_begin, int64_t row_end, float* 
   Matrix dh_through_u(a.recurrent_mask ? rows : 0, R);
   // With a projection, the gradient of o * tanh(c): dh W_hr^T.
   Matrix d_unprojected(projection ? rows : 0, H);
+  const Zoneout &zoneout_h = a.options.zoneout_h, &zoneout_c = a.options.zoneout_c;
+  // With zoneout, the parts of dh and dc that flow straight to the previous state.
+  Matrix carry_h(zoneout_h.on() ? rows : 0, R), carry_c(zoneout_c.on() ? rows : 0, H);
   const ConstArrayMap r(a.recurrent_mask ? a.recurrent_mask + row_begin * R : nullptr,
                         a.recurrent_mask ? rows : 0, R);
   for (int64_t t = a.steps - 1; t >= 0; --t) {
@@ -261,7 +305,11 @@ void BackwardRows(const Backward& a, int64_t row_begin, int64_t row_end, float* 
     if (a.dh_seq) dh += ConstArrayMap(a.dh_seq + at * R, rows, R);
     if (a.dc_seq) dc += ConstArrayMap(a.dc_seq + at * H, rows, H);
     const float* c_prev = t ? a.c_seq + (at - B) * H : a.c0 + row_begin * H;
+    // The c the gates and h read: before zoneout mixed in the previous one.
+    const float* c_now = zoneout_c.on() ? a.c_computed + at * H : a.c_seq + at * H;
     const float* m = a.mask ? a.mask + at : nullptr;
+    if (zoneout_h.on()) SplitZoneoutGrad(zoneout_h, at, rows, R, dh.data(), carry_h.data());
+    if (zoneout_c.on()) SplitZoneoutGrad(zoneout_c, at, rows, H, dc.data(), carry_c.data());
     if (projection) {
       MatrixMap dh_step(a.dh_projected + at * R, rows, R);
       dh_step = dh.matrix();
@@ -282,14 +330,14 @@ void BackwardRows(const Backward& a, int64_t row_begin, int64_t row_end, float* 
       // The gradient of o * tanh(c): dh itself, or through the projection.
       ConstRowMap dmr(projection ? d_unprojected.data() + r * H : dhr.data(), H);
       if (!plain) {
-        PointwiseGradWithOptions(a.options, H, g, a.c_seq + (at + r) * H, c_prev + r * H,
-                                 dmr.data(), dcr.data(), dz);
+        PointwiseGradWithOptions(a.options, H, g, c_now + r * H, c_prev + r * H, dmr.data(),
+                                 dcr.data(), dz);
         if (db) RowMap(db, G) += ConstRowMap(dz, G);
         dhr.setZero();
         continue;
       }
       ConstRowMap i(g, H), f(g + H, H), cand(g + 2 * H, H), o(g + 3 * H, H);
-      ConstRowMap c(a.c_seq + (at + r) * H, H), cp(c_prev + r * H, H);
+      ConstRowMap c(c_now + r * H, H), cp(c_prev + r * H, H);
       RowMap dz_i(dz, H), dz_f(dz + H, H), dz_g(dz + 2 * H, H), dz_o(dz + 3 * H, H);
       // In this order, each gate is read before its gradient overwrites it.
       tanh_c = c.tanh();
@@ -307,13 +355,17 @@ void BackwardRows(const Backward& a, int64_t row_begin, int64_t row_end, float* 
     if (!a.recurrent_mask) {
       MultiplyInto(MatrixMap(dh.data(), rows, R), ConstMatrixMap(a.dz + at * G, rows, G),
                    U.transpose(), /*accumulate=*/true);
-      continue;
+    } else {
+      // h_{t-1} reached U through r: dh_{t-1} = (dz_t U^T) * r. A masked row's
+      // dz is zero, so its carried dh gains nothing.
+      MultiplyInto(MatrixMap(dh_through_u.data(), rows, R),
+                   ConstMatrixMap(a.dz + at * G, rows, G), U.transpose(), /*accumulate=*/false);
+      dh += dh_through_u.array() * r;
     }
-    // h_{t-1} reached U through r: dh_{t-1} = (dz_t U^T) * r. A masked row's
-    // dz is zero, so its carried dh gains nothing.
-    MultiplyInto(MatrixMap(dh_through_u.data(), rows, R), ConstMatrixMap(a.dz + at * G, rows, G),
-                 U.transpose(), /*accumulate=*/false);
-    dh += dh_through_u.array() * r;
+    // Zoneout's direct path to the previous state (a masked row's dh and dc,
+    // left as (1 - d) of themselves above, are whole again).
+    if (zoneout_h.on()) dh += carry_h.array();
+    if (zoneout_c.on()) dc += carry_c.array();
   }
 }
 

@@ -30,14 +30,26 @@
 
 namespace keras_lstm {
 
+// Zoneout of one state: the new state is d * previous + (1 - d) * computed,
+// with d a 0/1 mask a step (training) or the rate itself (inference).
+struct Zoneout {
+  const float* mask = nullptr;  // (T, B, width) of 0 and 1, or null: d = rate
+  float rate = 0.f;
+
+  bool on() const { return mask || rate > 0.f; }
+};
+
 // The cell options the kernel computes (GatedLSTMCell's `peephole`, `cifg`,
-// `cell_clip` and `proj_units`); all off is the standard LSTM.
+// `cell_clip`, `proj_units`, `zoneout_h` and `zoneout_c`); all off is the
+// standard LSTM.
 struct Options {
   bool cifg = false;                  // i = 1 - f: the kernels hold 3 gates
   const float* peephole = nullptr;    // (3, H): w_i, w_f, w_o (w_i unused with cifg), or null
   float cell_clip = 0.f;              // > 0: C is clipped to [-cell_clip, cell_clip]
   const float* projection = nullptr;  // (H, P): h = (o * tanh(C)) W_hr, or null
   int64_t proj_units = 0;             // P, with a projection
+  Zoneout zoneout_h;                  // of h (R wide)
+  Zoneout zoneout_c;                  // of C (H wide)
 
   int64_t gates() const { return cifg ? 3 : 4; }
   // R, the width of h: P with a projection, else H.
@@ -58,6 +70,10 @@ struct Forward {
   Options options;
   float* h_seq = nullptr;                   // (T, B, R), or null: not kept
   float* c_seq = nullptr;                   // (T, B, H), or null: not kept
+  // With zoneout of C, the cell state each step computed before zoneout
+  // mixed in the previous one (T, B, H), which the gates and h read; null:
+  // not kept.
+  float* c_computed = nullptr;
   float* gates = nullptr;                   // (T, B, G H) activations, or null: not kept
   float* h_last = nullptr;                  // (B, R)
   float* c_last = nullptr;                  // (B, H)
@@ -79,6 +95,7 @@ struct Backward {
   const float* recurrent_mask = nullptr;    // (B, R), or null: as in Forward
   Options options;                          // as in Forward
   const float* c_seq = nullptr;             // (T, B, H)
+  const float* c_computed = nullptr;        // (T, B, H) with zoneout of C: as in Forward
   const float* gates = nullptr;             // (T, B, G H) activations
   const float* dh_seq = nullptr;            // (T, B, R), or null: zero
   const float* dc_seq = nullptr;            // (T, B, H), or null: zero
@@ -101,7 +118,8 @@ struct Backward {
 // The options: `cifg` makes i = 1 - f; `peephole` adds w_i * c_{t-1} to z_i,
 // w_f * c_{t-1} to z_f and w_o * c to z_o; `cell_clip` clips c before the
 // output gate and h read it; `projection` makes h = (o * tanh(c)) W_hr, one
-// more product a step. The gates kept are the activations i, f, g, o
+// more product a step; zoneout then mixes the previous h and c into the new
+// ones (the gates and h read the c computed before that mix). The gates kept are the activations i, f, g, o
 // (f, g, o with cifg), the pre-activations' peephole terms included.
 void ForwardRows(const Forward& a, const float* kernels, int64_t row_begin, int64_t row_end);
 

@@ -73,10 +73,12 @@ float* DataOrNull(Tensor* tensor) {
   return tensor->NumElements() ? tensor->flat<float>().data() : nullptr;
 }
 
-// The options (lstm_core.h) from the ops' attributes and their `peephole` input.
+// The options (lstm_core.h) from the ops' attributes; WithWeights adds their inputs.
 tensorflow::Status ReadOptions(OpKernelConstruction* ctx, keras_lstm::Options* options) {
   TF_RETURN_IF_ERROR(ctx->GetAttr("cifg", &options->cifg));
   TF_RETURN_IF_ERROR(ctx->GetAttr("cell_clip", &options->cell_clip));
+  TF_RETURN_IF_ERROR(ctx->GetAttr("zoneout_h_rate", &options->zoneout_h.rate));
+  TF_RETURN_IF_ERROR(ctx->GetAttr("zoneout_c_rate", &options->zoneout_c.rate));
   return absl::OkStatus();
 }
 
@@ -111,13 +113,24 @@ void CheckStates(OpKernelContext* ctx, const keras_lstm::Options& options, const
                               peephole.shape().DebugString()));
 }
 
-// The options with the weights the ops take as inputs.
+// The options with the weights and zoneout masks the ops take as inputs.
 keras_lstm::Options WithWeights(keras_lstm::Options options, const Tensor& peephole,
-                                const Tensor& projection) {
+                                const Tensor& projection, const Tensor& zoneout_h,
+                                const Tensor& zoneout_c) {
   options.peephole = DataOrNull(peephole);
   options.projection = DataOrNull(projection);
   options.proj_units = projection.NumElements() ? projection.dim_size(1) : 0;
+  options.zoneout_h.mask = DataOrNull(zoneout_h);
+  options.zoneout_c.mask = DataOrNull(zoneout_c);
   return options;
+}
+
+// A zoneout mask is empty or one value a step, row and unit of its state.
+void CheckZoneout(OpKernelContext* ctx, const char* name, const Tensor& mask, int64_t steps,
+                  int64_t batch, int64_t width) {
+  OP_REQUIRES(ctx, mask.NumElements() == 0 || mask.shape() == TensorShape({steps, batch, width}),
+              InvalidArgument(name, " must be empty or (T, batch, ", width, "), got ",
+                              mask.shape().DebugString()));
 }
 
 class LstmSequenceOp : public OpKernel {
@@ -139,6 +152,8 @@ class LstmSequenceOp : public OpKernel {
     const Tensor& recurrent_mask = ctx->input(7);
     const Tensor& peephole = ctx->input(8);
     const Tensor& projection = ctx->input(9);
+    const Tensor& zoneout_h = ctx->input(10);
+    const Tensor& zoneout_c = ctx->input(11);
     OP_REQUIRES(ctx, x.dims() == 3,
                 InvalidArgument("x must be (T, batch, D), got ", x.shape().DebugString()));
     const int64_t steps = x.dim_size(0), batch = x.dim_size(1), features = x.dim_size(2);
@@ -146,6 +161,11 @@ class LstmSequenceOp : public OpKernel {
                 batch);
     if (!ctx->status().ok()) return;
     const int64_t units = c0.dim_size(1), hidden = h0.dim_size(1);
+    CheckZoneout(ctx, "zoneout_h", zoneout_h, steps, batch, hidden);
+    CheckZoneout(ctx, "zoneout_c", zoneout_c, steps, batch, units);
+    if (!ctx->status().ok()) return;
+    const keras_lstm::Options options =
+        WithWeights(options_, peephole, projection, zoneout_h, zoneout_c);
     const int64_t gates = options_.gates() * units;
     OP_REQUIRES(ctx, kernel.shape() == TensorShape({features, gates}),
                 InvalidArgument("kernel must be (D, ", options_.gates(), "H), got ",
@@ -158,7 +178,7 @@ class LstmSequenceOp : public OpKernel {
     // not kept is an empty tensor.
     const bool keep = keep_for_gradient_;
     const TensorShape states({steps, batch, units}), hs({steps, batch, hidden}), none({0});
-    Tensor *h_out, *c_out, *gates_out, *h_last_out, *c_last_out;
+    Tensor *h_out, *c_out, *gates_out, *h_last_out, *c_last_out, *c_computed_out;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, keep || return_sequences_ ? hs : none, &h_out));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, keep ? states : none, &c_out));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(
@@ -167,6 +187,9 @@ class LstmSequenceOp : public OpKernel {
     // these sends back a (batch, H) gradient, not a (T, batch, H) one.
     OP_REQUIRES_OK(ctx, ctx->allocate_output(3, h0.shape(), &h_last_out));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(4, c0.shape(), &c_last_out));
+    // With zoneout of C, the c each step computed, which the gradient reads.
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(5, keep && options.zoneout_c.on() ? states : none,
+                                             &c_computed_out));
     if (batch == 0) return;
     if (steps == 0) {
       h_last_out->flat<float>() = h0.flat<float>();
@@ -187,9 +210,10 @@ class LstmSequenceOp : public OpKernel {
     args.c0 = c0.flat<float>().data();
     args.mask = DataOrNull(mask);
     args.recurrent_mask = DataOrNull(recurrent_mask);
-    args.options = WithWeights(options_, peephole, projection);
+    args.options = options;
     args.h_seq = DataOrNull(h_out);
     args.c_seq = DataOrNull(c_out);
+    args.c_computed = DataOrNull(c_computed_out);
     args.gates = DataOrNull(gates_out);
     args.h_last = h_last_out->flat<float>().data();
     args.c_last = c_last_out->flat<float>().data();
@@ -226,6 +250,9 @@ class LstmSequenceGradOp : public OpKernel {
     const Tensor& recurrent_mask = ctx->input(10);
     const Tensor& peephole = ctx->input(11);
     const Tensor& projection = ctx->input(12);
+    const Tensor& zoneout_h = ctx->input(13);
+    const Tensor& zoneout_c = ctx->input(14);
+    const Tensor& c_computed = ctx->input(15);
     OP_REQUIRES(ctx, gates.dims() == 3,
                 InvalidArgument("gates must be (T, batch, GH), got ", gates.shape().DebugString()));
     const int64_t steps = gates.dim_size(0), batch = gates.dim_size(1);
@@ -235,6 +262,14 @@ class LstmSequenceGradOp : public OpKernel {
     const int64_t units = c0.dim_size(1), hidden = h0.dim_size(1);
     const int64_t width = options_.gates() * units;
     const TensorShape states({steps, batch, units}), hs({steps, batch, hidden});
+    CheckZoneout(ctx, "zoneout_h", zoneout_h, steps, batch, hidden);
+    CheckZoneout(ctx, "zoneout_c", zoneout_c, steps, batch, units);
+    if (!ctx->status().ok()) return;
+    const keras_lstm::Options options =
+        WithWeights(options_, peephole, projection, zoneout_h, zoneout_c);
+    OP_REQUIRES(ctx, !options.zoneout_c.on() || c_computed.shape() == states,
+                InvalidArgument("c_computed must be (T, batch, H) with zoneout of C, got ",
+                                c_computed.shape().DebugString()));
     OP_REQUIRES(ctx, gates.dim_size(2) == width && c_seq.shape() == states &&
                          (dh_seq.NumElements() == 0 || dh_seq.shape() == hs) &&
                          (dc_seq.NumElements() == 0 || dc_seq.shape() == states) &&
@@ -262,9 +297,10 @@ class LstmSequenceGradOp : public OpKernel {
     args.c0 = c0.flat<float>().data();
     args.mask = DataOrNull(mask);
     args.recurrent_mask = DataOrNull(recurrent_mask);
-    args.options = WithWeights(options_, peephole, projection);
+    args.options = options;
     args.dh_projected = DataOrNull(dh_projected_out);
     args.c_seq = c_seq.flat<float>().data();
+    args.c_computed = options.zoneout_c.on() ? c_computed.flat<float>().data() : nullptr;
     args.gates = gates.flat<float>().data();
     args.dh_seq = DataOrNull(dh_seq);
     args.dc_seq = DataOrNull(dc_seq);
@@ -301,15 +337,20 @@ REGISTER_OP("KerasLstmSequence")
     .Input("recurrent_mask: float")
     .Input("peephole: float")
     .Input("projection: float")
+    .Input("zoneout_h: float")
+    .Input("zoneout_c: float")
     .Attr("keep_for_gradient: bool = true")
     .Attr("return_sequences: bool = true")
     .Attr("cifg: bool = false")
     .Attr("cell_clip: float = 0")
+    .Attr("zoneout_h_rate: float = 0")
+    .Attr("zoneout_c_rate: float = 0")
     .Output("h: float")
     .Output("c: float")
     .Output("gates: float")
     .Output("h_last: float")
     .Output("c_last: float")
+    .Output("c_computed: float")
     .SetShapeFn([](tensorflow::shape_inference::InferenceContext* c) {
       bool keep, sequences, cifg;
       TF_RETURN_IF_ERROR(c->GetAttr("keep_for_gradient", &keep));
@@ -329,6 +370,11 @@ REGISTER_OP("KerasLstmSequence")
       c->set_output(2, keep ? gates : none);
       c->set_output(3, c->input(4));
       c->set_output(4, c->input(5));
+      // (T, batch, H) when kept with zoneout of C (a rate, or a mask of rank 3), else empty.
+      float zoneout_c_rate;
+      TF_RETURN_IF_ERROR(c->GetAttr("zoneout_c_rate", &zoneout_c_rate));
+      const bool zoneout_c = zoneout_c_rate > 0.f || c->Rank(c->input(11)) == 3;
+      c->set_output(5, keep && zoneout_c ? states : none);
       return absl::OkStatus();
     });
 
@@ -346,8 +392,13 @@ REGISTER_OP("KerasLstmSequenceGrad")
     .Input("recurrent_mask: float")
     .Input("peephole: float")
     .Input("projection: float")
+    .Input("zoneout_h: float")
+    .Input("zoneout_c: float")
+    .Input("c_computed: float")
     .Attr("cifg: bool = false")
     .Attr("cell_clip: float = 0")
+    .Attr("zoneout_h_rate: float = 0")
+    .Attr("zoneout_c_rate: float = 0")
     .Output("dz: float")
     .Output("dh0: float")
     .Output("dc0: float")

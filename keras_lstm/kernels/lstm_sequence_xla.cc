@@ -11,7 +11,8 @@
 //
 // The static sizes and which optional inputs are present travel in the
 // custom call's opaque string, e.g. "T=100 B=64 D=32 H=128 bias=1 mask=0
-// sequences=1 keep=1 rmask=0 cifg=0 peep=0 P=0 clip=0". An absent input (no bias, no mask, a gradient that is
+// sequences=1 keep=1 rmask=0 cifg=0 peep=0 P=0 zh=0 zc=0 clip=0 zhr=0 zcr=0".
+// An absent input (no bias, no mask, a gradient that is
 // zero) is a 0-element operand, as for the TensorFlow op.
 //
 // XLA runs a custom call on one of its threads and lends it no others, so the
@@ -157,51 +158,62 @@ struct Sizes {
   int dh_seq = 0, dc_seq = 0, dh_last = 0, dc_last = 0;
   int cifg = 0, peephole = 0;
   long long proj_units = 0;  // P, with a projection
-  float cell_clip = 0.f;  // written with 9 significant digits: every float32 reads back exactly
+  int zoneout_h_mask = 0, zoneout_c_mask = 0;  // whether the zoneout masks are given
+  // Written with 9 significant digits: every float32 reads back exactly.
+  float cell_clip = 0.f, zoneout_h_rate = 0.f, zoneout_c_rate = 0.f;
 
   int64_t width() const { return (cifg ? 3 : 4) * units; }
   int64_t hidden() const { return proj_units ? proj_units : units; }
-  keras_lstm::Options options(const float* peephole_weights,
-                              const float* projection_weights) const {
+  keras_lstm::Options options(const float* peephole_weights, const float* projection_weights,
+                              const float* zoneout_h, const float* zoneout_c) const {
     keras_lstm::Options o;
     o.cifg = cifg;
     o.peephole = peephole ? peephole_weights : nullptr;
     o.cell_clip = cell_clip;
     o.projection = proj_units ? projection_weights : nullptr;
     o.proj_units = proj_units;
+    o.zoneout_h.mask = zoneout_h_mask ? zoneout_h : nullptr;
+    o.zoneout_h.rate = zoneout_h_rate;
+    o.zoneout_c.mask = zoneout_c_mask ? zoneout_c : nullptr;
+    o.zoneout_c.rate = zoneout_c_rate;
     return o;
   }
+  bool zoneout_c() const { return zoneout_c_mask || zoneout_c_rate > 0.f; }
 };
 
 // One format each for writing and reading.
 constexpr char kForwardFormat[] =
     "T=%lld B=%lld D=%lld H=%lld bias=%d mask=%d sequences=%d keep=%d rmask=%d cifg=%d peep=%d "
-    "P=%lld";
+    "P=%lld zh=%d zc=%d";
 constexpr char kBackwardFormat[] =
     "T=%lld B=%lld H=%lld mask=%d dh=%d dc=%d dh_last=%d dc_last=%d rmask=%d cifg=%d peep=%d "
-    "P=%lld";
-// The clip ends both strings: printf writes a double, scanf reads a float.
-constexpr char kClipWrite[] = " clip=%.9g";
-constexpr char kClipRead[] = " clip=%g";
+    "P=%lld zh=%d zc=%d";
+// The floats end both strings: printf writes doubles, scanf reads floats.
+constexpr char kFloatsWrite[] = " clip=%.9g zhr=%.9g zcr=%.9g";
+constexpr char kFloatsRead[] = " clip=%g zhr=%g zcr=%g";
 
-void AppendClip(const Sizes& s, std::string* text) {
-  char clip[64];
-  std::snprintf(clip, sizeof(clip), kClipWrite, static_cast<double>(s.cell_clip));
-  *text += clip;
+void AppendFloats(const Sizes& s, std::string* text) {
+  char floats[128];
+  std::snprintf(floats, sizeof(floats), kFloatsWrite, static_cast<double>(s.cell_clip),
+                static_cast<double>(s.zoneout_h_rate), static_cast<double>(s.zoneout_c_rate));
+  *text += floats;
 }
 
-// Reads the " clip=..." that ends `text`; true when it is there.
-bool ParseClip(const std::string& text, Sizes* s) {
+// Reads the " clip=... zhr=... zcr=..." that ends `text`; true when it is there.
+bool ParseFloats(const std::string& text, Sizes* s) {
   const size_t at = text.find(" clip=");
-  return at != std::string::npos && std::sscanf(text.c_str() + at, kClipRead, &s->cell_clip) == 1;
+  return at != std::string::npos &&
+         std::sscanf(text.c_str() + at, kFloatsRead, &s->cell_clip, &s->zoneout_h_rate,
+                     &s->zoneout_c_rate) == 3;
 }
 
 std::string ForwardOpaque(const Sizes& s) {
   char text[256];
   std::snprintf(text, sizeof(text), kForwardFormat, s.steps, s.batch, s.features, s.units, s.bias,
-                s.mask, s.sequences, s.keep, s.recurrent_mask, s.cifg, s.peephole, s.proj_units);
+                s.mask, s.sequences, s.keep, s.recurrent_mask, s.cifg, s.peephole, s.proj_units,
+                s.zoneout_h_mask, s.zoneout_c_mask);
   std::string opaque(text);
-  AppendClip(s, &opaque);
+  AppendFloats(s, &opaque);
   return opaque;
 }
 
@@ -209,16 +221,17 @@ bool ParseForwardOpaque(const char* opaque, size_t length, Sizes* s) {
   const std::string text(opaque, length);
   return std::sscanf(text.c_str(), kForwardFormat, &s->steps, &s->batch, &s->features, &s->units,
                      &s->bias, &s->mask, &s->sequences, &s->keep, &s->recurrent_mask, &s->cifg,
-                     &s->peephole, &s->proj_units) == 12 &&
-         ParseClip(text, s);
+                     &s->peephole, &s->proj_units, &s->zoneout_h_mask, &s->zoneout_c_mask) == 14 &&
+         ParseFloats(text, s);
 }
 
 std::string BackwardOpaque(const Sizes& s) {
   char text[256];
   std::snprintf(text, sizeof(text), kBackwardFormat, s.steps, s.batch, s.units, s.mask, s.dh_seq,
-                s.dc_seq, s.dh_last, s.dc_last, s.recurrent_mask, s.cifg, s.peephole, s.proj_units);
+                s.dc_seq, s.dh_last, s.dc_last, s.recurrent_mask, s.cifg, s.peephole, s.proj_units,
+                s.zoneout_h_mask, s.zoneout_c_mask);
   std::string opaque(text);
-  AppendClip(s, &opaque);
+  AppendFloats(s, &opaque);
   return opaque;
 }
 
@@ -226,8 +239,9 @@ bool ParseBackwardOpaque(const char* opaque, size_t length, Sizes* s) {
   const std::string text(opaque, length);
   return std::sscanf(text.c_str(), kBackwardFormat, &s->steps, &s->batch, &s->units, &s->mask,
                      &s->dh_seq, &s->dc_seq, &s->dh_last, &s->dc_last, &s->recurrent_mask,
-                     &s->cifg, &s->peephole, &s->proj_units) == 12 &&
-         ParseClip(text, s);
+                     &s->cifg, &s->peephole, &s->proj_units, &s->zoneout_h_mask,
+                     &s->zoneout_c_mask) == 14 &&
+         ParseFloats(text, s);
 }
 
 // ---------------------------------------------------------------------------
@@ -256,12 +270,13 @@ void ForwardTarget(void* out, const void** in, const char* opaque, size_t opaque
   args.c0 = inputs[5];
   args.mask = s.mask ? inputs[6] : nullptr;
   args.recurrent_mask = s.recurrent_mask ? inputs[7] : nullptr;
-  args.options = s.options(inputs[8], inputs[9]);
+  args.options = s.options(inputs[8], inputs[9], inputs[10], inputs[11]);
   args.h_seq = s.keep || s.sequences ? outputs[0] : nullptr;
   args.c_seq = s.keep ? outputs[1] : nullptr;
   args.gates = s.keep ? outputs[2] : nullptr;
   args.h_last = outputs[3];
   args.c_last = outputs[4];
+  args.c_computed = s.keep && s.zoneout_c() ? outputs[5] : nullptr;
   // With no step, ForwardRows copies h0 and c0 to the final state.
   std::vector<float> kernels((s.features + s.hidden()) * s.width());
   keras_lstm::StackKernels(args, kernels.data());
@@ -290,7 +305,8 @@ void BackwardTarget(void* out, const void** in, const char* opaque, size_t opaqu
   args.dh_last = s.dh_last ? inputs[8] : nullptr;
   args.dc_last = s.dc_last ? inputs[9] : nullptr;
   args.recurrent_mask = s.recurrent_mask ? inputs[10] : nullptr;
-  args.options = s.options(inputs[11], inputs[12]);
+  args.options = s.options(inputs[11], inputs[12], inputs[13], inputs[14]);
+  args.c_computed = s.zoneout_c() ? inputs[15] : nullptr;
   args.dz = outputs[0];
   args.dh0 = outputs[1];
   args.dc0 = outputs[2];
@@ -359,6 +375,8 @@ tensorflow::Status ReadOptions(tensorflow::OpKernelConstruction* ctx, Sizes* s) 
   bool cifg = false;
   TF_RETURN_IF_ERROR(ctx->GetAttr("cifg", &cifg));
   TF_RETURN_IF_ERROR(ctx->GetAttr("cell_clip", &s->cell_clip));
+  TF_RETURN_IF_ERROR(ctx->GetAttr("zoneout_h_rate", &s->zoneout_h_rate));
+  TF_RETURN_IF_ERROR(ctx->GetAttr("zoneout_c_rate", &s->zoneout_c_rate));
   s->cifg = cifg;
   return absl::OkStatus();
 }
@@ -376,7 +394,8 @@ class LstmSequenceXlaOp : public XlaOpKernel {
                       bias = ctx->InputShape(2), u = ctx->InputShape(3),
                       h0 = ctx->InputShape(4), c0 = ctx->InputShape(5),
                       mask = ctx->InputShape(6), recurrent_mask = ctx->InputShape(7),
-                      peephole = ctx->InputShape(8), projection = ctx->InputShape(9);
+                      peephole = ctx->InputShape(8), projection = ctx->InputShape(9),
+                      zoneout_h = ctx->InputShape(10), zoneout_c = ctx->InputShape(11);
     OP_REQUIRES(ctx, x.dims() == 3 && c0.dims() == 2,
                 InvalidArgument("x must be (T, batch, D) and c0 (batch, H), got ",
                                 x.DebugString(), " and ", c0.DebugString()));
@@ -411,13 +430,20 @@ class LstmSequenceXlaOp : public XlaOpKernel {
     s.bias = Present(bias);
     s.mask = Present(mask);
     s.recurrent_mask = Present(recurrent_mask);
+    OP_REQUIRES(ctx, (!Present(zoneout_h) || zoneout_h == hs) &&
+                         (!Present(zoneout_c) || zoneout_c == states),
+                InvalidArgument("zoneout masks must be empty or (T, batch, width), got ",
+                                zoneout_h.DebugString(), " and ", zoneout_c.DebugString()));
     s.peephole = Present(peephole);
+    s.zoneout_h_mask = Present(zoneout_h);
+    s.zoneout_c_mask = Present(zoneout_c);
     s.sequences = return_sequences_;
     s.keep = keep_for_gradient_;
     const bool keep = keep_for_gradient_;
     EmitCustomCall(ctx, kForwardTarget, ForwardOpaque(s),
                    {keep || return_sequences_ ? hs : kNone, keep ? states : kNone,
-                    keep ? TensorShape({s.steps, s.batch, s.width()}) : kNone, h_state, state});
+                    keep ? TensorShape({s.steps, s.batch, s.width()}) : kNone, h_state, state,
+                    keep && s.zoneout_c() ? states : kNone});
   }
 
  private:
@@ -438,7 +464,9 @@ class LstmSequenceGradXlaOp : public XlaOpKernel {
                       gates = ctx->InputShape(5), dh_seq = ctx->InputShape(6),
                       dc_seq = ctx->InputShape(7), dh_last = ctx->InputShape(8),
                       dc_last = ctx->InputShape(9), recurrent_mask = ctx->InputShape(10),
-                      peephole = ctx->InputShape(11), projection = ctx->InputShape(12);
+                      peephole = ctx->InputShape(11), projection = ctx->InputShape(12),
+                      zoneout_h = ctx->InputShape(13), zoneout_c = ctx->InputShape(14),
+                      c_computed = ctx->InputShape(15);
     OP_REQUIRES(ctx, gates.dims() == 3 && c0.dims() == 2,
                 InvalidArgument("gates must be (T, batch, GH) and c0 (batch, H), got ",
                                 gates.DebugString(), " and ", c0.DebugString()));
@@ -459,8 +487,15 @@ class LstmSequenceGradXlaOp : public XlaOpKernel {
             (!Present(dc_last) || dc_last == state) &&
             (!Present(recurrent_mask) || recurrent_mask == h_state) &&
             (!Present(peephole) || peephole == TensorShape({3, s.units})) &&
-            (!Present(projection) || projection == TensorShape({s.units, s.proj_units})),
+            (!Present(projection) || projection == TensorShape({s.units, s.proj_units})) &&
+            (!Present(zoneout_h) || zoneout_h == hs) &&
+            (!Present(zoneout_c) || zoneout_c == states),
         InvalidArgument("inconsistent shapes in the LSTM sequence gradient"));
+    s.zoneout_h_mask = Present(zoneout_h);
+    s.zoneout_c_mask = Present(zoneout_c);
+    OP_REQUIRES(ctx, !s.zoneout_c() || c_computed == states,
+                InvalidArgument("c_computed must be (T, batch, H) with zoneout of C, got ",
+                                c_computed.DebugString()));
     s.mask = Present(mask);
     s.dh_seq = Present(dh_seq);
     s.dc_seq = Present(dc_seq);
