@@ -318,8 +318,11 @@ class GatedLSTM(keras.layers.RNN):
     def _zoneout_masks(self, state, steps_and_batch):
         """Zoneout's masks of `state` ("h" or "c") for a whole sequence in training,
         (steps, batch, width) in processing order: 1 where a unit keeps its previous
-        value, drawn as the cell's `call` draws them (Bernoulli of the rate, from the
-        cell's seed generator), or `None` when that state's rate is 0."""
+        value, as the cell's `call` draws them (Bernoulli of the rate, from the
+        cell's seed generator; by a generator XLA runs fast, see
+        `kernels.mask_uniform`), or `None` when that state's rate is 0."""
+        from keras_lstm import kernels
+
         cell = self.cell
         rate, width = {
             "h": (cell.zoneout_h, cell.state_size[0]),
@@ -328,7 +331,7 @@ class GatedLSTM(keras.layers.RNN):
         if rate == 0.0:
             return None
         shape = (*steps_and_batch, width)
-        keep = keras.random.uniform(shape, seed=cell.seed_generator) < rate
+        keep = kernels.mask_uniform(shape, cell.seed_generator) < rate
         return ops.cast(keep, cell.compute_dtype)
 
     def _unrolled_backwards_loop(self, sequences, initial_state, mask, training):
