@@ -21,7 +21,8 @@ import keras
 import numpy as np
 from keras import ops
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+# Appended: an installed keras_lstm comes first (the repository root serves a checkout).
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from keras_lstm import GatedLSTM  # noqa: E402
 

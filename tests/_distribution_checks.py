@@ -21,7 +21,8 @@ import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+# Appended: an installed keras_lstm comes first (the repository root serves a checkout).
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 SAMPLES, TIME, FEATURES, UNITS = 16, 5, 3, 4
 GLOBAL_BATCH, EPOCHS = 8, 3

@@ -13,6 +13,22 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _native_libraries_built_at_once():
+    """Builds the native kernel and its XLA library first, at the same time (as
+    `keras-lstm build` does), rather than one after the other on first use; a
+    machine that cannot build them runs the suite on TensorFlow ops, as a user's
+    would (the build's own tests use caches of their own)."""
+    if keras.backend.backend() == "tensorflow":
+        from keras_lstm import kernels
+
+        try:
+            kernels.build_native()
+        except RuntimeError as error:
+            print(f"\nnative kernel not built here: {error}")
+    yield
+
+
 @pytest.fixture(autouse=True)
 def _seeded():
     keras.utils.set_random_seed(1234)

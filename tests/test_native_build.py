@@ -99,6 +99,29 @@ def _name(library):
     return _cache.library_name(library, "test")
 
 
+def test_the_same_sources_reached_by_another_path_share_one_key(tmp_path):
+    # An installed copy and a checkout, or `tests/../keras_lstm`: the same
+    # files by content must not build twice.
+    def library(folder):
+        return _build.Library(
+            stem="lstm_sequence_test",
+            units=(_build.Unit(folder / "maths.cc", per_cpu=True),),
+            headers=(),
+            compile_flags=(f"-I{folder}",),
+            link_flags=(),
+        )
+
+    for name in ("one", "two"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "maths.cc").write_text("int answer() { return 42; }\n")
+    (tmp_path / "one" / "sub").mkdir()
+    roundabout = tmp_path / "one" / "sub" / ".."
+    names = {_name(library(f)) for f in (tmp_path / "one", roundabout, tmp_path / "two")}
+    assert len(names) == 1
+    (tmp_path / "two" / "maths.cc").write_text("int answer() { return 43; }\n")
+    assert _name(library(tmp_path / "two")) != _name(library(tmp_path / "one"))
+
+
 # --- flags for this CPU and the fallbacks -------------------------------------------------
 
 

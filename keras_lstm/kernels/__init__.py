@@ -48,11 +48,7 @@ CellOptions = _native.CellOptions
 NATIVE_CELL_OPTIONS = ("peephole", "cifg", "cell_clip", "proj_units", "zoneout_h", "zoneout_c")
 
 __all__ = [
-    "NATIVE_CELL_OPTIONS",
-    "CellOptions",
     "build_native",
-    "cell_options_fuse_here",
-    "mask_uniform",
     "export_loop_form",
     "lstm_recurrence",
     "native_available",

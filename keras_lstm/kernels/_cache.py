@@ -180,16 +180,31 @@ class Entry:
 
 
 def library_name(library: _build.Library, extra: str = "") -> str:
-    """`STEM-KEY` for this machine: sources, flags, CPU and `extra` (the TensorFlow version)."""
+    """`STEM-KEY` for this machine: sources, flags, CPU and `extra` (the TensorFlow version).
+
+    The sources count by name and content, not by where they are: a flag that
+    names their folder (`-I.../keras_lstm/kernels`) is keyed without it, so
+    that the same sources reached by another path (an installed copy and a
+    checkout, `tests/../keras_lstm`) share one library instead of each
+    building its own.
+    """
     digest = hashlib.sha256()
     for path in (*(unit.source for unit in library.units), *library.headers):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    folders = {str(unit.source.parent) for unit in library.units}
+
+    def keyed(flag: str) -> str:
+        for folder in folders:
+            flag = flag.replace(folder, "<sources>")
+        return flag
+
     digest.update(
         "\n".join(
             [
                 extra,
                 " ".join(
-                    _build.COMMON_FLAGS
+                    keyed(flag)
+                    for flag in _build.COMMON_FLAGS
                     + _build.MATHS_FLAGS
                     + _build.GLUE_FLAGS
                     + library.compile_flags
