@@ -82,7 +82,17 @@ DAMAGES = {
 }
 
 
-@pytest.mark.parametrize("damage", list(DAMAGES))
+# Three of the five in the default suite (each loads a SavedModel); all in the slow one.
+SLOW_DAMAGES = {"empty version folder", "warmup records cut short"}
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param(name, marks=(pytest.mark.slow,) if name in SLOW_DAMAGES else ())
+        for name in DAMAGES
+    ],
+)
 def test_serve_check_names_what_is_damaged_in_one_line(healthy, tmp_path, capfd, damage):
     base_dir = tmp_path / "model"
     shutil.copytree(healthy, base_dir)

@@ -127,9 +127,28 @@ def fused_calls(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("layer_options", LAYER_OPTIONS, ids=LAYER_IDS)
-@pytest.mark.parametrize("cell_options", CELL_OPTIONS, ids=CELL_IDS)
-@pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
+def _slow_unless(default):
+    return () if default else (pytest.mark.slow,)
+
+
+def _parity_cases():
+    """Each option alone and all four together in every set-up, masked and not;
+    a pair only masked, backwards and with dropouts (every set-up in the slow suite)."""
+    for cell_options, cell_id in zip(CELL_OPTIONS, CELL_IDS, strict=True):
+        pair = len(cell_options) == 2
+        for layer_options, layer_id in zip(LAYER_OPTIONS, LAYER_IDS, strict=True):
+            for masked in (False, True):
+                default = not pair or (masked and layer_id != "sequences")
+                yield pytest.param(
+                    cell_options,
+                    layer_options,
+                    masked,
+                    id=f"{'masked' if masked else 'unmasked'}-{cell_id}-{layer_id}",
+                    marks=_slow_unless(default),
+                )
+
+
+@pytest.mark.parametrize("cell_options, layer_options, masked", list(_parity_cases()))
 def test_options_run_fused_and_match_the_cells_own_loop(
     rng, fused_calls, cell_options, layer_options, masked
 ):
@@ -148,16 +167,27 @@ def test_options_run_fused_and_match_the_cells_own_loop(
     _assert_same(got, want, _gradient_names(fused))
 
 
-@pytest.mark.parametrize("cell_options", CELL_OPTIONS, ids=CELL_IDS)
-def test_options_under_xla_match_the_cells_own_loop(rng, fused_calls, cell_options):
+def _assert_agree_under_xla(rng, fused, generic, cell_options):
+    """The twins' outputs and gradients in a training step compiled by XLA, masked."""
     if not kernels.native_available(jit_compile=True):
         pytest.skip("the native kernel's XLA library cannot be built here")
     x, h0, c0 = _data(rng, cell_options.get("proj_units", H))
-    fused, generic = _twins(rng, return_sequences=True, return_state=True, **cell_options)
     got = _outputs_and_grads(fused, x, h0, c0, MASK, training=True, jit=True)
-    assert fused_calls and fused_calls[-1] is not None
     want = _outputs_and_grads(generic, x, h0, c0, MASK, training=True, jit=True)
     _assert_same(got, want, _gradient_names(fused))
+
+
+@pytest.mark.parametrize(
+    "cell_options",
+    [
+        pytest.param(options, id=name, marks=_slow_unless(len(options) != 2))
+        for options, name in zip(CELL_OPTIONS, CELL_IDS, strict=True)
+    ],
+)
+def test_options_under_xla_match_the_cells_own_loop(rng, fused_calls, cell_options):
+    fused, generic = _twins(rng, return_sequences=True, return_state=True, **cell_options)
+    _assert_agree_under_xla(rng, fused, generic, cell_options)
+    assert fused_calls and fused_calls[-1] is not None
 
 
 def test_the_clip_clips_and_stops_the_gradient_where_it_does(rng):
@@ -319,13 +349,9 @@ def test_zoneout_in_training_matches_the_cells_own_loop_with_the_same_masks(
 
 @pytest.mark.parametrize("cell_options", ZONEOUT_OPTIONS, ids=ZONEOUT_IDS)
 def test_zoneout_in_training_under_xla_matches_the_cells_own_loop(rng, fused_calls, cell_options):
-    if not kernels.native_available(jit_compile=True):
-        pytest.skip("the native kernel's XLA library cannot be built here")
-    x, h0, c0 = _data(rng, cell_options.get("proj_units", H))
     fused, generic = _zoneout_twins(rng, cell_options, return_sequences=True, return_state=True)
-    got = _outputs_and_grads(fused, x, h0, c0, MASK, training=True, jit=True)
-    want = _outputs_and_grads(generic, x, h0, c0, MASK, training=True, jit=True)
-    _assert_same(got, want, _gradient_names(fused))
+    _assert_agree_under_xla(rng, fused, generic, cell_options)
+    assert fused_calls and fused_calls[-1] is not None
 
 
 @pytest.mark.parametrize("cell_options", ZONEOUT_OPTIONS, ids=ZONEOUT_IDS)

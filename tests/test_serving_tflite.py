@@ -167,7 +167,12 @@ def _litert_outputs(path, x):
 
 
 @pytest.mark.parametrize(
-    "quantize, tolerance", [("dynamic", 0.01), ("int8", 0.05), ("int16x8", 0.03)]
+    "quantize, tolerance",
+    [
+        pytest.param("dynamic", 0.01, marks=pytest.mark.slow),
+        ("int8", 0.05),
+        pytest.param("int16x8", 0.03, marks=pytest.mark.slow),
+    ],
 )
 def test_quantized_models_run_in_litert_close_to_keras(tmp_path, quantize, tolerance):
     pytest.importorskip("ai_edge_litert", reason="LiteRT's interpreter is the `litert` extra")
