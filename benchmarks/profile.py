@@ -58,15 +58,17 @@ def profile(size):
         none = tf.zeros((0,))
         bias = tf.zeros((4 * units,))
         xs = tf.reshape(x, (steps, batch, features))
-        h, c, g, _, _ = module.keras_lstm_sequence(xs, w, bias, u, h0, c0, none, none, none)
-        parts["native forward, projection included (training)"] = lambda: (
-            module.keras_lstm_sequence(xs, w, bias, u, h0, c0, none, none, none)[3].numpy()
-        )
+        h, c, g, _, _, _ = module.keras_lstm_sequence(xs, w, bias, u, h0, c0, *[none] * 6)
+        parts["native forward, projection included (training)"] = lambda: _native.lstm_sequence(
+            xs, w, bias, u, h0, c0
+        )[2].numpy()
         parts["native forward, projection included (inference)"] = lambda: _native.lstm_sequence(
             xs, w, bias, u, h0, c0, keep_for_gradient=False, return_sequences=False
         )[2].numpy()
+        # recurrent_kernel, h0, c0, mask, c, gates, dh, dc, dh_last, dc_last, then
+        # the absent recurrent mask, peephole, projection, zoneout masks and c_computed.
         parts["native backward recurrence"] = lambda: module.keras_lstm_sequence_grad(
-            u, h0, c0, none, c, g, h, c, none, none, none, none
+            u, h0, c0, none, c, g, h, c, none, none, *[none] * 6
         )[0].numpy()
     xla_forward = tf.function(
         lambda xz: _while_loop._forward(xz, u, h0, c0, None), jit_compile=True

@@ -133,9 +133,16 @@ def report() -> tuple[list[str], int]:
             add(f"  {mode} {text}")
         if gpus:
             add("  on a GPU     TensorFlow ops (the native kernel is for the CPU)")
-    add("  mixed policy as above, in float32 (cast in and out); float64: TensorFlow ops")
-    add(f"  options      {_FUSED_OPTIONS_NOTE}")
-    add(f"               {_OPTIONS_NOTE} around GatedLSTMCell")
+    if disabled is None and cache_problem is None:
+        add("  mixed policy as above, in float32 (cast in and out); float64: TensorFlow ops")
+        add(f"  options      {_FUSED_OPTIONS_NOTE}")
+        add(f"               {_OPTIONS_NOTE} around GatedLSTMCell")
+    else:
+        add("  mixed policy TensorFlow ops, in the policy's dtype")
+        add(
+            "  options      Keras's step loop around GatedLSTMCell "
+            "(fusing them needs the native kernel)"
+        )
     return lines, status
 
 

@@ -532,6 +532,18 @@ def test_benchmark_quick_run_writes_json_and_chart(tmp_path):
     assert (tmp_path / "benchmark.png").stat().st_size > 1000
 
 
+def test_profile_takes_a_training_step_and_an_inference_call_apart(capsys):
+    from benchmarks import profile
+
+    assert profile.main(["--sizes", "4x3x2x5"]) == 0
+    assert profile.main(["--sizes", "4x3x2x5", "--inference"]) == 0
+    out = capsys.readouterr().out
+    for part in ("native backward recurrence", "XLA forward recurrence", "native op alone"):
+        assert part in out
+    if kernels.native_available():
+        assert "native forward, projection included (training)" in out
+
+
 def test_benchmark_rejects_unknown_options_and_dtypes():
     from benchmarks import run
 

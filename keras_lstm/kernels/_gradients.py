@@ -44,7 +44,7 @@ def projection_grads(x, kernel, dz):
 def recurrent_kernel_grad(h0, h_seq, dz, recurrent_mask=None):
     """`sum_t h_{t-1}^T dz_t` as one matmul over all steps.
 
-    With a recurrent dropout mask r (B, H), U saw `h_{t-1} * r`: that is
+    With a recurrent dropout mask r (B, R), U saw `h_{t-1} * r`: that is
     what multiplies dz then.
     """
     if recurrent_mask is not None:
@@ -52,9 +52,10 @@ def recurrent_kernel_grad(h0, h_seq, dz, recurrent_mask=None):
         h_seq = h_seq * recurrent_mask
     units, width = tf.shape(h0)[-1], dz.shape[-1]
     if in_xla_context():
-        # XLA copies a slice that feeds a matmul, and dz[1:] is 4x the size of
-        # h: one matmul on a copy of the shifted h moves less (measured: 22.5
-        # against 25.0 ms a training step at B=64, T=100, D=32, H=128).
+        # XLA copies a slice that feeds a matmul, and dz[1:] is G H / R times the
+        # size of h (4x for a plain cell): one matmul on a copy of the shifted h
+        # moves less (measured: 22.5 against 25.0 ms a training step at B=64,
+        # T=100, D=32, H=128).
         h_prev = tf.concat([h0[None], h_seq[:-1]], axis=0)
         return tf.matmul(
             tf.reshape(h_prev, (-1, units)), tf.reshape(dz, (-1, width)), transpose_a=True

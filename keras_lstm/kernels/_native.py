@@ -161,23 +161,30 @@ def _register_gradient():
         # The input and weight gradients as single matmuls over all steps; the
         # bias gradient the kernel summed as it went.
         dx, dkernel = projection_grads(x, kernel, dz)
-        dbias = dbias if bias.shape[0] else None
-        # An absent input is an empty (0,) tensor; a given one has rank 2 or 3,
-        # whose leading sizes may be unknown while tracing (a free batch size).
-        dropped = recurrent_mask if recurrent_mask.shape.rank == 2 else None
+        dbias = dbias if _given(bias) else None
+        dropped = recurrent_mask if _given(recurrent_mask) else None
         drecurrent = recurrent_kernel_grad(h0, h_seq, dz, dropped)
         # The c the gates and h read: with zoneout of C, before it mixed in the previous one.
-        c_read = c_computed if c_computed.shape.rank == 3 else c_seq
+        zoneout_c_on = options["zoneout_c_rate"] > 0 or _given(zoneout_c)
+        c_read = c_computed if zoneout_c_on else c_seq
         dpeephole = None
-        if peephole.shape[0]:
+        if _given(peephole):
             dpeephole = peephole_grad(c0, c_seq, dz, options["cifg"], c_read)
         dprojection = None
-        if projection.shape[0]:
+        if _given(projection):
             dprojection = projection_kernel_grad(c_read, gates, dh_projected)
         return (dx, dkernel, dbias, drecurrent, dh0, dc0, None, None, dpeephole, dprojection) + (
             None,
             None,
         )
+
+
+def _given(tensor) -> bool:
+    """Whether an optional input of the ops was given: an absent one is the empty
+    (0,) tensor, while a given one may have sizes unknown while tracing (a free
+    batch size), so its static shape alone does not say it is empty."""
+    shape = tensor.shape
+    return not (shape.rank == 1 and shape[0] == 0)
 
 
 def native_module():
@@ -220,7 +227,8 @@ def lstm_sequence(
     recurrent_mask=None,
     options=None,
 ):
-    """The native twin of `_while_loop.lstm_sequence_projecting` (float32, CPU).
+    """The native whole-sequence LSTM (float32, CPU); with no options, the twin of
+    `_while_loop.lstm_sequence_projecting`.
 
     `x` is time-major (T, B, D). Returns `(h_seq, c_seq, h_last, c_last)`: the final
     state comes as its own tensors too, so that a loss on it alone sends back no

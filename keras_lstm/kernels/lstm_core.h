@@ -110,7 +110,7 @@ struct Backward {
 };
 
 // One step a row block: z = [x_t, h_{t-1}] [W; U] + b as one matrix product
-// over the stacked weights `kernels` ((D + H, G H), see StackKernels), then
+// over the stacked weights `kernels` ((D + R, G H), see StackKernels), then
 //   i = sigmoid(z_i)   f = sigmoid(z_f)   g = tanh(z_g)   o = sigmoid(z_o)
 //   c = f * c_{t-1} + i * g               h = o * tanh(c)
 // With a `recurrent_mask` r (recurrent dropout: one mask per sequence, scaled

@@ -1,15 +1,17 @@
 // Whole-sequence LSTM ops for the TensorFlow CPU runtime.
 //
 // KerasLstmSequence runs the forward pass, input projection included: each
-// step is one (rows, D + H) x (D + H, 4H) matrix product and one fused
-// pointwise pass, so x W + b of a step is made while it is in cache instead
-// of as a (T, B, 4H) tensor. KerasLstmSequenceGrad carries the gradient back
+// step is one (rows, D + R) x (D + R, G H) matrix product and one fused
+// pointwise pass (lstm_core.h names the sizes), so x W + b of a step is made
+// while it is in cache instead of as a (T, B, G H) tensor. KerasLstmSequenceGrad carries the gradient back
 // through the steps and returns the gradient of the pre-activations, dz,
 // and the bias gradient db, from which the caller makes dx, dW and dU as
 // large matrix products over all steps. Of the cell options the kernel
 // covers, cifg and cell_clip are attributes; the peephole and projection
-// weights are inputs (empty when off), and with a projection the gradient op
-// also returns each step's dh, for W_hr's gradient. The maths lives in
+// weights and zoneout's masks are inputs (empty when off) and zoneout's rates
+// attributes; with zoneout of C the forward op also returns the C each step
+// computed (`c_computed`), and with a projection the gradient op each step's
+// dh, for W_hr's gradient. The maths lives in
 // lstm_core.cc; this file adapts it to
 // TensorFlow: shapes, outputs, and the worker threads the batch is split
 // across. It is compiled for the generic target (lstm_core.h says why).
@@ -183,8 +185,8 @@ class LstmSequenceOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, keep ? states : none, &c_out));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(
                             2, keep ? TensorShape({steps, batch, gates}) : none, &gates_out));
-    // The final state as its own (batch, H) tensors: a loss that reads only
-    // these sends back a (batch, H) gradient, not a (T, batch, H) one.
+    // The final state as its own (batch, R) and (batch, H) tensors: a loss that
+    // reads only these sends back a (batch, ·) gradient, not a (T, batch, ·) one.
     OP_REQUIRES_OK(ctx, ctx->allocate_output(3, h0.shape(), &h_last_out));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(4, c0.shape(), &c_last_out));
     // With zoneout of C, the c each step computed, which the gradient reads.
@@ -370,10 +372,14 @@ REGISTER_OP("KerasLstmSequence")
       c->set_output(2, keep ? gates : none);
       c->set_output(3, c->input(4));
       c->set_output(4, c->input(5));
-      // (T, batch, H) when kept with zoneout of C (a rate, or a mask of rank 3), else empty.
+      // (T, batch, H) when kept with zoneout of C (a rate, or a mask: anything but
+      // the empty (0,) tensor), else empty.
       float zoneout_c_rate;
       TF_RETURN_IF_ERROR(c->GetAttr("zoneout_c_rate", &zoneout_c_rate));
-      const bool zoneout_c = zoneout_c_rate > 0.f || c->Rank(c->input(11)) == 3;
+      auto mask_c = c->input(11);
+      const bool mask_absent = c->RankKnown(mask_c) && c->Rank(mask_c) == 1 &&
+                               c->ValueKnown(c->Dim(mask_c, 0)) && c->Value(c->Dim(mask_c, 0)) == 0;
+      const bool zoneout_c = zoneout_c_rate > 0.f || !mask_absent;
       c->set_output(5, keep && zoneout_c ? states : none);
       return absl::OkStatus();
     });
