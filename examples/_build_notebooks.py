@@ -60,6 +60,19 @@ ADDING_PROBLEM = """\
 """
 
 
+def adding_problem_cell(rows: int):
+    """The code cell that defines `adding_problem` and prints the first of `rows`
+    samples of length 10 (how many are drawn sets the sample shown)."""
+    return (
+        "code",
+        ADDING_PROBLEM
+        + f"""
+
+        x, y = adding_problem({rows}, 10, np.random.default_rng(0))
+        print(x[0].T.round(2), "->", y[0])""",
+    )
+
+
 GATES = [
     (
         "md",
@@ -315,14 +328,7 @@ ADDING = [
         """,
     ),
     ("code", setup("import tensorflow as tf\n", "GatedLSTM")),
-    (
-        "code",
-        ADDING_PROBLEM
-        + """
-
-        x, y = adding_problem(3, 10, np.random.default_rng(0))
-        print(x[0].T.round(2), "->", y[0])""",
-    ),
+    adding_problem_cell(3),
     (
         "md",
         """
@@ -876,14 +882,7 @@ LONG_LAGS = [
         we measure it on each test set rather than assume $1/6$.
         """,
     ),
-    (
-        "code",
-        ADDING_PROBLEM
-        + """
-
-        x, y = adding_problem(2, 10, np.random.default_rng(0))
-        print(x[0].T.round(2), "->", y[0])""",
-    ),
+    adding_problem_cell(2),
     (
         "md",
         """

@@ -24,12 +24,6 @@ _FEATURES = {
     "aarch64": ("asimd", "asimdhp", "sve", "sve2", "bf16", "i8mm"),
 }
 
-# Options the native kernel computes itself (kernels.NATIVE_CELL_OPTIONS), and the others.
-_FUSED_OPTIONS_NOTE = (
-    "peephole, cifg, cell_clip, proj_units, zoneout: as above (fused where the native kernel runs)"
-)
-_OPTIONS_NOTE = "layer_norm, unroll=True: Keras's step loop"
-
 
 def _library_state(module, compiler: str):
     """`(state, detail)` of one library in the cache, without building it."""
@@ -135,8 +129,20 @@ def report() -> tuple[list[str], int]:
             add("  on a GPU     TensorFlow ops (the native kernel is for the CPU)")
     if disabled is None and cache_problem is None:
         add("  mixed policy as above, in float32 (cast in and out); float64: TensorFlow ops")
-        add(f"  options      {_FUSED_OPTIONS_NOTE}")
-        add(f"               {_OPTIONS_NOTE} around GatedLSTMCell")
+        # The options the native kernel computes, and the others, from the one list.
+        from keras_lstm import kernels
+
+        fused = ", ".join(kernels.NATIVE_CELL_OPTIONS)
+        others = [
+            name
+            for name in keras_lstm.GatedLSTMCell.MATHS_OPTIONS
+            if name not in kernels.NATIVE_CELL_OPTIONS
+        ]
+        add(f"  options      {fused}: as above (fused where the native kernel runs)")
+        add(
+            f"               {', '.join([*others, 'unroll=True'])}: Keras's step loop around "
+            "GatedLSTMCell"
+        )
     else:
         add("  mixed policy TensorFlow ops, in the policy's dtype")
         add(

@@ -346,22 +346,22 @@ class GatedLSTMCell(keras.layers.Layer, _internals.dropout_rnn_cell()):
             and keras.activations.serialize(self.recurrent_activation) == "sigmoid"
         )
 
+    # The options that change the equations (not `chrono_init`, which only
+    # sets where the bias starts). Each is off when False, None or 0.0.
+    MATHS_OPTIONS = (
+        "peephole",
+        "layer_norm",
+        "cifg",
+        "proj_units",
+        "zoneout_h",
+        "zoneout_c",
+        "cell_clip",
+    )
+
     def options_changing_maths(self) -> list[str]:
         """The names of the options turned on that change the equations (not
         `chrono_init`, which only sets where the bias starts)."""
-        return [
-            name
-            for name, on in [
-                ("peephole", self.peephole),
-                ("layer_norm", self.layer_norm),
-                ("cifg", self.cifg),
-                ("proj_units", self.proj_units is not None),
-                ("zoneout_h", self.zoneout_h > 0),
-                ("zoneout_c", self.zoneout_c > 0),
-                ("cell_clip", self.cell_clip is not None),
-            ]
-            if on
-        ]
+        return [name for name in self.MATHS_OPTIONS if getattr(self, name)]
 
     def get_initial_state(self, batch_size=None):
         return [ops.zeros((batch_size, size), dtype=self.compute_dtype) for size in self.state_size]

@@ -221,7 +221,9 @@ IMPORT_CHECK = (
 
 @pytest.mark.parametrize("backend", ["jax", "torch"])
 def test_importing_and_using_the_layer_loads_no_tensorflow_on_other_backends(backend):
-    pytest.importorskip(backend)
+    pytest.importorskip(
+        backend, reason=f"{backend} is not installed (pip install 'keras-lstm[{backend}]')"
+    )
     env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
     done = subprocess.run(
         [sys.executable, "-c", IMPORT_CHECK], env=env, capture_output=True, text=True, timeout=300

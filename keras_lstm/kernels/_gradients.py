@@ -80,12 +80,18 @@ def peephole_grad(c0, c_seq, dz, cifg, c_read=None):
     the state carried on (zoneout of C).
     """
     c_read = c_seq if c_read is None else c_read
-    c_prev = tf.concat([c0[None], c_seq[:-1]], axis=0)
     parts = tf.split(dz, 3 if cifg else 4, axis=-1)
     dz_f, dz_o = parts[-3], parts[-1]
-    d_forget = tf.reduce_sum(dz_f * c_prev, axis=(0, 1))
+
+    def times_previous_c(dz_gate):
+        # On leading-axis slices, as recurrent_kernel_grad: no copy of every C.
+        return tf.reduce_sum(dz_gate[1:] * c_seq[:-1], axis=(0, 1)) + tf.reduce_sum(
+            dz_gate[0] * c0, axis=0
+        )
+
+    d_forget = times_previous_c(dz_f)
     d_output = tf.reduce_sum(dz_o * c_read, axis=(0, 1))
-    d_input = tf.zeros_like(d_forget) if cifg else tf.reduce_sum(parts[0] * c_prev, axis=(0, 1))
+    d_input = tf.zeros_like(d_forget) if cifg else times_previous_c(parts[0])
     return tf.stack([d_input, d_forget, d_output])
 
 
@@ -95,7 +101,7 @@ def projection_kernel_grad(c_seq, gates, dh_projected):
     m_t = o_t * tanh(C_t) is what W_hr projects; o is the last H of the
     kept gate activations. `dh_projected` is zero where a mask kept h.
     """
-    units = c_seq.shape[-1] if c_seq.shape[-1] is not None else tf.shape(c_seq)[-1]
+    units = c_seq.shape[-1]  # H: the cell's size, always known
     m = gates[..., -units:] * tf.tanh(c_seq)
     return tf.matmul(
         tf.reshape(m, (-1, units)),
