@@ -9,7 +9,8 @@ picks one of two implementations of the same maths:
   first use, for float32 on CPU: one matmul per step (input projection
   included) and one fused pointwise pass, the batch split across threads.
   Under a mixed-precision policy (float16 or bfloat16 compute) on CPU it runs
-  in float32 too, its inputs and results cast;
+  in float32 too, its inputs and results cast; under bfloat16, its products
+  take bfloat16 operands where the CPU has AVX512-BF16 (`bf16_products`).
   Under XLA (`jit_compile=True`) the same op runs as a custom call from a
   second library (`lstm_sequence_xla.cc`, see `_native_xla`);
 - TensorFlow ops in two `tf.while_loop`s with a custom gradient, everywhere
@@ -48,6 +49,7 @@ CellOptions = _native.CellOptions
 NATIVE_CELL_OPTIONS = ("peephole", "cifg", "cell_clip", "proj_units", "zoneout_h", "zoneout_c")
 
 __all__ = [
+    "bf16_products",
     "build_native",
     "export_loop_form",
     "lstm_recurrence",
@@ -220,6 +222,24 @@ def _use_native(dtype) -> bool:
     return not in_xla_context() or _native_xla.xla_library() is not None
 
 
+def bf16_products() -> str:
+    """The instructions the native kernel runs bfloat16 products with here:
+    `"avx512_bf16"` (vdpbf16ps: bfloat16 pairs summed in float32), or `""`
+    where the CPU has none (or no native kernel runs) and products stay float32.
+
+    Under a `mixed_bfloat16` policy the fused layer uses them for each step's
+    products and its weight gradients; the cell state, the gates and every
+    sum stay float32. `keras-lstm doctor` prints the same.
+
+    Example:
+
+    >>> from keras_lstm import kernels
+    >>> kernels.bf16_products() in ("avx512_bf16", "")
+    True
+    """
+    return _native.bf16_products()
+
+
 def cell_options_fuse_here(dtype) -> bool:
     """Whether `lstm_recurrence` takes `options` in the graph traced now: the
     native kernel runs (float32 on CPU, not in an export; under XLA only with
@@ -258,6 +278,7 @@ def lstm_recurrence(
     training=True,
     recurrent_mask=None,
     options=None,
+    bf16_products=False,
 ):
     """Runs an LSTM over batch-major `inputs` (B, T, D), Keras-compatible.
 
@@ -273,7 +294,10 @@ def lstm_recurrence(
     exports, which never train, take none. `options` (a `CellOptions`) turns
     on peephole, cifg, cell clip, projection and zoneout; only the native
     kernel computes them, so they may be given only where
-    `cell_options_fuse_here` says so.
+    `cell_options_fuse_here` says so. With bfloat16 inputs (a `mixed_bfloat16`
+    policy) the native kernel runs in float32 with bfloat16 operands for its
+    products where the CPU has the instructions (`bf16_products()`);
+    `bf16_products` asks for that with float32 inputs too.
     """
     dtype = inputs.dtype
     if options is not None and not _use_native(dtype):
@@ -300,6 +324,7 @@ def lstm_recurrence(
             zero_output_for_mask=zero_output_for_mask,
             training=training,
             recurrent_mask=f32(recurrent_mask),
+            bf16_products=dtype == tf.bfloat16,
             options=None
             if options is None
             else options._replace(
@@ -350,6 +375,7 @@ def lstm_recurrence(
             return_sequences=return_sequences,
             recurrent_mask=recurrent_mask,
             options=options,
+            bf16_products=bf16_products,
         )
     elif export_loop_form() in ("inference", "onnx"):
         h_seq, h_last, c_last = _while_loop.lstm_sequence_for_inference(

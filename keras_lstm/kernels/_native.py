@@ -17,6 +17,7 @@ Environment variables:
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 import sys
@@ -125,8 +126,9 @@ def _register_gradient():
         peephole, projection, zoneout_h, zoneout_c = op.inputs[8:]
         options = {
             name: op.get_attr(name)
-            for name in ("cifg", "cell_clip", "zoneout_h_rate", "zoneout_c_rate")
+            for name in ("cifg", "cell_clip", "zoneout_h_rate", "zoneout_c_rate", "bf16_products")
         }
+        bf16 = options["bf16_products"] and bf16_products() != ""
         h_seq, c_seq, gates, _, _, c_computed = op.outputs
         if not op.get_attr("keep_for_gradient"):
             # Run in inference mode, which keeps nothing for the gradient:
@@ -160,10 +162,10 @@ def _register_gradient():
         )
         # The input and weight gradients as single matmuls over all steps; the
         # bias gradient the kernel summed as it went.
-        dx, dkernel = projection_grads(x, kernel, dz)
+        dx, dkernel = projection_grads(x, kernel, dz, bf16=bf16)
         dbias = dbias if _given(bias) else None
         dropped = recurrent_mask if _given(recurrent_mask) else None
-        drecurrent = recurrent_kernel_grad(h0, h_seq, dz, dropped)
+        drecurrent = recurrent_kernel_grad(h0, h_seq, dz, dropped, bf16=bf16)
         # The c the gates and h read: with zoneout of C, before it mixed in the previous one.
         zoneout_c_on = options["zoneout_c_rate"] > 0 or _given(zoneout_c)
         c_read = c_computed if zoneout_c_on else c_seq
@@ -209,6 +211,19 @@ def native_module():
         return _state["module"]
 
 
+def bf16_products() -> str:
+    """`"avx512_bf16"` where the loaded kernel runs products with bfloat16
+    operands (lstm_core.h's `BfloatProducts`), else `""` (also without one)."""
+    path = loaded_path()
+    if path is None:
+        return ""
+    if "bf16" not in _state:
+        function = ctypes.CDLL(str(path)).keras_lstm_bf16_products
+        function.restype = ctypes.c_char_p
+        _state["bf16"] = function().decode()
+    return _state["bf16"]
+
+
 def loaded_path() -> Path | None:
     """The path of the loaded main library (for the XLA library, which calls its maths)."""
     return _state.get("path") if native_module() is not None else None
@@ -226,6 +241,7 @@ def lstm_sequence(
     return_sequences=True,
     recurrent_mask=None,
     options=None,
+    bf16_products=False,
 ):
     """The native whole-sequence LSTM (float32, CPU); with no options, the twin of
     `_while_loop.lstm_sequence_projecting`.
@@ -238,6 +254,8 @@ def lstm_sequence(
     `recurrent_mask` (B, H), if given, multiplies `h_{t-1}` before the
     recurrent product (recurrent dropout, one mask per sequence). `options`
     (a `CellOptions`), if given, turns on the cell options the kernel computes.
+    `bf16_products` gives the steps' products (and the weight gradients)
+    bfloat16 operands where the CPU has the instructions (`bf16_products()`).
     """
     module = native_module()
     options = options or CellOptions()
@@ -263,5 +281,6 @@ def lstm_sequence(
         cell_clip=options.cell_clip or 0.0,
         zoneout_h_rate=options.zoneout_h_rate,
         zoneout_c_rate=options.zoneout_c_rate,
+        bf16_products=bool(bf16_products),
     )
     return h_seq, c_seq, h_last, c_last

@@ -7,9 +7,20 @@
 
 #include "lstm_core.h"
 
+#include <cstring>
+#include <optional>
 #include <vector>
 
 #include "Eigen/Core"
+
+// AVX512-BF16's vdpbf16ps: 16 float32 sums, each gaining two products of
+// bfloat16 pairs, per instruction (Intel from Cooper Lake and Sapphire
+// Rapids, AMD from Zen 4). Without it, `Options::bf16_products` keeps
+// float32 products.
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#define KERAS_LSTM_AVX512_BF16 1
+#include <immintrin.h>
+#endif
 
 namespace keras_lstm {
 namespace {
@@ -147,6 +158,184 @@ void SplitZoneoutGrad(const Zoneout& zoneout, int64_t at, int64_t rows, int64_t 
   }
 }
 
+
+#if KERAS_LSTM_AVX512_BF16
+// ---------------------------------------------------------------------------
+// Matrix products with bfloat16 operands and float32 sums (Options::bf16_products).
+//
+// C (M, N) += A (M, K) B (K, N). vdpbf16ps multiplies pairs along K: lane n
+// of `acc += dot(a, b)` gains a[0] b[0][n] + a[1] b[1][n]. So B is packed
+// once per call as (K/2 pairs, N rounded up to 16, 2): for each pair of rows
+// k, k+1 and column n the two values side by side; a row of A is converted
+// each step and its pairs broadcast. An odd K gets a zero row and column.
+
+using Bf16 = uint16_t;
+
+// float32 to bfloat16, rounding to nearest even (as vcvtne2ps2bf16 does).
+inline Bf16 ToBf16(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return static_cast<Bf16>(bits >> 16);
+}
+
+// `rows` rows of `count` floats (row stride `stride`) to bfloat16 rows of
+// `count` rounded up to even (a zero after an odd count).
+void ToBf16Rows(const float* src, int64_t rows, int64_t count, int64_t stride, Bf16* dst) {
+  const int64_t padded = (count + 1) & ~int64_t{1};
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* in = src + r * stride;
+    Bf16* out = dst + r * padded;
+    int64_t k = 0;
+    for (; k + 32 <= count; k += 32) {
+      const __m512bh pair = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(in + k + 16), _mm512_loadu_ps(in + k));
+      _mm512_storeu_si512(out + k, reinterpret_cast<const __m512i&>(pair));
+    }
+    for (; k < count; ++k) out[k] = ToBf16(in[k]);
+    if (padded > count) out[count] = 0;
+  }
+}
+
+// B packed for Bf16Product: (K, N) row-major, or with `transposed` the
+// transpose of a (N, K) row-major matrix (dz U^T reads U that way).
+class PackedBf16 {
+ public:
+  void Pack(const float* b, int64_t K, int64_t N, bool transposed) {
+    k_ = K;
+    n_ = N;
+    pairs_ = (K + 1) / 2;
+    columns_ = (N + 15) / 16 * 16;
+    data_.assign(pairs_ * columns_ * 2, 0);
+    for (int64_t k = 0; k < K; ++k) {
+      Bf16* out = data_.data() + (k / 2) * columns_ * 2 + (k & 1);
+      for (int64_t n = 0; n < N; ++n) out[2 * n] = ToBf16(transposed ? b[n * K + k] : b[k * N + n]);
+    }
+  }
+  int64_t k() const { return k_; }
+  int64_t n() const { return n_; }
+  int64_t pairs() const { return pairs_; }
+  int64_t columns() const { return columns_; }
+  const Bf16* data() const { return data_.data(); }
+
+ private:
+  int64_t k_ = 0, n_ = 0, pairs_ = 0, columns_ = 0;
+  std::vector<Bf16> data_;
+};
+
+// One block of MR rows and NV vectors of 16 columns: C += A B, the last
+// vector's columns limited by `last` (a partial block at N's end).
+template <int MR, int NV>
+void Bf16Block(const Bf16* a, int64_t lda, const Bf16* b, int64_t b_stride, int64_t pairs,
+               float* c, int64_t ldc, __mmask16 last) {
+  __m512 acc[MR][NV];
+  for (int m = 0; m < MR; ++m) {
+    for (int j = 0; j < NV; ++j) {
+      const float* at = c + m * ldc + 16 * j;
+      acc[m][j] = j == NV - 1 ? _mm512_maskz_loadu_ps(last, at) : _mm512_loadu_ps(at);
+    }
+  }
+  for (int64_t p = 0; p < pairs; ++p, b += b_stride) {
+    __m512i bv[NV];
+    for (int j = 0; j < NV; ++j) bv[j] = _mm512_loadu_si512(b + 32 * j);
+    for (int m = 0; m < MR; ++m) {
+      int32_t pair;
+      std::memcpy(&pair, a + m * lda + 2 * p, sizeof(pair));
+      const __m512i av = _mm512_set1_epi32(pair);
+      for (int j = 0; j < NV; ++j) {
+        acc[m][j] = _mm512_dpbf16_ps(acc[m][j], reinterpret_cast<const __m512bh&>(av),
+                                     reinterpret_cast<const __m512bh&>(bv[j]));
+      }
+    }
+  }
+  for (int m = 0; m < MR; ++m) {
+    for (int j = 0; j < NV; ++j) {
+      float* at = c + m * ldc + 16 * j;
+      if (j == NV - 1) {
+        _mm512_mask_storeu_ps(at, last, acc[m][j]);
+      } else {
+        _mm512_storeu_ps(at, acc[m][j]);
+      }
+    }
+  }
+}
+
+// Six rows by four vectors (24 accumulators, four B vectors and a broadcast:
+// 29 of the 32 registers) is the largest block that stays in registers.
+constexpr int kBlockRows = 6, kBlockVectors = 4;
+using Bf16BlockFn = void (*)(const Bf16*, int64_t, const Bf16*, int64_t, int64_t, float*, int64_t,
+                             __mmask16);
+
+template <int MR>
+constexpr Bf16BlockFn kBlocksOfRows[kBlockVectors] = {Bf16Block<MR, 1>, Bf16Block<MR, 2>,
+                                                      Bf16Block<MR, 3>, Bf16Block<MR, 4>};
+
+Bf16BlockFn BlockFor(int rows, int vectors) {
+  switch (rows) {
+    case 1: return kBlocksOfRows<1>[vectors - 1];
+    case 2: return kBlocksOfRows<2>[vectors - 1];
+    case 3: return kBlocksOfRows<3>[vectors - 1];
+    case 4: return kBlocksOfRows<4>[vectors - 1];
+    case 5: return kBlocksOfRows<5>[vectors - 1];
+    default: return kBlocksOfRows<6>[vectors - 1];
+  }
+}
+
+// C (M, B.n(), row stride ldc) += A B, A being M bfloat16 rows of B.k()
+// rounded up to even (ToBf16Rows). Column blocks outside, so that one block
+// of B stays in cache while every row block passes it.
+void Bf16Product(const Bf16* a, int64_t M, const PackedBf16& b, float* c, int64_t ldc) {
+  const int64_t lda = 2 * b.pairs(), N = b.n();
+  for (int64_t n0 = 0; n0 < N; n0 += 16 * kBlockVectors) {
+    const int64_t width = std::min<int64_t>(N - n0, 16 * kBlockVectors);
+    const int vectors = static_cast<int>((width + 15) / 16);
+    const int tail = static_cast<int>(width - 16 * (vectors - 1));
+    const __mmask16 last = static_cast<__mmask16>((1u << tail) - 1u);
+    const Bf16* panel = b.data() + n0 * 2;
+    for (int64_t m = 0; m < M; m += kBlockRows) {
+      const int rows = static_cast<int>(std::min<int64_t>(M - m, kBlockRows));
+      BlockFor(rows, vectors)(a + m * lda, lda, panel, b.columns() * 2, b.pairs(), c + m * ldc + n0,
+                              ldc, last);
+    }
+  }
+}
+
+constexpr char kBf16Instructions[] = "avx512_bf16";
+
+// One row block's step products with bfloat16 operands: B packed once, A
+// converted at each product.
+class Bf16Products {
+ public:
+  // B (K, N), or the transpose of a (N, K) matrix; A of up to `rows` rows.
+  Bf16Products(const float* b, int64_t K, int64_t N, bool transposed, int64_t rows) {
+    b_.Pack(b, K, N, transposed);
+    a_.resize(rows * 2 * b_.pairs());
+  }
+  // C (rows, N; row stride ldc) += A (rows, K; row stride lda) B.
+  void MultiplyInto(const float* a, int64_t lda, int64_t rows, float* c, int64_t ldc) {
+    ToBf16Rows(a, rows, b_.k(), lda, a_.data());
+    Bf16Product(a_.data(), rows, b_, c, ldc);
+  }
+
+ private:
+  PackedBf16 b_;
+  std::vector<Bf16> a_;
+};
+#else
+constexpr char kBf16Instructions[] = "";
+
+// Never made: without the instructions every product is float32.
+class Bf16Products {
+ public:
+  Bf16Products(const float*, int64_t, int64_t, bool, int64_t) {}
+  void MultiplyInto(const float*, int64_t, int64_t, float*, int64_t) {}
+};
+#endif  // KERAS_LSTM_AVX512_BF16
+
+// Whether a row block's step products run in bfloat16: asked for, with the
+// instructions here, and not a few rows' vector-matrix products.
+bool UseBf16Products(const Options& options, int64_t rows) {
+  return options.bf16_products && kBf16Instructions[0] != '\0' && rows > kMaxRowsForGemv;
+}
 }  // namespace
 
 // One step a row block: z = [x_t, h_{t-1}] [W; U] + b as one matrix product
@@ -163,6 +352,8 @@ void ForwardRows(const Forward& a, const float* kernels, int64_t row_begin,
   const float* projection = a.options.projection;
   if (rows <= 0) return;
   ConstMatrixMap weights(kernels, K, G), recurrent(kernels + D * G, R, G);
+  std::optional<Bf16Products> bf16;
+  if (UseBf16Products(a.options, rows)) bf16.emplace(kernels, K, G, /*transposed=*/false, rows);
   // A batch of a few rows (one block): one product projects the inputs of
   // every step first, so that each step's vector-matrix products read U only.
   const bool project_first = rows == B && rows <= kMaxRowsForGemv;
@@ -218,7 +409,11 @@ void ForwardRows(const Forward& a, const float* kernels, int64_t row_begin,
       } else {
         Z.setZero();
       }
-      MultiplyInto(Z, xh, weights, /*accumulate=*/true);
+      if (bf16) {
+        bf16->MultiplyInto(xh.data(), K, rows, z, G);
+      } else {
+        MultiplyInto(Z, xh, weights, /*accumulate=*/true);
+      }
     }
 
     // Pre-activations become activations in place: they are what the
@@ -280,6 +475,11 @@ void BackwardRows(const Backward& a, int64_t row_begin, int64_t row_end, float* 
   const float* projection = a.options.projection;
   if (rows <= 0) return;
   ConstMatrixMap U(a.recurrent_kernel, R, G);
+  // dz U^T reads U as the transpose of the (R, G) matrix it is.
+  std::optional<Bf16Products> bf16;
+  if (UseBf16Products(a.options, rows)) {
+    bf16.emplace(a.recurrent_kernel, G, R, /*transposed=*/true, rows);
+  }
   ArrayMap dh(a.dh0 + row_begin * R, rows, R), dc(a.dc0 + row_begin * H, rows, H);
   if (a.dh_last) {
     dh = ConstArrayMap(a.dh_last + row_begin * R, rows, R);
@@ -352,14 +552,21 @@ void BackwardRows(const Backward& a, int64_t row_begin, int64_t row_end, float* 
       // Replaced below by dz U^T, accumulated onto the rows a mask kept.
       dhr.setZero();
     }
-    if (!a.recurrent_mask) {
+    if (!a.recurrent_mask && bf16) {
+      bf16->MultiplyInto(a.dz + at * G, G, rows, dh.data(), R);
+    } else if (!a.recurrent_mask) {
       MultiplyInto(MatrixMap(dh.data(), rows, R), ConstMatrixMap(a.dz + at * G, rows, G),
                    U.transpose(), /*accumulate=*/true);
     } else {
       // h_{t-1} reached U through r: dh_{t-1} = (dz_t U^T) * r. A masked row's
       // dz is zero, so its carried dh gains nothing.
-      MultiplyInto(MatrixMap(dh_through_u.data(), rows, R),
-                   ConstMatrixMap(a.dz + at * G, rows, G), U.transpose(), /*accumulate=*/false);
+      if (bf16) {
+        dh_through_u.setZero();
+        bf16->MultiplyInto(a.dz + at * G, G, rows, dh_through_u.data(), R);
+      } else {
+        MultiplyInto(MatrixMap(dh_through_u.data(), rows, R),
+                     ConstMatrixMap(a.dz + at * G, rows, G), U.transpose(), /*accumulate=*/false);
+      }
       dh += dh_through_u.array() * r;
     }
     // Zoneout's direct path to the previous state (a masked row's dh and dc,
@@ -370,6 +577,10 @@ void BackwardRows(const Backward& a, int64_t row_begin, int64_t row_end, float* 
 }
 
 }  // namespace keras_lstm
+
+const char* keras_lstm::BfloatProducts() { return kBf16Instructions; }
+
+const char* keras_lstm_bf16_products() { return keras_lstm::BfloatProducts(); }
 
 void keras_lstm_forward_rows(const keras_lstm::Forward* a, const float* kernels, int64_t row_begin,
                              int64_t row_end) {

@@ -50,6 +50,12 @@ struct Options {
   int64_t proj_units = 0;             // P, with a projection
   Zoneout zoneout_h;                  // of h (R wide)
   Zoneout zoneout_c;                  // of C (H wide)
+  // The steps' products [x, h] [W; U] (forward) and dz U^T (backward) with
+  // bfloat16 operands and float32 sums, where this build has the
+  // instructions (BfloatProducts()); the state, the gates and every sum stay
+  // float32. Ignored (float32 products) elsewhere and for a batch of a few
+  // rows, whose products are vector-matrix ones.
+  bool bf16_products = false;
 
   int64_t gates() const { return cifg ? 3 : 4; }
   // R, the width of h: P with a projection, else H.
@@ -132,6 +138,10 @@ void ForwardRows(const Forward& a, const float* kernels, int64_t row_begin, int6
 // o * tanh(c) and `dh_projected` over all steps, which the caller makes.
 void BackwardRows(const Backward& a, int64_t row_begin, int64_t row_end, float* db = nullptr);
 
+// The instructions this build runs bfloat16 products with ("avx512_bf16"),
+// or "" where it has none and `Options::bf16_products` keeps float32.
+const char* BfloatProducts();
+
 // The same two functions as C symbols of the main library, for the XLA one.
 using ForwardRowsFn = void (*)(const Forward*, const float*, int64_t, int64_t);
 using BackwardRowsFn = void (*)(const Backward*, int64_t, int64_t, float*);
@@ -139,6 +149,7 @@ using BackwardRowsFn = void (*)(const Backward*, int64_t, int64_t, float*);
 }  // namespace keras_lstm
 
 extern "C" {
+const char* keras_lstm_bf16_products();
 void keras_lstm_forward_rows(const keras_lstm::Forward* a, const float* kernels, int64_t row_begin,
                              int64_t row_end);
 void keras_lstm_backward_rows(const keras_lstm::Backward* a, int64_t row_begin, int64_t row_end,

@@ -9,7 +9,8 @@
 // large matrix products over all steps. Of the cell options the kernel
 // covers, cifg and cell_clip are attributes; the peephole and projection
 // weights and zoneout's masks are inputs (empty when off) and zoneout's rates
-// attributes; with zoneout of C the forward op also returns the C each step
+// attributes (and `bf16_products`, bfloat16 operands for the steps' products);
+// with zoneout of C the forward op also returns the C each step
 // computed (`c_computed`), and with a projection the gradient op each step's
 // dh, for W_hr's gradient. The maths lives in
 // lstm_core.cc; this file adapts it to
@@ -81,6 +82,7 @@ tensorflow::Status ReadOptions(OpKernelConstruction* ctx, keras_lstm::Options* o
   TF_RETURN_IF_ERROR(ctx->GetAttr("cell_clip", &options->cell_clip));
   TF_RETURN_IF_ERROR(ctx->GetAttr("zoneout_h_rate", &options->zoneout_h.rate));
   TF_RETURN_IF_ERROR(ctx->GetAttr("zoneout_c_rate", &options->zoneout_c.rate));
+  TF_RETURN_IF_ERROR(ctx->GetAttr("bf16_products", &options->bf16_products));
   return absl::OkStatus();
 }
 
@@ -347,6 +349,7 @@ REGISTER_OP("KerasLstmSequence")
     .Attr("cell_clip: float = 0")
     .Attr("zoneout_h_rate: float = 0")
     .Attr("zoneout_c_rate: float = 0")
+    .Attr("bf16_products: bool = false")
     .Output("h: float")
     .Output("c: float")
     .Output("gates: float")
@@ -405,6 +408,7 @@ REGISTER_OP("KerasLstmSequenceGrad")
     .Attr("cell_clip: float = 0")
     .Attr("zoneout_h_rate: float = 0")
     .Attr("zoneout_c_rate: float = 0")
+    .Attr("bf16_products: bool = false")
     .Output("dz: float")
     .Output("dh0: float")
     .Output("dc0: float")

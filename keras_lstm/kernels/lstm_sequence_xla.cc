@@ -11,7 +11,7 @@
 //
 // The static sizes and which optional inputs are present travel in the
 // custom call's opaque string, e.g. "T=100 B=64 D=32 H=128 bias=1 mask=0
-// sequences=1 keep=1 rmask=0 cifg=0 peep=0 P=0 zh=0 zc=0 clip=0 zhr=0 zcr=0".
+// sequences=1 keep=1 rmask=0 cifg=0 peep=0 P=0 zh=0 zc=0 bf16=0 clip=0 zhr=0 zcr=0".
 // An absent input (no bias, no mask, a gradient that is
 // zero) is a 0-element operand, as for the TensorFlow op.
 //
@@ -157,6 +157,7 @@ struct Sizes {
   int bias = 0, mask = 0, sequences = 0, keep = 0, recurrent_mask = 0;
   int dh_seq = 0, dc_seq = 0, dh_last = 0, dc_last = 0;
   int cifg = 0, peephole = 0;
+  int bf16_products = 0;  // bfloat16 operands for the steps' products
   long long proj_units = 0;  // P, with a projection
   int zoneout_h_mask = 0, zoneout_c_mask = 0;  // whether the zoneout masks are given
   // Written with 9 significant digits: every float32 reads back exactly.
@@ -176,6 +177,7 @@ struct Sizes {
     o.zoneout_h.rate = zoneout_h_rate;
     o.zoneout_c.mask = zoneout_c_mask ? zoneout_c : nullptr;
     o.zoneout_c.rate = zoneout_c_rate;
+    o.bf16_products = bf16_products;
     return o;
   }
   bool zoneout_c() const { return zoneout_c_mask || zoneout_c_rate > 0.f; }
@@ -184,10 +186,10 @@ struct Sizes {
 // One format each for writing and reading.
 constexpr char kForwardFormat[] =
     "T=%lld B=%lld D=%lld H=%lld bias=%d mask=%d sequences=%d keep=%d rmask=%d cifg=%d peep=%d "
-    "P=%lld zh=%d zc=%d";
+    "P=%lld zh=%d zc=%d bf16=%d";
 constexpr char kBackwardFormat[] =
     "T=%lld B=%lld H=%lld mask=%d dh=%d dc=%d dh_last=%d dc_last=%d rmask=%d cifg=%d peep=%d "
-    "P=%lld zh=%d zc=%d";
+    "P=%lld zh=%d zc=%d bf16=%d";
 // The floats end both strings: printf writes doubles, scanf reads floats.
 constexpr char kFloatsWrite[] = " clip=%.9g zhr=%.9g zcr=%.9g";
 constexpr char kFloatsRead[] = " clip=%g zhr=%g zcr=%g";
@@ -211,7 +213,7 @@ std::string ForwardOpaque(const Sizes& s) {
   char text[256];
   std::snprintf(text, sizeof(text), kForwardFormat, s.steps, s.batch, s.features, s.units, s.bias,
                 s.mask, s.sequences, s.keep, s.recurrent_mask, s.cifg, s.peephole, s.proj_units,
-                s.zoneout_h_mask, s.zoneout_c_mask);
+                s.zoneout_h_mask, s.zoneout_c_mask, s.bf16_products);
   std::string opaque(text);
   AppendFloats(s, &opaque);
   return opaque;
@@ -221,7 +223,8 @@ bool ParseForwardOpaque(const char* opaque, size_t length, Sizes* s) {
   const std::string text(opaque, length);
   return std::sscanf(text.c_str(), kForwardFormat, &s->steps, &s->batch, &s->features, &s->units,
                      &s->bias, &s->mask, &s->sequences, &s->keep, &s->recurrent_mask, &s->cifg,
-                     &s->peephole, &s->proj_units, &s->zoneout_h_mask, &s->zoneout_c_mask) == 14 &&
+                     &s->peephole, &s->proj_units, &s->zoneout_h_mask, &s->zoneout_c_mask,
+                     &s->bf16_products) == 15 &&
          ParseFloats(text, s);
 }
 
@@ -229,7 +232,7 @@ std::string BackwardOpaque(const Sizes& s) {
   char text[256];
   std::snprintf(text, sizeof(text), kBackwardFormat, s.steps, s.batch, s.units, s.mask, s.dh_seq,
                 s.dc_seq, s.dh_last, s.dc_last, s.recurrent_mask, s.cifg, s.peephole, s.proj_units,
-                s.zoneout_h_mask, s.zoneout_c_mask);
+                s.zoneout_h_mask, s.zoneout_c_mask, s.bf16_products);
   std::string opaque(text);
   AppendFloats(s, &opaque);
   return opaque;
@@ -240,7 +243,7 @@ bool ParseBackwardOpaque(const char* opaque, size_t length, Sizes* s) {
   return std::sscanf(text.c_str(), kBackwardFormat, &s->steps, &s->batch, &s->units, &s->mask,
                      &s->dh_seq, &s->dc_seq, &s->dh_last, &s->dc_last, &s->recurrent_mask,
                      &s->cifg, &s->peephole, &s->proj_units, &s->zoneout_h_mask,
-                     &s->zoneout_c_mask) == 14 &&
+                     &s->zoneout_c_mask, &s->bf16_products) == 15 &&
          ParseFloats(text, s);
 }
 
@@ -377,7 +380,10 @@ tensorflow::Status ReadOptions(tensorflow::OpKernelConstruction* ctx, Sizes* s) 
   TF_RETURN_IF_ERROR(ctx->GetAttr("cell_clip", &s->cell_clip));
   TF_RETURN_IF_ERROR(ctx->GetAttr("zoneout_h_rate", &s->zoneout_h_rate));
   TF_RETURN_IF_ERROR(ctx->GetAttr("zoneout_c_rate", &s->zoneout_c_rate));
+  bool bf16_products = false;
+  TF_RETURN_IF_ERROR(ctx->GetAttr("bf16_products", &bf16_products));
   s->cifg = cifg;
+  s->bf16_products = bf16_products;
   return absl::OkStatus();
 }
 
