@@ -131,14 +131,15 @@ def report() -> tuple[list[str], int]:
         from keras_lstm import kernels
 
         add("  mixed policy as above, in float32 (cast in and out); float64: TensorFlow ops")
-        # Asking the library loads it; before a build, say what the build decides.
+        # Only a built library says which instructions it has (asking loads it).
         if states["native"][0] == "built" and _loads(_native.native_module):
             bf16 = kernels.bf16_products()
-            add(
-                f"  bfloat16     products with bfloat16 operands, float32 sums ({bf16})"
-                if bf16
-                else "  bfloat16     float32 products (this CPU has no AVX512-BF16)"
-            )
+            if bf16:
+                add(f"  bfloat16     products with bfloat16 operands, float32 sums ({bf16})")
+            elif "avx512_bf16" in _build.cpu_features():
+                add("  bfloat16     float32 products (the kernel was built without AVX512-BF16)")
+            else:
+                add("  bfloat16     float32 products (this CPU has no AVX512-BF16)")
         # The options the native kernel computes, and the others, from the one list.
 
         fused = ", ".join(kernels.NATIVE_CELL_OPTIONS)

@@ -88,6 +88,14 @@ def in_save_context() -> bool:
     return save_context.in_save_context()
 
 
+def onednn_enabled() -> bool:
+    """Whether TensorFlow runs its CPU ops through oneDNN in this process
+    (`TF_ENABLE_ONEDNN_OPTS`, on by default on x86-64 Linux)."""
+    from tensorflow.python.util import _pywrap_util_port
+
+    return bool(_pywrap_util_port.IsMklEnabled())
+
+
 def in_xla_context(graph) -> bool:
     """Whether ops built in `graph` are compiled by XLA (`jit_compile=True`)."""
     from tensorflow.python.ops import control_flow_util
@@ -212,6 +220,7 @@ def smoke_check() -> list[str]:
         import tensorflow as tf
 
         assert in_save_context() is False
+        assert isinstance(onednn_enabled(), bool)
         seen = []
         tf.function(
             lambda: seen.append(in_xla_context(tf.compat.v1.get_default_graph())), jit_compile=True
@@ -257,7 +266,7 @@ def smoke_check() -> list[str]:
         ("never_autocast", variable_autocast),
         ("keras_mask/attach_keras_mask", masks),
         ("first_call_arguments/keras_history/node_output_count/layers_within", graph_records),
-        ("in_save_context/in_xla_context", tensorflow_contexts),
+        ("in_save_context/in_xla_context/onednn_enabled", tensorflow_contexts),
         ("keep_tensor_list_ops", converter_flag),
         ("tflite_schema/tflite_model_object/tflite_model_bytes", flat_buffers),
         ("saved_lambda", lambdas),

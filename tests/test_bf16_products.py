@@ -10,6 +10,9 @@ kept float32 products fails.
 """
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import keras
@@ -17,7 +20,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_lstm import GatedLSTM, kernels
+from keras_lstm import GatedLSTM, _internals, kernels
 from keras_lstm.kernels import _build, _native
 
 # Odd sizes: a pair of K straddles x and h, K and G H are odd-sized in the
@@ -166,6 +169,57 @@ def test_weight_gradients_stay_within_bfloat16_rounding_of_float32(bf16_kernel, 
     for name, a, b in zip(("x", "W", "b", "U", "h0", "c0"), exact, rounded, strict=True):
         error = np.abs(a - b).max() / np.abs(a).max()
         assert error < 3e-2, f"gradient of {name}: {error:.2e} from float32's"
+
+
+# Eight worker threads cut a batch of 16 into blocks of 4 rows: every block
+# must still take the bfloat16 products (the rule is the batch's, not a block's).
+_EVERY_BLOCK = """
+import sys
+import numpy as np, tensorflow as tf
+tf.config.threading.set_intra_op_parallelism_threads(8)
+sys.path.insert(0, sys.argv[1])
+from test_bf16_products import _data
+from keras_lstm.kernels import _native
+data = [tf.constant(a) for a in _data(np.random.default_rng(0))]
+exact = _native.lstm_sequence(*data)[0].numpy()
+rounded = _native.lstm_sequence(*data, bf16_products=True)[0].numpy()
+print(np.abs(exact - rounded).max(axis=(0, 2)).min())
+"""
+
+
+def test_every_row_block_takes_bf16_products_however_many_threads(bf16_kernel):
+    result = subprocess.run(
+        [sys.executable, "-c", _EVERY_BLOCK, str(Path(__file__).parent)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    # The smallest, over the batch's rows, of a row's largest change from float32's.
+    assert float(result.stdout.split()[-1]) > 1e-4
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["graph", "xla"])
+def test_weight_gradients_are_bfloat16_matmuls_outside_xla_only(bf16_kernel, rng, jit):
+    data = [tf.constant(a) for a in _data(rng)]
+
+    @tf.function(jit_compile=jit)
+    def grads(*tensors):
+        with tf.GradientTape() as tape:
+            tape.watch(tensors)
+            loss = tf.reduce_sum(_native.lstm_sequence(*tensors, bf16_products=True)[0])
+        return tape.gradient(loss, tensors)
+
+    graph = grads.get_concrete_function(*data).graph
+    bf16_matmuls = [
+        op.name
+        for op in graph.get_operations()
+        if op.type == "MatMul" and op.get_attr("T") == tf.bfloat16
+    ]
+    # dx, dW, and dU's two products (later steps, and h0 with a nonzero one);
+    # none under XLA or without oneDNN, where bfloat16 matmuls are no faster.
+    assert len(bf16_matmuls) == (4 if not jit and _internals.onednn_enabled() else 0), bf16_matmuls
 
 
 def test_a_batch_of_few_rows_keeps_float32_products(bf16_kernel, rng):

@@ -324,7 +324,7 @@ def lstm_recurrence(
             zero_output_for_mask=zero_output_for_mask,
             training=training,
             recurrent_mask=f32(recurrent_mask),
-            bf16_products=dtype == tf.bfloat16,
+            bf16_products=bf16_products or dtype == tf.bfloat16,
             options=None
             if options is None
             else options._replace(

@@ -37,13 +37,17 @@ def matmul(a, b, bf16=False, **kwargs):
     """`tf.matmul`, with `bf16` on bfloat16 operands and a float32 result.
 
     TensorFlow's CPU matmul sums bfloat16 products in float32 (oneDNN, with
-    AVX512-BF16 where the CPU has it). Under a `mixed_bfloat16` policy the
-    gradients these make reach the bfloat16 weights and inputs through a
-    cast to bfloat16 anyway, so a bfloat16 result loses nothing more.
-    Outside XLA only: XLA's CPU backend runs them no faster than float32
-    (measured at B=256, T=50, D=64, H=256: the same training step either way).
+    AVX512-BF16 where the CPU has it). Under a `mixed_bfloat16` policy (the
+    one caller that asks for it) the gradients these make reach the bfloat16
+    weights and inputs through a cast to bfloat16 anyway, so a bfloat16
+    result loses nothing more.
+    Only outside XLA and with oneDNN on: XLA's CPU backend runs them no
+    faster than float32 (measured at B=256, T=50, D=64, H=256: the same
+    training step either way), and without oneDNN (`TF_ENABLE_ONEDNN_OPTS=0`)
+    TensorFlow's bfloat16 matmul is slower than its float32 one (134 against
+    74 ms for dW there, 47 ms with oneDNN).
     """
-    if bf16 and not in_xla_context():
+    if bf16 and not in_xla_context() and _internals.onednn_enabled():
         product = tf.matmul(tf.cast(a, tf.bfloat16), tf.cast(b, tf.bfloat16), **kwargs)
         return tf.cast(product, a.dtype)
     return tf.matmul(a, b, **kwargs)

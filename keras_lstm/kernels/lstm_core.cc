@@ -171,10 +171,12 @@ void SplitZoneoutGrad(const Zoneout& zoneout, int64_t at, int64_t rows, int64_t 
 
 using Bf16 = uint16_t;
 
-// float32 to bfloat16, rounding to nearest even (as vcvtne2ps2bf16 does).
+// float32 to bfloat16, rounding to nearest even (as vcvtne2ps2bf16 does); a
+// NaN stays a NaN (the rounding would carry some into infinity or zero).
 inline Bf16 ToBf16(float value) {
   uint32_t bits;
   std::memcpy(&bits, &value, sizeof(bits));
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<Bf16>((bits >> 16) | 0x40u);
   bits += 0x7fffu + ((bits >> 16) & 1u);
   return static_cast<Bf16>(bits >> 16);
 }
@@ -206,9 +208,15 @@ class PackedBf16 {
     pairs_ = (K + 1) / 2;
     columns_ = (N + 15) / 16 * 16;
     data_.assign(pairs_ * columns_ * 2, 0);
-    for (int64_t k = 0; k < K; ++k) {
-      Bf16* out = data_.data() + (k / 2) * columns_ * 2 + (k & 1);
-      for (int64_t n = 0; n < N; ++n) out[2 * n] = ToBf16(transposed ? b[n * K + k] : b[k * N + n]);
+    // Each source row read in order: B's rows, or the transposed matrix's.
+    if (transposed) {
+      for (int64_t n = 0; n < N; ++n) {
+        for (int64_t k = 0; k < K; ++k) At(k, n) = ToBf16(b[n * K + k]);
+      }
+    } else {
+      for (int64_t k = 0; k < K; ++k) {
+        for (int64_t n = 0; n < N; ++n) At(k, n) = ToBf16(b[k * N + n]);
+      }
     }
   }
   int64_t k() const { return k_; }
@@ -218,6 +226,8 @@ class PackedBf16 {
   const Bf16* data() const { return data_.data(); }
 
  private:
+  Bf16& At(int64_t k, int64_t n) { return data_[((k / 2) * columns_ + n) * 2 + (k & 1)]; }
+
   int64_t k_ = 0, n_ = 0, pairs_ = 0, columns_ = 0;
   std::vector<Bf16> data_;
 };
@@ -331,10 +341,12 @@ class Bf16Products {
 };
 #endif  // KERAS_LSTM_AVX512_BF16
 
-// Whether a row block's step products run in bfloat16: asked for, with the
-// instructions here, and not a few rows' vector-matrix products.
-bool UseBf16Products(const Options& options, int64_t rows) {
-  return options.bf16_products && kBf16Instructions[0] != '\0' && rows > kMaxRowsForGemv;
+// Whether the step products run in bfloat16: asked for, with the
+// instructions here, and not a batch of a few rows (whose vector-matrix
+// products stay float32). Decided for the whole batch, so that every row
+// block of a call agrees, however many threads split it.
+bool UseBf16Products(const Options& options, int64_t batch) {
+  return options.bf16_products && kBf16Instructions[0] != '\0' && batch > kMaxRowsForGemv;
 }
 }  // namespace
 
@@ -353,7 +365,7 @@ void ForwardRows(const Forward& a, const float* kernels, int64_t row_begin,
   if (rows <= 0) return;
   ConstMatrixMap weights(kernels, K, G), recurrent(kernels + D * G, R, G);
   std::optional<Bf16Products> bf16;
-  if (UseBf16Products(a.options, rows)) bf16.emplace(kernels, K, G, /*transposed=*/false, rows);
+  if (UseBf16Products(a.options, B)) bf16.emplace(kernels, K, G, /*transposed=*/false, rows);
   // A batch of a few rows (one block): one product projects the inputs of
   // every step first, so that each step's vector-matrix products read U only.
   const bool project_first = rows == B && rows <= kMaxRowsForGemv;
@@ -477,7 +489,7 @@ void BackwardRows(const Backward& a, int64_t row_begin, int64_t row_end, float* 
   ConstMatrixMap U(a.recurrent_kernel, R, G);
   // dz U^T reads U as the transpose of the (R, G) matrix it is.
   std::optional<Bf16Products> bf16;
-  if (UseBf16Products(a.options, rows)) {
+  if (UseBf16Products(a.options, B)) {
     bf16.emplace(a.recurrent_kernel, G, R, /*transposed=*/true, rows);
   }
   ArrayMap dh(a.dh0 + row_begin * R, rows, R), dc(a.dc0 + row_begin * H, rows, H);

@@ -53,8 +53,8 @@ struct Options {
   // The steps' products [x, h] [W; U] (forward) and dz U^T (backward) with
   // bfloat16 operands and float32 sums, where this build has the
   // instructions (BfloatProducts()); the state, the gates and every sum stay
-  // float32. Ignored (float32 products) elsewhere and for a batch of a few
-  // rows, whose products are vector-matrix ones.
+  // float32. Ignored (float32 products) elsewhere and for a batch of at most
+  // 4 rows, whose products are vector-matrix ones.
   bool bf16_products = false;
 
   int64_t gates() const { return cifg ? 3 : 4; }
