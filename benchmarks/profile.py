@@ -58,7 +58,7 @@ def profile(size):
         none = tf.zeros((0,))
         bias = tf.zeros((4 * units,))
         xs = tf.reshape(x, (steps, batch, features))
-        h, c, g, _, _, _ = module.keras_lstm_sequence(xs, w, bias, u, h0, c0, *[none] * 6)
+        h, c, g, *_ = module.keras_lstm_sequence(xs, w, bias, u, h0, c0, *[none] * 7)
         parts["native forward, projection included (training)"] = lambda: _native.lstm_sequence(
             xs, w, bias, u, h0, c0
         )[2].numpy()
@@ -66,9 +66,10 @@ def profile(size):
             xs, w, bias, u, h0, c0, keep_for_gradient=False, return_sequences=False
         )[2].numpy()
         # recurrent_kernel, h0, c0, mask, c, gates, dh, dc, dh_last, dc_last, then
-        # the absent recurrent mask, peephole, projection, zoneout masks and c_computed.
+        # the absent recurrent mask, peephole, projection, zoneout masks, c_computed,
+        # layer norm's weights and norms.
         parts["native backward recurrence"] = lambda: module.keras_lstm_sequence_grad(
-            u, h0, c0, none, c, g, h, c, none, none, *[none] * 6
+            u, h0, c0, none, c, g, h, c, none, none, *[none] * 8
         )[0].numpy()
     xla_forward = tf.function(
         lambda xz: _while_loop._forward(xz, u, h0, c0, None), jit_compile=True

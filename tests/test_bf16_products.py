@@ -234,8 +234,8 @@ def test_a_batch_of_few_rows_keeps_float32_products(bf16_kernel, rng):
 
 @pytest.mark.parametrize(
     "options",
-    [{"cifg": True, "units": 21}, {"proj_units": 7, "peephole": True}],
-    ids=["cifg-odd-width", "projection-peephole"],
+    [{"cifg": True, "units": 21}, {"proj_units": 7, "peephole": True}, {"layer_norm": True}],
+    ids=["cifg-odd-width", "projection-peephole", "layer_norm"],
 )
 def test_mixed_bfloat16_layer_with_options_runs_bf16_products_near_float32(
     bf16_kernel, rng, options

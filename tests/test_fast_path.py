@@ -212,8 +212,9 @@ def test_fused_op_is_the_path_taken_for_a_standard_cell(monkeypatch, rng):
         ({"activation": "relu"}, False, False),
         ({"recurrent_activation": "hard_sigmoid"}, False, False),
         ({"unroll": True}, False, False),
-        ({"layer_norm": True}, False, False),
+        ({"layer_norm": True, "activation": "relu"}, False, False),
         ({"peephole": True, "cifg": True, "cell_clip": 3.0}, False, True),
+        ({"layer_norm": True}, True, True),
     ],
     ids=[
         "recurrent_dropout_training_fused",
@@ -222,12 +223,13 @@ def test_fused_op_is_the_path_taken_for_a_standard_cell(monkeypatch, rng):
         "other_activation_falls_back",
         "other_recurrent_activation_falls_back",
         "unroll_runs_one_op_per_step",
-        "option_outside_the_kernel_falls_back",
+        "options_with_another_activation_fall_back",
         "options_the_native_kernel_computes_fused",
+        "layer_norm_fused",
     ],
 )
 def test_fallback_rule(monkeypatch, rng, options, training, fused):
-    if fused and "peephole" in options and not kernels.native_available():
+    if fused and set(options) & set(kernels.NATIVE_CELL_OPTIONS) and not kernels.native_available():
         fused = False  # only the native kernel computes the options
     calls = []
     real = kernels.lstm_recurrence

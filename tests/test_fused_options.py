@@ -1,5 +1,5 @@
 """The cell options the native kernel computes (peephole, cifg, cell_clip, proj_units,
-zoneout_h, zoneout_c) match the cell.
+zoneout_h, zoneout_c, layer_norm) match the cell.
 
 A `GatedLSTM` with these options runs the fused native op (eagerly, in a
 graph, and as the XLA custom call); its twin with the same weights runs
@@ -33,7 +33,8 @@ MASK = np.array(
 )
 
 PROJ = 3
-# Each option alone, some pairs, and all four at once.
+# Each option alone, some pairs, all four at once, and layer norm alone, with
+# every other option, and without a bias (so without the cell norm's shift).
 CELL_OPTIONS = [
     {"peephole": True},
     {"cifg": True},
@@ -43,6 +44,9 @@ CELL_OPTIONS = [
     {"cifg": True, "proj_units": PROJ},
     {"cell_clip": CLIP, "proj_units": PROJ},
     {"peephole": True, "cifg": True, "cell_clip": CLIP, "proj_units": PROJ},
+    {"layer_norm": True},
+    {"layer_norm": True, "peephole": True, "cifg": True, "cell_clip": CLIP, "proj_units": PROJ},
+    {"layer_norm": True, "use_bias": False},
 ]
 CELL_IDS = ["+".join(options) for options in CELL_OPTIONS]
 
@@ -161,6 +165,7 @@ def test_options_run_fused_and_match_the_cells_own_loop(
     assert fused_calls[-1].cifg == ("cifg" in cell_options)
     assert (fused_calls[-1].projection is not None) == ("proj_units" in cell_options)
     assert (fused_calls[-1].peephole is not None) == ("peephole" in cell_options)
+    assert (fused_calls[-1].layer_norm is not None) == ("layer_norm" in cell_options)
     fused_calls.clear()
     want = _outputs_and_grads(generic, x, h0, c0, mask, training)
     assert not fused_calls, "the reference must run Keras's step loop"
@@ -203,11 +208,12 @@ def test_the_clip_clips_and_stops_the_gradient_where_it_does(rng):
 
 
 def test_a_batch_split_across_threads_matches(rng, fused_calls):
-    # 64 rows: the native op splits them into chunks, one per worker thread.
+    # 64 rows: the native op splits them into chunks, one per worker thread
+    # (each sums its own share of the bias and layer norm gradients).
     rows = 64
     x = rng.normal(size=(rows, T, D)).astype("float32")
     fused, generic = _twins(
-        rng, peephole=True, cell_clip=CLIP, proj_units=PROJ, return_sequences=True
+        rng, peephole=True, cell_clip=CLIP, proj_units=PROJ, layer_norm=True, return_sequences=True
     )
     h0, c0 = np.zeros((rows, PROJ), "float32"), np.zeros((rows, H), "float32")
     got = _outputs_and_grads(fused, x, h0, c0, None, False)
@@ -215,8 +221,9 @@ def test_a_batch_split_across_threads_matches(rng, fused_calls):
     _assert_same(got, want, _gradient_names(fused))
 
 
+@pytest.mark.parametrize("layer_norm", [False, True], ids=["", "layer_norm"])
 @pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
-def test_a_batch_of_two_rows_matches(rng, fused_calls, training):
+def test_a_batch_of_two_rows_matches(rng, fused_calls, training, layer_norm):
     # Two rows: the kernel projects every step's input first, then runs
     # vector-matrix products (its small-batch path).
     rows = 2
@@ -224,6 +231,7 @@ def test_a_batch_of_two_rows_matches(rng, fused_calls, training):
     h0 = rng.normal(size=(rows, PROJ)).astype("float32")
     c0 = rng.normal(size=(rows, H)).astype("float32")
     options = {"peephole": True, "cell_clip": CLIP, "proj_units": PROJ, "zoneout_c": 0.2}
+    options["layer_norm"] = layer_norm
     fused, generic = _twins(rng, return_sequences=True, recurrent_dropout=0.3, seed=2, **options)
     if training:  # the same zoneout masks for both
         masks = (rng.uniform(size=(T, rows, H)) < 0.2).astype("float32")
@@ -259,12 +267,12 @@ def test_a_model_with_options_trains_fused_under_fit(rng, fused_calls):
 @pytest.mark.parametrize(
     "options",
     [
-        {"layer_norm": True},
-        {"layer_norm": True, "peephole": True, "zoneout_c": 0.1},
+        {"layer_norm": True, "activation": "relu"},
+        {"peephole": True, "zoneout_c": 0.1, "recurrent_activation": "hard_sigmoid"},
     ],
-    ids=["layer_norm", "layer_norm_with_other_options"],
+    ids=["layer_norm_relu", "options_with_hard_sigmoid"],
 )
-def test_options_the_kernel_does_not_compute_run_keras_step_loop(rng, fused_calls, options):
+def test_options_with_other_activations_run_keras_step_loop(rng, fused_calls, options):
     GatedLSTM(H, **options)(rng.normal(size=(B, T, D)).astype("float32"))
     assert not fused_calls
 
@@ -292,8 +300,14 @@ ZONEOUT_OPTIONS = [
     {"zoneout_h": 0.3},
     {"zoneout_c": 0.3},
     {"zoneout_h": 0.3, "zoneout_c": 0.2, "peephole": True, "proj_units": PROJ, "cell_clip": CLIP},
+    {"zoneout_h": 0.3, "zoneout_c": 0.2, "layer_norm": True, "proj_units": PROJ},
 ]
-ZONEOUT_IDS = ["zoneout_h", "zoneout_c", "both_with_peephole_projection_clip"]
+ZONEOUT_IDS = [
+    "zoneout_h",
+    "zoneout_c",
+    "both_with_peephole_projection_clip",
+    "both_with_layer_norm_projection",
+]
 
 
 class _FixedZoneout:

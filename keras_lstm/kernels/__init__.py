@@ -46,7 +46,18 @@ _local = threading.local()
 CellOptions = _native.CellOptions
 # The `GatedLSTMCell` options the native kernel computes itself (`CellOptions`);
 # a cell with any other option runs Keras's step loop.
-NATIVE_CELL_OPTIONS = ("peephole", "cifg", "cell_clip", "proj_units", "zoneout_h", "zoneout_c")
+NATIVE_CELL_OPTIONS = (
+    "peephole",
+    "cifg",
+    "cell_clip",
+    "proj_units",
+    "zoneout_h",
+    "zoneout_c",
+    "layer_norm",
+)
+# GatedLSTMCell's layer norm epsilon (`options.LAYER_NORM_EPSILON`); the native
+# kernel has the same (`kLayerNormEpsilon` in lstm_core.h).
+LAYER_NORM_EPSILON = 1e-3
 
 __all__ = [
     "bf16_products",
@@ -264,6 +275,14 @@ def mask_uniform(shape, seed_generator, dtype=tf.float32):
     return tf.random.stateless_uniform(shape, seed=seed, dtype=dtype, alg=alg)
 
 
+def _normalised_projection(x, kernel, bias, gain):
+    """LN(x W) γx + b over the gates' features, for time-major x (T, B, D)."""
+    xw = tf.einsum("tbd,dg->tbg", x, kernel)
+    mean, variance = tf.nn.moments(xw, axes=[-1], keepdims=True)
+    z = (xw - mean) * tf.math.rsqrt(variance + LAYER_NORM_EPSILON) * gain
+    return z if bias is None else z + bias
+
+
 def lstm_recurrence(
     inputs,
     kernel,
@@ -292,8 +311,8 @@ def lstm_recurrence(
     if given, multiplies `h_{t-1}` before the recurrent product at every step
     (recurrent dropout as Keras draws it: one mask per sequence, scaled);
     exports, which never train, take none. `options` (a `CellOptions`) turns
-    on peephole, cifg, cell clip, projection and zoneout; only the native
-    kernel computes them, so they may be given only where
+    on peephole, cifg, cell clip, projection, zoneout and layer norm; only the
+    native kernel computes them, so they may be given only where
     `cell_options_fuse_here` says so. With bfloat16 inputs (a `mixed_bfloat16`
     policy) the native kernel runs in float32 with bfloat16 operands for its
     products where the CPU has the instructions (`bf16_products()`);
@@ -302,7 +321,8 @@ def lstm_recurrence(
     dtype = inputs.dtype
     if options is not None and not _use_native(dtype):
         raise ValueError(
-            "cell options (peephole, cifg, cell_clip, proj_units, zoneout) run fused only in the "
+            "cell options (peephole, cifg, cell_clip, proj_units, zoneout, layer_norm) run fused "
+            "only in the "
             "native kernel, which does not run here; use Keras's step loop around the cell "
             "instead."
         )
@@ -332,6 +352,8 @@ def lstm_recurrence(
                 projection=f32(options.projection),
                 zoneout_h=f32(options.zoneout_h),
                 zoneout_c=f32(options.zoneout_c),
+                layer_norm=f32(options.layer_norm),
+                kernel_norm_gamma=f32(options.kernel_norm_gamma),
             ),
         )
         return (
@@ -349,6 +371,8 @@ def lstm_recurrence(
             projection=cast(options.projection),
             zoneout_h=cast(options.zoneout_h),
             zoneout_c=cast(options.zoneout_c),
+            layer_norm=cast(options.layer_norm),
+            kernel_norm_gamma=cast(options.kernel_norm_gamma),
         )
     kernel = tf.cast(kernel, dtype)
     if recurrent_mask is not None:
@@ -362,6 +386,11 @@ def lstm_recurrence(
         mask = None if mask is None else tf.reverse(mask, [0])
 
     bias = None if bias is None else tf.cast(bias, dtype)
+    if _use_native(dtype) and options is not None and options.layer_norm is not None:
+        # Layer norm: the inputs' part of z, LN(x W) γx + b, for every step at
+        # once here; the kernel normalises h U and C itself.
+        x = _normalised_projection(x, kernel, bias, options.kernel_norm_gamma)
+        kernel, bias = tf.zeros((0,), dtype), None
     if _use_native(dtype):
         h_seq, c_seq, h_last, c_last = _native.lstm_sequence(
             x,

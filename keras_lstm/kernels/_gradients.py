@@ -119,7 +119,8 @@ def projection_kernel_grad(c_seq, gates, dh_projected):
     """The gradient of the projection W_hr (H, P): `sum_t m_t^T dh_t` as one matmul.
 
     m_t = o_t * tanh(C_t) is what W_hr projects; o is the last H of the
-    kept gate activations. `dh_projected` is zero where a mask kept h.
+    kept gate activations. `c_seq` is what tanh read: C_t, or with layer norm
+    LN(C_t) γc + βc. `dh_projected` is zero where a mask kept h.
     """
     units = c_seq.shape[-1]  # H: the cell's size, always known
     m = gates[..., -units:] * tf.tanh(c_seq)

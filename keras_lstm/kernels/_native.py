@@ -51,7 +51,11 @@ class CellOptions(NamedTuple):
     then have P), or `None`; `zoneout_h` / `zoneout_c`: zoneout of h and of
     C, each a 0/1 mask a step (T, B, width) in processing order (1: keep the
     previous value), or `None`; `zoneout_h_rate` / `zoneout_c_rate`: the
-    rates, used as the mixing weight where no mask is given (inference).
+    rates, used as the mixing weight where no mask is given (inference);
+    `layer_norm`: layer norm's gains and shift `[γh, γc, βc]` stacked, (G H + 2 H,)
+    (βc zeros without a bias), and `kernel_norm_gamma`: γx (G H,), or both `None`.
+    With layer norm `lstm_recurrence` makes the inputs' part of z, LN(x W) γx + b,
+    in TensorFlow ops for all steps at once, and the kernel the rest.
     """
 
     peephole: object = None
@@ -62,6 +66,8 @@ class CellOptions(NamedTuple):
     zoneout_c: object = None
     zoneout_h_rate: float = 0.0
     zoneout_c_rate: float = 0.0
+    layer_norm: object = None
+    kernel_norm_gamma: object = None
 
 
 _state: dict = {}
@@ -120,20 +126,20 @@ def load(force: bool = False):
 @functools.cache  # TensorFlow takes one gradient per op name and process
 def _register_gradient():
     @tf.RegisterGradient("KerasLstmSequence")
-    def _grad(op, dh_seq, dc_seq, _dgates, dh_last, dc_last, _dc_computed):
+    def _grad(op, dh_seq, dc_seq, _dgates, dh_last, dc_last, _dc_computed, _dnorms):
         module = native_module()
         (x, kernel, bias, recurrent_kernel, h0, c0, mask, recurrent_mask) = op.inputs[:8]
-        peephole, projection, zoneout_h, zoneout_c = op.inputs[8:]
+        peephole, projection, zoneout_h, zoneout_c, layer_norm = op.inputs[8:]
         options = {
             name: op.get_attr(name)
             for name in ("cifg", "cell_clip", "zoneout_h_rate", "zoneout_c_rate", "bf16_products")
         }
         bf16 = options["bf16_products"] and bf16_products() != ""
-        h_seq, c_seq, gates, _, _, c_computed = op.outputs
+        h_seq, c_seq, gates, _, _, c_computed, norms = op.outputs
         if not op.get_attr("keep_for_gradient"):
             # Run in inference mode, which keeps nothing for the gradient:
             # run the forward pass again, keeping it.
-            h_seq, c_seq, gates, _, _, c_computed = module.keras_lstm_sequence(
+            h_seq, c_seq, gates, _, _, c_computed, norms = module.keras_lstm_sequence(
                 *op.inputs, **options
             )
         empty = tf.zeros((0,), x.dtype)
@@ -141,31 +147,43 @@ def _register_gradient():
             empty if grad is None or is_zero_fill(grad) else grad
             for grad in (dh_seq, dc_seq, dh_last, dc_last)
         )
-        dz, dh0, dc0, dbias, dh_projected = module.keras_lstm_sequence_grad(
-            recurrent_kernel,
-            h0,
-            c0,
-            mask,
-            c_seq,
-            gates,
-            dh_seq,
-            dc_seq,
-            dh_last,
-            dc_last,
-            recurrent_mask,
-            peephole,
-            projection,
-            zoneout_h,
-            zoneout_c,
-            c_computed,
-            **options,
+        dz, dh0, dc0, dbias, dh_projected, d_recurrent, dlayer_norm = (
+            module.keras_lstm_sequence_grad(
+                recurrent_kernel,
+                h0,
+                c0,
+                mask,
+                c_seq,
+                gates,
+                dh_seq,
+                dc_seq,
+                dh_last,
+                dc_last,
+                recurrent_mask,
+                peephole,
+                projection,
+                zoneout_h,
+                zoneout_c,
+                c_computed,
+                layer_norm,
+                norms,
+                **options,
+            )
         )
+        normalised = _given(layer_norm)
         # The input and weight gradients as single matmuls over all steps; the
-        # bias gradient the kernel summed as it went.
-        dx, dkernel = projection_grads(x, kernel, dz, bf16=bf16)
+        # bias gradient the kernel summed as it went. With layer norm x is the
+        # inputs' part of z already (its own gradient is TensorFlow's), and U's
+        # gradient reads that of h U.
+        if normalised:
+            dx, dkernel = dz, None
+        else:
+            dx, dkernel = projection_grads(x, kernel, dz, bf16=bf16)
         dbias = dbias if _given(bias) else None
         dropped = recurrent_mask if _given(recurrent_mask) else None
-        drecurrent = recurrent_kernel_grad(h0, h_seq, dz, dropped, bf16=bf16)
+        drecurrent = recurrent_kernel_grad(
+            h0, h_seq, d_recurrent if normalised else dz, dropped, bf16=bf16
+        )
         # The c the gates and h read: with zoneout of C, before it mixed in the previous one.
         zoneout_c_on = options["zoneout_c_rate"] > 0 or _given(zoneout_c)
         c_read = c_computed if zoneout_c_on else c_seq
@@ -174,10 +192,18 @@ def _register_gradient():
             dpeephole = peephole_grad(c0, c_seq, dz, options["cifg"], c_read)
         dprojection = None
         if _given(projection):
-            dprojection = projection_kernel_grad(c_read, gates, dh_projected)
+            # What tanh read on C's way to h: C, or with layer norm LN(C) γc + βc.
+            cell_view = c_read
+            if normalised:
+                units = c_seq.shape[-1]
+                width = gates.shape[-1]
+                gain, shift = layer_norm[width : width + units], layer_norm[width + units :]
+                cell_view = norms[..., width : width + units] * gain + shift
+            dprojection = projection_kernel_grad(cell_view, gates, dh_projected)
         return (dx, dkernel, dbias, drecurrent, dh0, dc0, None, None, dpeephole, dprojection) + (
             None,
             None,
+            dlayer_norm if normalised else None,
         )
 
 
@@ -262,7 +288,7 @@ def lstm_sequence(
     mask = tf.zeros((0,), tf.float32) if mask is None else tf.cast(mask, tf.float32)
     bias = tf.zeros((0,), tf.float32) if bias is None else bias
     empty = tf.zeros((0,), tf.float32)
-    h_seq, c_seq, _, h_last, c_last, _ = module.keras_lstm_sequence(
+    h_seq, c_seq, _, h_last, c_last, _, _ = module.keras_lstm_sequence(
         x,
         kernel,
         bias,
@@ -275,6 +301,7 @@ def lstm_sequence(
         empty if options.projection is None else options.projection,
         empty if options.zoneout_h is None else options.zoneout_h,
         empty if options.zoneout_c is None else options.zoneout_c,
+        empty if options.layer_norm is None else options.layer_norm,
         keep_for_gradient=keep_for_gradient,
         return_sequences=return_sequences,
         cifg=options.cifg,

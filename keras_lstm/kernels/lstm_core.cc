@@ -7,6 +7,7 @@
 
 #include "lstm_core.h"
 
+#include <cmath>
 #include <cstring>
 #include <optional>
 #include <vector>
@@ -64,11 +65,29 @@ auto Sigmoid(const T& x) {
   return 0.5f + 0.5f * (0.5f * x).tanh();
 }
 
+// Layer norm without gain or shift of one row of `width` values, into
+// `normalised`: (v - mean) / sqrt(variance + eps); returns 1 / sqrt(variance + eps).
+float Normalise(const float* v, int64_t width, float* normalised) {
+  ConstRowMap row(v, width);
+  RowMap out(normalised, width);
+  out = row - row.mean();
+  const float inverse_deviation = 1.f / std::sqrt(out.square().mean() + kLayerNormEpsilon);
+  out *= inverse_deviation;
+  return inverse_deviation;
+}
+
+// The gradient of Normalise's input from that of its output `d` (of the
+// normalised row `n`, with inverse deviation `inv`).
+Row NormaliseGrad(const Row& d, const ConstRowMap& n, float inv) {
+  return inv * (d - d.mean() - n * (d * n).mean());
+}
+
 // One row's pointwise step with the options on (see ForwardRows): the
 // pre-activations `z` (G H) become the activations kept, and c and h are
-// written from c_prev.
+// written from c_prev. With layer norm, `norm` is the row's Forward::norms
+// entry, which gets the normalised C and its inverse deviation.
 void PointwiseWithOptions(const Options& options, int64_t H, float* z, const float* c_prev,
-                          float* c, float* h) {
+                          float* c, float* h, float* norm) {
   const bool cifg = options.cifg;
   const float* peephole = options.peephole;
   ConstRowMap cp(c_prev, H);
@@ -88,24 +107,51 @@ void PointwiseWithOptions(const Options& options, int64_t H, float* z, const flo
   if (options.cell_clip > 0.f) c_new = c_new.max(-options.cell_clip).min(options.cell_clip);
   if (peephole) o += ConstRowMap(peephole + 2 * H, H) * c_new;
   o = Sigmoid(o);
-  h_new = o * c_new.tanh();
+  if (!options.layer_norm) {
+    h_new = o * c_new.tanh();
+    return;
+  }
+  // h = o * tanh(LN(C) γc + βc); the C carried on stays as it is.
+  const int64_t G = options.gates() * H;
+  float* c_hat = norm + G;
+  norm[G + H + 1] = Normalise(c, H, c_hat);
+  const float* gains = options.layer_norm + G;
+  h_new = o * (ConstRowMap(gains, H) * ConstRowMap(c_hat, H) + ConstRowMap(gains + H, H)).tanh();
 }
 
 // One row's gradient step with the options on (see BackwardRows): from dh
 // and dc (of h_t and C_t) and the kept activations `gates`, writes dz (which
-// may be `gates` itself) and replaces dc with the gradient of C_{t-1}.
+// may be `gates` itself) and replaces dc with the gradient of C_{t-1}. With
+// layer norm, `norm` is the row's Forward::norms entry, `d_recurrent` gets
+// the gradient of the row's h U, and `d_norm` (if not null) accumulates
+// those of [γh, γc, βc].
 void PointwiseGradWithOptions(const Options& options, int64_t H, const float* gates,
                               const float* c_now, const float* c_prev, const float* dh, float* dc,
-                              float* dz) {
+                              float* dz, const float* norm, float* d_recurrent, float* d_norm) {
   const bool cifg = options.cifg;
   const float* peephole = options.peephole;
   ConstRowMap f(gates + (cifg ? 0 : H), H), g(gates + (cifg ? H : 2 * H), H),
       o(gates + (cifg ? 2 * H : 3 * H), H), c(c_now, H), cp(c_prev, H), dhr(dh, H);
   RowMap dcr(dc, H);
   const Row i = cifg ? Row(1.f - f) : Row(ConstRowMap(gates, H));
-  const Row tanh_c = c.tanh();
+  const float* layer_norm = options.layer_norm;
+  const int64_t G = options.gates() * H;
+  Row tanh_c, dct;
+  if (!layer_norm) {
+    tanh_c = c.tanh();
+    dct = dcr + dhr * o * (1.f - tanh_c.square());
+  } else {
+    // h = o * tanh(n), n = LN(C) γc + βc: back through n to C.
+    const ConstRowMap c_hat(norm + G, H), gain(layer_norm + G, H), shift(layer_norm + G + H, H);
+    tanh_c = (gain * c_hat + shift).tanh();
+    const Row dn = dhr * o * (1.f - tanh_c.square());
+    if (d_norm) {
+      RowMap(d_norm + G, H) += dn * c_hat;
+      RowMap(d_norm + G + H, H) += dn;
+    }
+    dct = dcr + NormaliseGrad(dn * gain, c_hat, norm[G + H + 1]);
+  }
   const Row dz_o = dhr * tanh_c * o * (1.f - o);
-  Row dct = dcr + dhr * o * (1.f - tanh_c.square());
   if (peephole) dct += dz_o * ConstRowMap(peephole + 2 * H, H);
   // The clip passes no gradient where it clipped.
   if (options.cell_clip > 0.f) dct = (c.abs() < options.cell_clip).select(dct, 0.f);
@@ -126,6 +172,12 @@ void PointwiseGradWithOptions(const Options& options, int64_t H, const float* ga
   RowMap(out, H) = dz_f;
   RowMap(out + H, H) = dz_g;
   RowMap(out + 2 * H, H) = dz_o;
+  if (layer_norm) {
+    // z = (inputs' part) + γh LN(h U): back through the norm to h U.
+    const ConstRowMap dz_row(dz, G), hu_hat(norm, G), gain(layer_norm, G);
+    if (d_norm) RowMap(d_norm, G) += dz_row * hu_hat;
+    RowMap(d_recurrent, G) = NormaliseGrad(dz_row * gain, hu_hat, norm[G + H]);
+  }
 }
 
 // Zoneout of `rows` rows at `at` (their first row's index in (T, B)):
@@ -362,13 +414,19 @@ void ForwardRows(const Forward& a, const float* kernels, int64_t row_begin,
   const int64_t G = a.options.gates() * H, R = a.options.hidden(H), K = D + R;
   const bool plain = a.options.plain();
   const float* projection = a.options.projection;
+  // With layer norm, x is the inputs' part of z already and `kernels` is U.
+  const float* layer_norm = a.options.layer_norm;
+  const int64_t NW = a.options.norms_width(H);
   if (rows <= 0) return;
-  ConstMatrixMap weights(kernels, K, G), recurrent(kernels + D * G, R, G);
+  ConstMatrixMap weights(kernels, K, G), recurrent(kernels + (layer_norm ? 0 : D * G), R, G);
   std::optional<Bf16Products> bf16;
-  if (UseBf16Products(a.options, B)) bf16.emplace(kernels, K, G, /*transposed=*/false, rows);
+  if (UseBf16Products(a.options, B)) {
+    // [W; U] for [x_t, h_{t-1}], or with layer norm U alone for h_{t-1}.
+    bf16.emplace(kernels, layer_norm ? R : K, G, /*transposed=*/false, rows);
+  }
   // A batch of a few rows (one block): one product projects the inputs of
   // every step first, so that each step's vector-matrix products read U only.
-  const bool project_first = rows == B && rows <= kMaxRowsForGemv;
+  const bool project_first = !layer_norm && rows == B && rows <= kMaxRowsForGemv;
   std::vector<float> projected(project_first && !a.gates ? a.steps * rows * G : 0);
   if (project_first) {
     MatrixMap xz(a.gates ? a.gates : projected.data(), a.steps * rows, G);
@@ -377,9 +435,11 @@ void ForwardRows(const Forward& a, const float* kernels, int64_t row_begin,
   }
   // [x_t, h_{t-1}] of this block; z when the gates are not kept; h and c
   // (two of each, this step's and the previous one) when not kept.
-  Matrix xh(project_first ? 0 : rows, K);
+  Matrix xh(project_first || layer_norm ? 0 : rows, K);
   // h_{t-1} * r, for the product, with recurrent dropout.
-  Matrix h_dropped(project_first && a.recurrent_mask ? rows : 0, R);
+  Matrix h_dropped((project_first || layer_norm) && a.recurrent_mask ? rows : 0, R);
+  // With layer norm: h U apart, and the norms of a step when not kept.
+  Matrix hu(layer_norm ? rows : 0, G), norm_scratch(layer_norm && !a.norms ? rows : 0, NW);
   // o * tanh(c) before the projection W_hr makes it h.
   Matrix unprojected(projection ? rows : 0, H);
   const Zoneout &zoneout_h = a.options.zoneout_h, &zoneout_c = a.options.zoneout_c;
@@ -404,7 +464,28 @@ void ForwardRows(const Forward& a, const float* kernels, int64_t row_begin,
                    : a.c_computed ? a.c_computed + at * H
                                   : c_computed_scratch.data();
     MatrixMap Z(z, rows, G);
-    if (project_first && a.recurrent_mask) {
+    float* norm = !layer_norm ? nullptr : a.norms ? a.norms + at * NW : norm_scratch.data();
+    if (layer_norm) {
+      // z = x_t (LN(x W) γx + b, made outside) + γh LN(h_{t-1} U).
+      const float* h_in = h_prev;
+      if (a.recurrent_mask) {
+        h_dropped.array() = ConstArrayMap(h_prev, rows, R) * r;
+        h_in = h_dropped.data();
+      }
+      if (bf16) {
+        hu.setZero();
+        bf16->MultiplyInto(h_in, R, rows, hu.data(), G);
+      } else {
+        MultiplyInto(MatrixMap(hu.data(), rows, G), ConstMatrixMap(h_in, rows, R), recurrent,
+                     /*accumulate=*/false);
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        float* nr = norm + r * NW;
+        nr[G + H] = Normalise(hu.data() + r * G, G, nr);
+        RowMap(z + r * G, G) =
+            ConstRowMap(a.x + (at + r) * G, G) + ConstRowMap(layer_norm, G) * ConstRowMap(nr, G);
+      }
+    } else if (project_first && a.recurrent_mask) {
       h_dropped.array() = ConstArrayMap(h_prev, rows, R) * r;
       MultiplyInto(Z, h_dropped, recurrent, /*accumulate=*/true);
     } else if (project_first) {
@@ -435,7 +516,8 @@ void ForwardRows(const Forward& a, const float* kernels, int64_t row_begin,
     for (int64_t r = 0; r < rows; ++r) {
       float* zr = z + r * G;
       if (!plain) {
-        PointwiseWithOptions(a.options, H, zr, c_prev + r * H, c_new + r * H, out + r * H);
+        PointwiseWithOptions(a.options, H, zr, c_prev + r * H, c_new + r * H, out + r * H,
+                             norm ? norm + r * NW : nullptr);
         continue;
       }
       RowMap i(zr, H), f(zr + H, H), g(zr + 2 * H, H), o(zr + 3 * H, H);
@@ -485,6 +567,13 @@ void BackwardRows(const Backward& a, int64_t row_begin, int64_t row_end, float* 
   const int64_t G = a.options.gates() * H, R = a.options.hidden(H);
   const bool plain = a.options.plain();
   const float* projection = a.options.projection;
+  const float* layer_norm = a.options.layer_norm;
+  const int64_t NW = a.options.norms_width(H);
+  // What U multiplied: dh_{t-1} comes from the gradient of h U, dz itself
+  // but with layer norm, which puts its norm between the two.
+  const float* d_product = layer_norm ? a.d_recurrent : a.dz;
+  // The gradients of [γh, γc, βc] follow the bias's in `db`.
+  float* d_norm = layer_norm && db ? db + G : nullptr;
   if (rows <= 0) return;
   ConstMatrixMap U(a.recurrent_kernel, R, G);
   // dz U^T reads U as the transpose of the (R, G) matrix it is.
@@ -536,6 +625,7 @@ void BackwardRows(const Backward& a, int64_t row_begin, int64_t row_end, float* 
         // A masked step passed h and c through: dh and dc flow on unchanged,
         // and the step's gates (and projection) get no gradient.
         std::fill(dz, dz + G, 0.f);
+        if (layer_norm) std::fill(a.d_recurrent + (at + r) * G, a.d_recurrent + (at + r + 1) * G, 0.f);
         if (projection) std::fill(a.dh_projected + (at + r) * R, a.dh_projected + (at + r + 1) * R, 0.f);
         continue;
       }
@@ -543,7 +633,8 @@ void BackwardRows(const Backward& a, int64_t row_begin, int64_t row_end, float* 
       ConstRowMap dmr(projection ? d_unprojected.data() + r * H : dhr.data(), H);
       if (!plain) {
         PointwiseGradWithOptions(a.options, H, g, c_now + r * H, c_prev + r * H, dmr.data(),
-                                 dcr.data(), dz);
+                                 dcr.data(), dz, layer_norm ? a.norms + (at + r) * NW : nullptr,
+                                 layer_norm ? a.d_recurrent + (at + r) * G : nullptr, d_norm);
         if (db) RowMap(db, G) += ConstRowMap(dz, G);
         dhr.setZero();
         continue;
@@ -565,19 +656,20 @@ void BackwardRows(const Backward& a, int64_t row_begin, int64_t row_end, float* 
       dhr.setZero();
     }
     if (!a.recurrent_mask && bf16) {
-      bf16->MultiplyInto(a.dz + at * G, G, rows, dh.data(), R);
+      bf16->MultiplyInto(d_product + at * G, G, rows, dh.data(), R);
     } else if (!a.recurrent_mask) {
-      MultiplyInto(MatrixMap(dh.data(), rows, R), ConstMatrixMap(a.dz + at * G, rows, G),
+      MultiplyInto(MatrixMap(dh.data(), rows, R), ConstMatrixMap(d_product + at * G, rows, G),
                    U.transpose(), /*accumulate=*/true);
     } else {
       // h_{t-1} reached U through r: dh_{t-1} = (dz_t U^T) * r. A masked row's
       // dz is zero, so its carried dh gains nothing.
       if (bf16) {
         dh_through_u.setZero();
-        bf16->MultiplyInto(a.dz + at * G, G, rows, dh_through_u.data(), R);
+        bf16->MultiplyInto(d_product + at * G, G, rows, dh_through_u.data(), R);
       } else {
         MultiplyInto(MatrixMap(dh_through_u.data(), rows, R),
-                     ConstMatrixMap(a.dz + at * G, rows, G), U.transpose(), /*accumulate=*/false);
+                     ConstMatrixMap(d_product + at * G, rows, G), U.transpose(),
+                     /*accumulate=*/false);
       }
       dh += dh_through_u.array() * r;
     }

@@ -56,12 +56,23 @@ struct Options {
   // float32. Ignored (float32 products) elsewhere and for a batch of at most
   // 4 rows, whose products are vector-matrix ones.
   bool bf16_products = false;
+  // Layer normalisation: (G H + 2 H) gains and shift, [γh, γc, βc], or null.
+  // The inputs' part of z then comes made and normalised, LN(x W) γx + b, as
+  // the (T, B, G H) `x` (no `kernel` or `bias`); the kernel normalises h U
+  // (gain γh) and, on C's way to h, C (gain γc, shift βc), each over its
+  // features with kLayerNormEpsilon in the variance.
+  const float* layer_norm = nullptr;
 
   int64_t gates() const { return cifg ? 3 : 4; }
   // R, the width of h: P with a projection, else H.
   int64_t hidden(int64_t units) const { return projection ? proj_units : units; }
-  bool plain() const { return !cifg && !peephole && cell_clip <= 0.f; }
+  bool plain() const { return !cifg && !peephole && cell_clip <= 0.f && !layer_norm; }
+  // With layer_norm, what a step keeps of a row for the gradient (see Forward::norms).
+  int64_t norms_width(int64_t units) const { return layer_norm ? (gates() + 1) * units + 2 : 0; }
 };
+
+// options.LAYER_NORM_EPSILON, which GatedLSTMCell's layer norm uses.
+constexpr float kLayerNormEpsilon = 1e-3f;
 
 struct Forward {
   int64_t steps = 0, batch = 0, input_size = 0, units = 0;
@@ -81,14 +92,22 @@ struct Forward {
   // not kept.
   float* c_computed = nullptr;
   float* gates = nullptr;                   // (T, B, G H) activations, or null: not kept
+  // With layer_norm, (T, B, G H + H + 2): each step's normalised h U, its
+  // normalised C, and their two inverse deviations; null: not kept.
+  float* norms = nullptr;
   float* h_last = nullptr;                  // (B, R)
   float* c_last = nullptr;                  // (B, H)
 };
 
 // [W; U]: the input and recurrent kernels stacked, (D + R, G H), so that a
 // step's projection is one matrix product.
+// With layer_norm the inputs come projected: `kernels` is U alone, (R, G H).
 inline void StackKernels(const Forward& a, float* kernels) {
   const int64_t G = a.options.gates() * a.units, R = a.options.hidden(a.units);
+  if (a.options.layer_norm) {
+    std::copy(a.recurrent_kernel, a.recurrent_kernel + R * G, kernels);
+    return;
+  }
   std::copy(a.kernel, a.kernel + a.input_size * G, kernels);
   std::copy(a.recurrent_kernel, a.recurrent_kernel + R * G, kernels + a.input_size * G);
 }
@@ -102,6 +121,7 @@ struct Backward {
   Options options;                          // as in Forward
   const float* c_seq = nullptr;             // (T, B, H)
   const float* c_computed = nullptr;        // (T, B, H) with zoneout of C: as in Forward
+  const float* norms = nullptr;             // with layer_norm: as Forward kept them
   const float* gates = nullptr;             // (T, B, G H) activations
   const float* dh_seq = nullptr;            // (T, B, R), or null: zero
   const float* dc_seq = nullptr;            // (T, B, H), or null: zero
@@ -113,6 +133,9 @@ struct Backward {
   // With a projection: the whole gradient of each step's h (T, B, P), zero
   // where a mask kept h, from which the caller makes W_hr's gradient.
   float* dh_projected = nullptr;
+  // With layer_norm: the gradient of each step's h U (T, B, G H), from which
+  // dh_{t-1} and U's gradient are made (dz is then that of the inputs' part).
+  float* d_recurrent = nullptr;
 };
 
 // One step a row block: z = [x_t, h_{t-1}] [W; U] + b as one matrix product
@@ -136,6 +159,8 @@ void ForwardRows(const Forward& a, const float* kernels, int64_t row_begin, int6
 // accumulates these rows' bias gradient. The peephole weights' gradients
 // are sums of dz times c over the steps, and W_hr's the product of
 // o * tanh(c) and `dh_projected` over all steps, which the caller makes.
+// With layer_norm, `db` is (G H + G H + 2 H): the bias gradient, then those
+// of [γh, γc, βc] (the layout of Options::layer_norm).
 void BackwardRows(const Backward& a, int64_t row_begin, int64_t row_end, float* db = nullptr);
 
 // The instructions this build runs bfloat16 products with ("avx512_bf16"),

@@ -120,13 +120,23 @@ void CheckStates(OpKernelContext* ctx, const keras_lstm::Options& options, const
 // The options with the weights and zoneout masks the ops take as inputs.
 keras_lstm::Options WithWeights(keras_lstm::Options options, const Tensor& peephole,
                                 const Tensor& projection, const Tensor& zoneout_h,
-                                const Tensor& zoneout_c) {
+                                const Tensor& zoneout_c, const Tensor& layer_norm) {
   options.peephole = DataOrNull(peephole);
+  options.layer_norm = DataOrNull(layer_norm);
   options.projection = DataOrNull(projection);
   options.proj_units = projection.NumElements() ? projection.dim_size(1) : 0;
   options.zoneout_h.mask = DataOrNull(zoneout_h);
   options.zoneout_c.mask = DataOrNull(zoneout_c);
   return options;
+}
+
+// Layer norm's gains and shift are empty or (G H + 2 H).
+void CheckLayerNorm(OpKernelContext* ctx, const Tensor& layer_norm, int64_t width, int64_t units) {
+  OP_REQUIRES(ctx,
+              layer_norm.NumElements() == 0 ||
+                  layer_norm.shape() == TensorShape({width + 2 * units}),
+              InvalidArgument("layer_norm must be empty or (GH + 2H,) = (", width + 2 * units,
+                              ",), got ", layer_norm.shape().DebugString()));
 }
 
 // A zoneout mask is empty or one value a step, row and unit of its state.
@@ -158,6 +168,7 @@ class LstmSequenceOp : public OpKernel {
     const Tensor& projection = ctx->input(9);
     const Tensor& zoneout_h = ctx->input(10);
     const Tensor& zoneout_c = ctx->input(11);
+    const Tensor& layer_norm = ctx->input(12);
     OP_REQUIRES(ctx, x.dims() == 3,
                 InvalidArgument("x must be (T, batch, D), got ", x.shape().DebugString()));
     const int64_t steps = x.dim_size(0), batch = x.dim_size(1), features = x.dim_size(2);
@@ -168,21 +179,32 @@ class LstmSequenceOp : public OpKernel {
     CheckZoneout(ctx, "zoneout_h", zoneout_h, steps, batch, hidden);
     CheckZoneout(ctx, "zoneout_c", zoneout_c, steps, batch, units);
     if (!ctx->status().ok()) return;
-    const keras_lstm::Options options =
-        WithWeights(options_, peephole, projection, zoneout_h, zoneout_c);
     const int64_t gates = options_.gates() * units;
-    OP_REQUIRES(ctx, kernel.shape() == TensorShape({features, gates}),
-                InvalidArgument("kernel must be (D, ", options_.gates(), "H), got ",
-                                kernel.shape().DebugString()));
-    OP_REQUIRES(ctx, bias.NumElements() == 0 || bias.shape() == TensorShape({gates}),
-                InvalidArgument("bias must be empty or (", options_.gates(), "H), got ",
-                                bias.shape().DebugString()));
+    CheckLayerNorm(ctx, layer_norm, gates, units);
+    if (!ctx->status().ok()) return;
+    const keras_lstm::Options options =
+        WithWeights(options_, peephole, projection, zoneout_h, zoneout_c, layer_norm);
+    if (options.layer_norm) {
+      // The inputs come as their normalised part of z, bias included.
+      OP_REQUIRES(ctx, features == gates && kernel.NumElements() == 0 && bias.NumElements() == 0,
+                  InvalidArgument("with layer_norm, x must be (T, batch, ", options_.gates(),
+                                  "H) and kernel and bias empty, got x ",
+                                  x.shape().DebugString(), ", kernel ",
+                                  kernel.shape().DebugString()));
+    } else {
+      OP_REQUIRES(ctx, kernel.shape() == TensorShape({features, gates}),
+                  InvalidArgument("kernel must be (D, ", options_.gates(), "H), got ",
+                                  kernel.shape().DebugString()));
+      OP_REQUIRES(ctx, bias.NumElements() == 0 || bias.shape() == TensorShape({gates}),
+                  InvalidArgument("bias must be empty or (", options_.gates(), "H), got ",
+                                  bias.shape().DebugString()));
+    }
 
     // What the gradient needs is kept only when asked for; an output that is
     // not kept is an empty tensor.
     const bool keep = keep_for_gradient_;
     const TensorShape states({steps, batch, units}), hs({steps, batch, hidden}), none({0});
-    Tensor *h_out, *c_out, *gates_out, *h_last_out, *c_last_out, *c_computed_out;
+    Tensor *h_out, *c_out, *gates_out, *h_last_out, *c_last_out, *c_computed_out, *norms_out;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, keep || return_sequences_ ? hs : none, &h_out));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, keep ? states : none, &c_out));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(
@@ -194,6 +216,13 @@ class LstmSequenceOp : public OpKernel {
     // With zoneout of C, the c each step computed, which the gradient reads.
     OP_REQUIRES_OK(ctx, ctx->allocate_output(5, keep && options.zoneout_c.on() ? states : none,
                                              &c_computed_out));
+    // With layer norm, what its gradient reads (lstm_core.h's Forward::norms).
+    const int64_t norms_width = options.norms_width(units);
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(
+                            6, keep && options.layer_norm
+                                   ? TensorShape({steps, batch, norms_width})
+                                   : none,
+                            &norms_out));
     if (batch == 0) return;
     if (steps == 0) {
       h_last_out->flat<float>() = h0.flat<float>();
@@ -207,7 +236,7 @@ class LstmSequenceOp : public OpKernel {
     args.input_size = features;
     args.units = units;
     args.x = x.flat<float>().data();
-    args.kernel = kernel.flat<float>().data();
+    args.kernel = DataOrNull(kernel);
     args.bias = DataOrNull(bias);
     args.recurrent_kernel = u.flat<float>().data();
     args.h0 = h0.flat<float>().data();
@@ -218,6 +247,7 @@ class LstmSequenceOp : public OpKernel {
     args.h_seq = DataOrNull(h_out);
     args.c_seq = DataOrNull(c_out);
     args.c_computed = DataOrNull(c_computed_out);
+    args.norms = DataOrNull(norms_out);
     args.gates = DataOrNull(gates_out);
     args.h_last = h_last_out->flat<float>().data();
     args.c_last = c_last_out->flat<float>().data();
@@ -257,6 +287,8 @@ class LstmSequenceGradOp : public OpKernel {
     const Tensor& zoneout_h = ctx->input(13);
     const Tensor& zoneout_c = ctx->input(14);
     const Tensor& c_computed = ctx->input(15);
+    const Tensor& layer_norm = ctx->input(16);
+    const Tensor& norms = ctx->input(17);
     OP_REQUIRES(ctx, gates.dims() == 3,
                 InvalidArgument("gates must be (T, batch, GH), got ", gates.shape().DebugString()));
     const int64_t steps = gates.dim_size(0), batch = gates.dim_size(1);
@@ -269,8 +301,16 @@ class LstmSequenceGradOp : public OpKernel {
     CheckZoneout(ctx, "zoneout_h", zoneout_h, steps, batch, hidden);
     CheckZoneout(ctx, "zoneout_c", zoneout_c, steps, batch, units);
     if (!ctx->status().ok()) return;
+    CheckLayerNorm(ctx, layer_norm, width, units);
+    if (!ctx->status().ok()) return;
     const keras_lstm::Options options =
-        WithWeights(options_, peephole, projection, zoneout_h, zoneout_c);
+        WithWeights(options_, peephole, projection, zoneout_h, zoneout_c, layer_norm);
+    const int64_t norms_width = options.norms_width(units);
+    OP_REQUIRES(ctx,
+                !options.layer_norm ||
+                    norms.shape() == TensorShape({steps, batch, norms_width}),
+                InvalidArgument("norms must be (T, batch, ", norms_width,
+                                ") with layer_norm, got ", norms.shape().DebugString()));
     OP_REQUIRES(ctx, !options.zoneout_c.on() || c_computed.shape() == states,
                 InvalidArgument("c_computed must be (T, batch, H) with zoneout of C, got ",
                                 c_computed.shape().DebugString()));
@@ -281,7 +321,8 @@ class LstmSequenceGradOp : public OpKernel {
                          (dc_last.NumElements() == 0 || dc_last.shape() == c0.shape()),
                 InvalidArgument("inconsistent shapes in the LSTM sequence gradient"));
 
-    Tensor *dz_out, *dh0_out, *dc0_out, *db_out, *dh_projected_out;
+    Tensor *dz_out, *dh0_out, *dc0_out, *db_out, *dh_projected_out, *d_recurrent_out,
+        *d_layer_norm_out;
     // dz takes over the gates' buffer when nothing else holds it.
     OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({5}, 0, gates.shape(), &dz_out));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, h0.shape(), &dh0_out));
@@ -289,8 +330,14 @@ class LstmSequenceGradOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(3, TensorShape({width}), &db_out));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(4, projection.NumElements() ? hs : TensorShape({0}),
                                              &dh_projected_out));
+    // With layer norm: the gradient of each step's h U, and of [γh, γc, βc].
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(5, options.layer_norm ? gates.shape() : TensorShape({0}),
+                                             &d_recurrent_out));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(6, layer_norm.shape(), &d_layer_norm_out));
     auto db = db_out->flat<float>();
+    auto d_layer_norm = d_layer_norm_out->flat<float>();
     db.setZero();
+    d_layer_norm.setZero();
     if (batch == 0) return;
 
     keras_lstm::Backward args;
@@ -305,6 +352,8 @@ class LstmSequenceGradOp : public OpKernel {
     args.dh_projected = DataOrNull(dh_projected_out);
     args.c_seq = c_seq.flat<float>().data();
     args.c_computed = options.zoneout_c.on() ? c_computed.flat<float>().data() : nullptr;
+    args.norms = options.layer_norm ? norms.flat<float>().data() : nullptr;
+    args.d_recurrent = DataOrNull(d_recurrent_out);
     args.gates = gates.flat<float>().data();
     args.dh_seq = DataOrNull(dh_seq);
     args.dc_seq = DataOrNull(dc_seq);
@@ -313,14 +362,17 @@ class LstmSequenceGradOp : public OpKernel {
     args.dz = dz_out->flat<float>().data();
     args.dh0 = dh0_out->flat<float>().data();
     args.dc0 = dc0_out->flat<float>().data();
-    // Each chunk sums its own rows' bias gradient; then the chunks' sums add up.
+    // Each chunk sums its own rows' bias gradient (and layer norm's); then
+    // the chunks' sums add up.
     const int64_t chunks = NumChunks(ctx, batch);
-    std::vector<float> db_chunks(chunks * width, 0.f);
+    const int64_t sums = width + layer_norm.NumElements();
+    std::vector<float> db_chunks(chunks * sums, 0.f);
     ForEachChunk(ctx, batch, [&](int64_t chunk, int64_t begin, int64_t end) {
-      keras_lstm::BackwardRows(args, begin, end, db_chunks.data() + chunk * width);
+      keras_lstm::BackwardRows(args, begin, end, db_chunks.data() + chunk * sums);
     });
     for (int64_t k = 0; k < chunks; ++k) {
-      for (int64_t j = 0; j < width; ++j) db(j) += db_chunks[k * width + j];
+      for (int64_t j = 0; j < width; ++j) db(j) += db_chunks[k * sums + j];
+      for (int64_t j = width; j < sums; ++j) d_layer_norm(j - width) += db_chunks[k * sums + j];
     }
   }
 
@@ -343,6 +395,7 @@ REGISTER_OP("KerasLstmSequence")
     .Input("projection: float")
     .Input("zoneout_h: float")
     .Input("zoneout_c: float")
+    .Input("layer_norm: float")
     .Attr("keep_for_gradient: bool = true")
     .Attr("return_sequences: bool = true")
     .Attr("cifg: bool = false")
@@ -356,6 +409,7 @@ REGISTER_OP("KerasLstmSequence")
     .Output("h_last: float")
     .Output("c_last: float")
     .Output("c_computed: float")
+    .Output("norms: float")
     .SetShapeFn([](tensorflow::shape_inference::InferenceContext* c) {
       bool keep, sequences, cifg;
       TF_RETURN_IF_ERROR(c->GetAttr("keep_for_gradient", &keep));
@@ -384,6 +438,20 @@ REGISTER_OP("KerasLstmSequence")
                                c->ValueKnown(c->Dim(mask_c, 0)) && c->Value(c->Dim(mask_c, 0)) == 0;
       const bool zoneout_c = zoneout_c_rate > 0.f || !mask_absent;
       c->set_output(5, keep && zoneout_c ? states : none);
+      // (T, batch, G H + H + 2) when kept with layer norm, else empty.
+      auto ln = c->input(12);
+      const bool ln_absent = c->RankKnown(ln) && c->Rank(ln) == 1 &&
+                             c->ValueKnown(c->Dim(ln, 0)) && c->Value(c->Dim(ln, 0)) == 0;
+      if (!keep || ln_absent) {
+        c->set_output(6, none);
+      } else {
+        tensorflow::shape_inference::DimensionHandle norms_width, plus_units;
+        TF_RETURN_IF_ERROR(c->Add(width, units, &plus_units));
+        TF_RETURN_IF_ERROR(c->Add(plus_units, 2, &norms_width));
+        tensorflow::shape_inference::ShapeHandle norms;
+        TF_RETURN_IF_ERROR(c->ReplaceDim(x, 2, norms_width, &norms));
+        c->set_output(6, norms);
+      }
       return absl::OkStatus();
     });
 
@@ -404,6 +472,8 @@ REGISTER_OP("KerasLstmSequenceGrad")
     .Input("zoneout_h: float")
     .Input("zoneout_c: float")
     .Input("c_computed: float")
+    .Input("layer_norm: float")
+    .Input("norms: float")
     .Attr("cifg: bool = false")
     .Attr("cell_clip: float = 0")
     .Attr("zoneout_h_rate: float = 0")
@@ -414,6 +484,8 @@ REGISTER_OP("KerasLstmSequenceGrad")
     .Output("dc0: float")
     .Output("db: float")
     .Output("dh_projected: float")
+    .Output("d_recurrent: float")
+    .Output("d_layer_norm: float")
     .SetShapeFn([](tensorflow::shape_inference::InferenceContext* c) {
       c->set_output(0, c->input(5));
       c->set_output(1, c->input(1));
@@ -425,6 +497,13 @@ REGISTER_OP("KerasLstmSequenceGrad")
       c->set_output(3, c->Vector(width));
       // (T, batch, P) with a projection, else empty: known only from the input's size.
       c->set_output(4, c->UnknownShape());
+      // (T, batch, G H) with layer norm (anything but the empty (0,) tensor),
+      // else empty; and layer_norm's own shape.
+      auto ln = c->input(16);
+      const bool ln_absent = c->RankKnown(ln) && c->Rank(ln) == 1 &&
+                             c->ValueKnown(c->Dim(ln, 0)) && c->Value(c->Dim(ln, 0)) == 0;
+      c->set_output(5, ln_absent ? c->MakeShape({0}) : c->input(5));
+      c->set_output(6, ln);
       return absl::OkStatus();
     });
 

@@ -11,7 +11,7 @@
 //
 // The static sizes and which optional inputs are present travel in the
 // custom call's opaque string, e.g. "T=100 B=64 D=32 H=128 bias=1 mask=0
-// sequences=1 keep=1 rmask=0 cifg=0 peep=0 P=0 zh=0 zc=0 bf16=0 clip=0 zhr=0 zcr=0".
+// sequences=1 keep=1 rmask=0 cifg=0 peep=0 P=0 zh=0 zc=0 bf16=0 ln=0 clip=0 zhr=0 zcr=0".
 // An absent input (no bias, no mask, a gradient that is
 // zero) is a 0-element operand, as for the TensorFlow op.
 //
@@ -158,6 +158,7 @@ struct Sizes {
   int dh_seq = 0, dc_seq = 0, dh_last = 0, dc_last = 0;
   int cifg = 0, peephole = 0;
   int bf16_products = 0;  // bfloat16 operands for the steps' products
+  int layer_norm = 0;     // whether layer norm's gains and shift are given
   long long proj_units = 0;  // P, with a projection
   int zoneout_h_mask = 0, zoneout_c_mask = 0;  // whether the zoneout masks are given
   // Written with 9 significant digits: every float32 reads back exactly.
@@ -166,7 +167,8 @@ struct Sizes {
   int64_t width() const { return (cifg ? 3 : 4) * units; }
   int64_t hidden() const { return proj_units ? proj_units : units; }
   keras_lstm::Options options(const float* peephole_weights, const float* projection_weights,
-                              const float* zoneout_h, const float* zoneout_c) const {
+                              const float* zoneout_h, const float* zoneout_c,
+                              const float* layer_norm_weights) const {
     keras_lstm::Options o;
     o.cifg = cifg;
     o.peephole = peephole ? peephole_weights : nullptr;
@@ -178,6 +180,7 @@ struct Sizes {
     o.zoneout_c.mask = zoneout_c_mask ? zoneout_c : nullptr;
     o.zoneout_c.rate = zoneout_c_rate;
     o.bf16_products = bf16_products;
+    o.layer_norm = layer_norm ? layer_norm_weights : nullptr;
     return o;
   }
   bool zoneout_c() const { return zoneout_c_mask || zoneout_c_rate > 0.f; }
@@ -186,10 +189,10 @@ struct Sizes {
 // One format each for writing and reading.
 constexpr char kForwardFormat[] =
     "T=%lld B=%lld D=%lld H=%lld bias=%d mask=%d sequences=%d keep=%d rmask=%d cifg=%d peep=%d "
-    "P=%lld zh=%d zc=%d bf16=%d";
+    "P=%lld zh=%d zc=%d bf16=%d ln=%d";
 constexpr char kBackwardFormat[] =
     "T=%lld B=%lld H=%lld mask=%d dh=%d dc=%d dh_last=%d dc_last=%d rmask=%d cifg=%d peep=%d "
-    "P=%lld zh=%d zc=%d bf16=%d";
+    "P=%lld zh=%d zc=%d bf16=%d ln=%d";
 // The floats end both strings: printf writes doubles, scanf reads floats.
 constexpr char kFloatsWrite[] = " clip=%.9g zhr=%.9g zcr=%.9g";
 constexpr char kFloatsRead[] = " clip=%g zhr=%g zcr=%g";
@@ -213,7 +216,7 @@ std::string ForwardOpaque(const Sizes& s) {
   char text[256];
   std::snprintf(text, sizeof(text), kForwardFormat, s.steps, s.batch, s.features, s.units, s.bias,
                 s.mask, s.sequences, s.keep, s.recurrent_mask, s.cifg, s.peephole, s.proj_units,
-                s.zoneout_h_mask, s.zoneout_c_mask, s.bf16_products);
+                s.zoneout_h_mask, s.zoneout_c_mask, s.bf16_products, s.layer_norm);
   std::string opaque(text);
   AppendFloats(s, &opaque);
   return opaque;
@@ -224,7 +227,7 @@ bool ParseForwardOpaque(const char* opaque, size_t length, Sizes* s) {
   return std::sscanf(text.c_str(), kForwardFormat, &s->steps, &s->batch, &s->features, &s->units,
                      &s->bias, &s->mask, &s->sequences, &s->keep, &s->recurrent_mask, &s->cifg,
                      &s->peephole, &s->proj_units, &s->zoneout_h_mask, &s->zoneout_c_mask,
-                     &s->bf16_products) == 15 &&
+                     &s->bf16_products, &s->layer_norm) == 16 &&
          ParseFloats(text, s);
 }
 
@@ -232,7 +235,7 @@ std::string BackwardOpaque(const Sizes& s) {
   char text[256];
   std::snprintf(text, sizeof(text), kBackwardFormat, s.steps, s.batch, s.units, s.mask, s.dh_seq,
                 s.dc_seq, s.dh_last, s.dc_last, s.recurrent_mask, s.cifg, s.peephole, s.proj_units,
-                s.zoneout_h_mask, s.zoneout_c_mask, s.bf16_products);
+                s.zoneout_h_mask, s.zoneout_c_mask, s.bf16_products, s.layer_norm);
   std::string opaque(text);
   AppendFloats(s, &opaque);
   return opaque;
@@ -243,7 +246,7 @@ bool ParseBackwardOpaque(const char* opaque, size_t length, Sizes* s) {
   return std::sscanf(text.c_str(), kBackwardFormat, &s->steps, &s->batch, &s->units, &s->mask,
                      &s->dh_seq, &s->dc_seq, &s->dh_last, &s->dc_last, &s->recurrent_mask,
                      &s->cifg, &s->peephole, &s->proj_units, &s->zoneout_h_mask,
-                     &s->zoneout_c_mask, &s->bf16_products) == 15 &&
+                     &s->zoneout_c_mask, &s->bf16_products, &s->layer_norm) == 16 &&
          ParseFloats(text, s);
 }
 
@@ -266,20 +269,21 @@ void ForwardTarget(void* out, const void** in, const char* opaque, size_t opaque
   args.input_size = s.features;
   args.units = s.units;
   args.x = inputs[0];
-  args.kernel = inputs[1];
+  args.kernel = s.layer_norm ? nullptr : inputs[1];
   args.bias = s.bias ? inputs[2] : nullptr;
   args.recurrent_kernel = inputs[3];
   args.h0 = inputs[4];
   args.c0 = inputs[5];
   args.mask = s.mask ? inputs[6] : nullptr;
   args.recurrent_mask = s.recurrent_mask ? inputs[7] : nullptr;
-  args.options = s.options(inputs[8], inputs[9], inputs[10], inputs[11]);
+  args.options = s.options(inputs[8], inputs[9], inputs[10], inputs[11], inputs[12]);
   args.h_seq = s.keep || s.sequences ? outputs[0] : nullptr;
   args.c_seq = s.keep ? outputs[1] : nullptr;
   args.gates = s.keep ? outputs[2] : nullptr;
   args.h_last = outputs[3];
   args.c_last = outputs[4];
   args.c_computed = s.keep && s.zoneout_c() ? outputs[5] : nullptr;
+  args.norms = s.keep && s.layer_norm ? outputs[6] : nullptr;
   // With no step, ForwardRows copies h0 and c0 to the final state.
   std::vector<float> kernels((s.features + s.hidden()) * s.width());
   keras_lstm::StackKernels(args, kernels.data());
@@ -308,23 +312,29 @@ void BackwardTarget(void* out, const void** in, const char* opaque, size_t opaqu
   args.dh_last = s.dh_last ? inputs[8] : nullptr;
   args.dc_last = s.dc_last ? inputs[9] : nullptr;
   args.recurrent_mask = s.recurrent_mask ? inputs[10] : nullptr;
-  args.options = s.options(inputs[11], inputs[12], inputs[13], inputs[14]);
+  args.options = s.options(inputs[11], inputs[12], inputs[13], inputs[14], inputs[16]);
   args.c_computed = s.zoneout_c() ? inputs[15] : nullptr;
+  args.norms = s.layer_norm ? inputs[17] : nullptr;
+  args.d_recurrent = s.layer_norm ? outputs[5] : nullptr;
   args.dz = outputs[0];
   args.dh0 = outputs[1];
   args.dc0 = outputs[2];
   args.dh_projected = s.proj_units ? outputs[4] : nullptr;
   // With no step, BackwardRows passes dh_last and dc_last (or zeros) to dh0 and dc0.
-  // Each chunk sums its own rows' bias gradient; then the chunks' sums add up.
+  // Each chunk sums its own rows' bias gradient (and layer norm's); then the
+  // chunks' sums add up.
   const int64_t width = s.width(), chunks = NumChunks(s.batch);
-  std::vector<float> db_chunks(chunks * width, 0.f);
+  const int64_t sums = width + (s.layer_norm ? width + 2 * s.units : 0);
+  std::vector<float> db_chunks(chunks * sums, 0.f);
   ForEachChunk(s.batch, [&](int64_t chunk, int64_t begin, int64_t end) {
-    backward_rows(&args, begin, end, db_chunks.data() + chunk * width);
+    backward_rows(&args, begin, end, db_chunks.data() + chunk * sums);
   });
-  float* db = outputs[3];
+  float *db = outputs[3], *d_layer_norm = outputs[6];
   std::fill(db, db + width, 0.f);
+  std::fill(d_layer_norm, d_layer_norm + (sums - width), 0.f);
   for (int64_t k = 0; k < chunks; ++k) {
-    for (int64_t j = 0; j < width; ++j) db[j] += db_chunks[k * width + j];
+    for (int64_t j = 0; j < width; ++j) db[j] += db_chunks[k * sums + j];
+    for (int64_t j = width; j < sums; ++j) d_layer_norm[j - width] += db_chunks[k * sums + j];
   }
 }
 
@@ -401,7 +411,8 @@ class LstmSequenceXlaOp : public XlaOpKernel {
                       h0 = ctx->InputShape(4), c0 = ctx->InputShape(5),
                       mask = ctx->InputShape(6), recurrent_mask = ctx->InputShape(7),
                       peephole = ctx->InputShape(8), projection = ctx->InputShape(9),
-                      zoneout_h = ctx->InputShape(10), zoneout_c = ctx->InputShape(11);
+                      zoneout_h = ctx->InputShape(10), zoneout_c = ctx->InputShape(11),
+                      layer_norm = ctx->InputShape(12);
     OP_REQUIRES(ctx, x.dims() == 3 && c0.dims() == 2,
                 InvalidArgument("x must be (T, batch, D) and c0 (batch, H), got ",
                                 x.DebugString(), " and ", c0.DebugString()));
@@ -419,10 +430,21 @@ class LstmSequenceXlaOp : public XlaOpKernel {
         hs({s.steps, s.batch, s.hidden()}), h_state({s.batch, s.hidden()});
     OP_REQUIRES(ctx, u == TensorShape({s.hidden(), s.width()}),
                 InvalidArgument("recurrent_kernel must be (R, GH), got ", u.DebugString()));
-    OP_REQUIRES(ctx, kernel == TensorShape({s.features, s.width()}),
-                InvalidArgument("kernel must be (D, GH), got ", kernel.DebugString()));
-    OP_REQUIRES(ctx, !Present(bias) || bias == TensorShape({s.width()}),
-                InvalidArgument("bias must be empty or (GH), got ", bias.DebugString()));
+    s.layer_norm = Present(layer_norm);
+    OP_REQUIRES(ctx, !s.layer_norm || layer_norm == TensorShape({s.width() + 2 * s.units}),
+                InvalidArgument("layer_norm must be empty or (GH + 2H), got ",
+                                layer_norm.DebugString()));
+    if (s.layer_norm) {
+      // The inputs come as their normalised part of z, bias included.
+      OP_REQUIRES(ctx, s.features == s.width() && !Present(kernel) && !Present(bias),
+                  InvalidArgument("with layer_norm, x must be (T, batch, GH) and kernel and bias "
+                                  "empty, got x ", x.DebugString()));
+    } else {
+      OP_REQUIRES(ctx, kernel == TensorShape({s.features, s.width()}),
+                  InvalidArgument("kernel must be (D, GH), got ", kernel.DebugString()));
+      OP_REQUIRES(ctx, !Present(bias) || bias == TensorShape({s.width()}),
+                  InvalidArgument("bias must be empty or (GH), got ", bias.DebugString()));
+    }
     OP_REQUIRES(ctx, !Present(peephole) || peephole == TensorShape({3, s.units}),
                 InvalidArgument("peephole must be empty or (3, H), got ", peephole.DebugString()));
     OP_REQUIRES(ctx, h0 == h_state && c0 == state,
@@ -449,7 +471,10 @@ class LstmSequenceXlaOp : public XlaOpKernel {
     EmitCustomCall(ctx, kForwardTarget, ForwardOpaque(s),
                    {keep || return_sequences_ ? hs : kNone, keep ? states : kNone,
                     keep ? TensorShape({s.steps, s.batch, s.width()}) : kNone, h_state, state,
-                    keep && s.zoneout_c() ? states : kNone});
+                    keep && s.zoneout_c() ? states : kNone,
+                    keep && s.layer_norm
+                        ? TensorShape({s.steps, s.batch, s.width() + s.units + 2})
+                        : kNone});
   }
 
  private:
@@ -472,7 +497,8 @@ class LstmSequenceGradXlaOp : public XlaOpKernel {
                       dc_last = ctx->InputShape(9), recurrent_mask = ctx->InputShape(10),
                       peephole = ctx->InputShape(11), projection = ctx->InputShape(12),
                       zoneout_h = ctx->InputShape(13), zoneout_c = ctx->InputShape(14),
-                      c_computed = ctx->InputShape(15);
+                      c_computed = ctx->InputShape(15), layer_norm = ctx->InputShape(16),
+                      norms = ctx->InputShape(17);
     OP_REQUIRES(ctx, gates.dims() == 3 && c0.dims() == 2,
                 InvalidArgument("gates must be (T, batch, GH) and c0 (batch, H), got ",
                                 gates.DebugString(), " and ", c0.DebugString()));
@@ -502,6 +528,14 @@ class LstmSequenceGradXlaOp : public XlaOpKernel {
     OP_REQUIRES(ctx, !s.zoneout_c() || c_computed == states,
                 InvalidArgument("c_computed must be (T, batch, H) with zoneout of C, got ",
                                 c_computed.DebugString()));
+    s.layer_norm = Present(layer_norm);
+    OP_REQUIRES(ctx,
+                !s.layer_norm ||
+                    (layer_norm == TensorShape({s.width() + 2 * s.units}) &&
+                     norms == TensorShape({s.steps, s.batch, s.width() + s.units + 2})),
+                InvalidArgument("layer_norm must be empty or (GH + 2H) with norms (T, batch, "
+                                "GH + H + 2), got ",
+                                layer_norm.DebugString(), " and ", norms.DebugString()));
     s.mask = Present(mask);
     s.dh_seq = Present(dh_seq);
     s.dc_seq = Present(dc_seq);
@@ -513,7 +547,8 @@ class LstmSequenceGradXlaOp : public XlaOpKernel {
     // gates before writing its dz); XLA copies the gates first if they are
     // still needed elsewhere.
     EmitCustomCall(ctx, kBackwardTarget, BackwardOpaque(s),
-                   {gates, h_state, state, TensorShape({s.width()}), s.proj_units ? hs : kNone},
+                   {gates, h_state, state, TensorShape({s.width()}), s.proj_units ? hs : kNone,
+                    s.layer_norm ? gates : kNone, layer_norm},
                    {{xla::ShapeIndex({0}), {5, xla::ShapeIndex({})}}});
   }
 
