@@ -635,7 +635,8 @@ void BackwardRows(const Backward& a, int64_t row_begin, int64_t row_end, float* 
         PointwiseGradWithOptions(a.options, H, g, c_now + r * H, c_prev + r * H, dmr.data(),
                                  dcr.data(), dz, layer_norm ? a.norms + (at + r) * NW : nullptr,
                                  layer_norm ? a.d_recurrent + (at + r) * G : nullptr, d_norm);
-        if (db) RowMap(db, G) += ConstRowMap(dz, G);
+        // With layer norm the bias is inside the inputs' part, made outside.
+        if (db && !layer_norm) RowMap(db, G) += ConstRowMap(dz, G);
         dhr.setZero();
         continue;
       }

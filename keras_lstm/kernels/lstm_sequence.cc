@@ -190,7 +190,8 @@ class LstmSequenceOp : public OpKernel {
                   InvalidArgument("with layer_norm, x must be (T, batch, ", options_.gates(),
                                   "H) and kernel and bias empty, got x ",
                                   x.shape().DebugString(), ", kernel ",
-                                  kernel.shape().DebugString()));
+                                  kernel.shape().DebugString(), ", bias ",
+                                  bias.shape().DebugString()));
     } else {
       OP_REQUIRES(ctx, kernel.shape() == TensorShape({features, gates}),
                   InvalidArgument("kernel must be (D, ", options_.gates(), "H), got ",
@@ -251,7 +252,8 @@ class LstmSequenceOp : public OpKernel {
     args.gates = DataOrNull(gates_out);
     args.h_last = h_last_out->flat<float>().data();
     args.c_last = c_last_out->flat<float>().data();
-    std::vector<float> kernels((features + hidden) * gates);
+    // [W; U], or U alone with layer norm (StackKernels).
+    std::vector<float> kernels((options.layer_norm ? hidden : features + hidden) * gates);
     keras_lstm::StackKernels(args, kernels.data());
     ForEachChunk(ctx, batch, [&](int64_t, int64_t begin, int64_t end) {
       keras_lstm::ForwardRows(args, kernels.data(), begin, end);

@@ -285,7 +285,8 @@ void ForwardTarget(void* out, const void** in, const char* opaque, size_t opaque
   args.c_computed = s.keep && s.zoneout_c() ? outputs[5] : nullptr;
   args.norms = s.keep && s.layer_norm ? outputs[6] : nullptr;
   // With no step, ForwardRows copies h0 and c0 to the final state.
-  std::vector<float> kernels((s.features + s.hidden()) * s.width());
+  // [W; U], or U alone with layer norm (StackKernels).
+  std::vector<float> kernels((s.layer_norm ? s.hidden() : s.features + s.hidden()) * s.width());
   keras_lstm::StackKernels(args, kernels.data());
   ForEachChunk(s.batch, [&](int64_t, int64_t begin, int64_t end) {
     forward_rows(&args, kernels.data(), begin, end);
