@@ -304,18 +304,13 @@ class GatedLSTM(keras.layers.RNN):
         zoneout_h, zoneout_c = (
             self._zoneout_masks(state, (steps, batch)) if training else None for state in "hc"
         )
-        layer_norm = kernel_norm_gamma = None
+        layer_norm = None
         if cell.layer_norm:
             norm = cell._layer_norm
-            # [γh, γc, βc]; without a bias the cell state's norm has no shift.
+            # [γx, γh, γc, βc]; without a bias the cell state's norm has no shift.
             shift = norm.cell_beta if norm.cell_beta is not None else ops.zeros((cell.units,))
-            layer_norm = ops.concatenate(
-                [
-                    ops.cast(w, cell.compute_dtype)
-                    for w in (norm.recurrent_gamma, norm.cell_gamma, shift)
-                ]
-            )
-            kernel_norm_gamma = ops.cast(norm.kernel_gamma, cell.compute_dtype)
+            gains = (norm.kernel_gamma, norm.recurrent_gamma, norm.cell_gamma, shift)
+            layer_norm = ops.concatenate([ops.cast(w, cell.compute_dtype) for w in gains])
         return kernels.CellOptions(
             peephole=peephole,
             cifg=cell.cifg,
@@ -326,7 +321,6 @@ class GatedLSTM(keras.layers.RNN):
             zoneout_h_rate=cell.zoneout_h,
             zoneout_c_rate=cell.zoneout_c,
             layer_norm=layer_norm,
-            kernel_norm_gamma=kernel_norm_gamma,
         )
 
     def _zoneout_masks(self, state, steps_and_batch):

@@ -195,14 +195,6 @@ def test_options_under_xla_match_the_cells_own_loop(rng, fused_calls, cell_optio
     assert fused_calls and fused_calls[-1] is not None
 
 
-def test_the_kernel_normalises_with_the_cells_epsilon():
-    # The Python side's copy (kernels.LAYER_NORM_EPSILON) and the cell's; the
-    # C++ one (kLayerNormEpsilon) is checked by every layer_norm parity test.
-    from keras_lstm import options
-
-    assert kernels.LAYER_NORM_EPSILON == options.LAYER_NORM_EPSILON
-
-
 def test_the_clip_clips_and_stops_the_gradient_where_it_does(rng):
     # The weights above drive the cell state past the clip somewhere, and not everywhere.
     x, h0, c0 = _data(rng)

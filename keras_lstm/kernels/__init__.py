@@ -55,9 +55,6 @@ NATIVE_CELL_OPTIONS = (
     "zoneout_c",
     "layer_norm",
 )
-# GatedLSTMCell's layer norm epsilon (`options.LAYER_NORM_EPSILON`); the native
-# kernel has the same (`kLayerNormEpsilon` in lstm_core.h).
-LAYER_NORM_EPSILON = 1e-3
 
 __all__ = [
     "bf16_products",
@@ -275,14 +272,6 @@ def mask_uniform(shape, seed_generator, dtype=tf.float32):
     return tf.random.stateless_uniform(shape, seed=seed, dtype=dtype, alg=alg)
 
 
-def _normalised_projection(x, kernel, bias, gain):
-    """LN(x W) γx + b over the gates' features, for time-major x (T, B, D)."""
-    xw = tf.einsum("tbd,dg->tbg", x, kernel)
-    mean, variance = tf.nn.moments(xw, axes=[-1], keepdims=True)
-    z = (xw - mean) * tf.math.rsqrt(variance + LAYER_NORM_EPSILON) * gain
-    return z if bias is None else z + bias
-
-
 def lstm_recurrence(
     inputs,
     kernel,
@@ -353,7 +342,6 @@ def lstm_recurrence(
                 zoneout_h=f32(options.zoneout_h),
                 zoneout_c=f32(options.zoneout_c),
                 layer_norm=f32(options.layer_norm),
-                kernel_norm_gamma=f32(options.kernel_norm_gamma),
             ),
         )
         return (
@@ -372,7 +360,6 @@ def lstm_recurrence(
             zoneout_h=cast(options.zoneout_h),
             zoneout_c=cast(options.zoneout_c),
             layer_norm=cast(options.layer_norm),
-            kernel_norm_gamma=cast(options.kernel_norm_gamma),
         )
     kernel = tf.cast(kernel, dtype)
     if recurrent_mask is not None:
@@ -386,11 +373,6 @@ def lstm_recurrence(
         mask = None if mask is None else tf.reverse(mask, [0])
 
     bias = None if bias is None else tf.cast(bias, dtype)
-    if _use_native(dtype) and options is not None and options.layer_norm is not None:
-        # Layer norm: the inputs' part of z, LN(x W) γx + b, for every step at
-        # once here; the kernel normalises h U and C itself.
-        x = _normalised_projection(x, kernel, bias, options.kernel_norm_gamma)
-        kernel, bias = tf.zeros((0,), dtype), None
     if _use_native(dtype):
         h_seq, c_seq, h_last, c_last = _native.lstm_sequence(
             x,

@@ -52,10 +52,8 @@ class CellOptions(NamedTuple):
     C, each a 0/1 mask a step (T, B, width) in processing order (1: keep the
     previous value), or `None`; `zoneout_h_rate` / `zoneout_c_rate`: the
     rates, used as the mixing weight where no mask is given (inference);
-    `layer_norm`: layer norm's gains and shift `[γh, γc, βc]` stacked, (G H + 2 H,)
-    (βc zeros without a bias), and `kernel_norm_gamma`: γx (G H,), or both `None`.
-    With layer norm `lstm_recurrence` makes the inputs' part of z, LN(x W) γx + b,
-    in TensorFlow ops for all steps at once, and the kernel the rest.
+    `layer_norm`: layer norm's gains and shift `[γx, γh, γc, βc]` stacked,
+    (2 G H + 2 H,) (βc zeros without a bias), or `None`.
     """
 
     peephole: object = None
@@ -67,7 +65,6 @@ class CellOptions(NamedTuple):
     zoneout_h_rate: float = 0.0
     zoneout_c_rate: float = 0.0
     layer_norm: object = None
-    kernel_norm_gamma: object = None
 
 
 _state: dict = {}
@@ -147,7 +144,7 @@ def _register_gradient():
             empty if grad is None or is_zero_fill(grad) else grad
             for grad in (dh_seq, dc_seq, dh_last, dc_last)
         )
-        dz, dh0, dc0, dbias, dh_projected, d_recurrent, dlayer_norm = (
+        dz, dh0, dc0, dbias, dh_projected, d_input, d_recurrent, dlayer_norm = (
             module.keras_lstm_sequence_grad(
                 recurrent_kernel,
                 h0,
@@ -172,13 +169,9 @@ def _register_gradient():
         )
         normalised = _given(layer_norm)
         # The input and weight gradients as single matmuls over all steps; the
-        # bias gradient the kernel summed as it went. With layer norm x is the
-        # inputs' part of z already (its own gradient is TensorFlow's), and U's
-        # gradient reads that of h U.
-        if normalised:
-            dx, dkernel = dz, None
-        else:
-            dx, dkernel = projection_grads(x, kernel, dz, bf16=bf16)
+        # bias gradient the kernel summed as it went. With layer norm they read
+        # the gradients of x W and h U, which the norms stand between.
+        dx, dkernel = projection_grads(x, kernel, d_input if normalised else dz, bf16=bf16)
         dbias = dbias if _given(bias) else None
         dropped = recurrent_mask if _given(recurrent_mask) else None
         drecurrent = recurrent_kernel_grad(
@@ -194,11 +187,11 @@ def _register_gradient():
         if _given(projection):
             # What tanh read on C's way to h: C, or with layer norm LN(C) γc + βc.
             cell_view = c_read
-            if normalised:
-                units = c_seq.shape[-1]
-                width = gates.shape[-1]
-                gain, shift = layer_norm[width : width + units], layer_norm[width + units :]
-                cell_view = norms[..., width : width + units] * gain + shift
+            if normalised:  # [γx, γh, γc, βc]; norms: x W, h U and C normalised, ...
+                units, width = c_seq.shape[-1], gates.shape[-1]
+                at = 2 * width
+                gain, shift = layer_norm[at : at + units], layer_norm[at + units :]
+                cell_view = norms[..., at : at + units] * gain + shift
             dprojection = projection_kernel_grad(cell_view, gates, dh_projected)
         return (dx, dkernel, dbias, drecurrent, dh0, dc0, None, None, dpeephole, dprojection) + (
             None,

@@ -85,7 +85,7 @@ Row NormaliseGrad(const Row& d, const ConstRowMap& n, float inv) {
 // One row's pointwise step with the options on (see ForwardRows): the
 // pre-activations `z` (G H) become the activations kept, and c and h are
 // written from c_prev. With layer norm, `norm` is the row's Forward::norms
-// entry, which gets the normalised C and its inverse deviation.
+// entry (LayerNorm), which gets the normalised C and its inverse deviation.
 void PointwiseWithOptions(const Options& options, int64_t H, float* z, const float* c_prev,
                           float* c, float* h, float* norm) {
   const bool cifg = options.cifg;
@@ -112,22 +112,25 @@ void PointwiseWithOptions(const Options& options, int64_t H, float* z, const flo
     return;
   }
   // h = o * tanh(LN(C) γc + βc); the C carried on stays as it is.
-  const int64_t G = options.gates() * H;
-  float* c_hat = norm + G;
-  norm[G + H + 1] = Normalise(c, H, c_hat);
-  const float* gains = options.layer_norm + G;
-  h_new = o * (ConstRowMap(gains, H) * ConstRowMap(c_hat, H) + ConstRowMap(gains + H, H)).tanh();
+  const LayerNorm ln{options.gates() * H, H};
+  float* c_hat = norm + ln.kC();
+  norm[ln.kDeviations() + 2] = Normalise(c, H, c_hat);
+  const float* gains = options.layer_norm;
+  h_new = o * (ConstRowMap(gains + ln.kC(), H) * ConstRowMap(c_hat, H) +
+               ConstRowMap(gains + ln.kShift(), H))
+                  .tanh();
 }
 
 // One row's gradient step with the options on (see BackwardRows): from dh
 // and dc (of h_t and C_t) and the kept activations `gates`, writes dz (which
 // may be `gates` itself) and replaces dc with the gradient of C_{t-1}. With
-// layer norm, `norm` is the row's Forward::norms entry, `d_recurrent` gets
-// the gradient of the row's h U, and `d_norm` (if not null) accumulates
-// those of [γh, γc, βc].
+// layer norm, `norm` is the row's Forward::norms entry, `d_input` and
+// `d_recurrent` get the gradients of the row's x W and h U, and `d_gains`
+// (if not null) accumulates those of [γx, γh, γc, βc].
 void PointwiseGradWithOptions(const Options& options, int64_t H, const float* gates,
                               const float* c_now, const float* c_prev, const float* dh, float* dc,
-                              float* dz, const float* norm, float* d_recurrent, float* d_norm) {
+                              float* dz, const float* norm, float* d_input, float* d_recurrent,
+                              float* d_gains) {
   const bool cifg = options.cifg;
   const float* peephole = options.peephole;
   ConstRowMap f(gates + (cifg ? 0 : H), H), g(gates + (cifg ? H : 2 * H), H),
@@ -136,20 +139,22 @@ void PointwiseGradWithOptions(const Options& options, int64_t H, const float* ga
   const Row i = cifg ? Row(1.f - f) : Row(ConstRowMap(gates, H));
   const float* layer_norm = options.layer_norm;
   const int64_t G = options.gates() * H;
+  const LayerNorm ln{G, H};
   Row tanh_c, dct;
   if (!layer_norm) {
     tanh_c = c.tanh();
     dct = dcr + dhr * o * (1.f - tanh_c.square());
   } else {
     // h = o * tanh(n), n = LN(C) γc + βc: back through n to C.
-    const ConstRowMap c_hat(norm + G, H), gain(layer_norm + G, H), shift(layer_norm + G + H, H);
+    const ConstRowMap c_hat(norm + ln.kC(), H), gain(layer_norm + ln.kC(), H),
+        shift(layer_norm + ln.kShift(), H);
     tanh_c = (gain * c_hat + shift).tanh();
     const Row dn = dhr * o * (1.f - tanh_c.square());
-    if (d_norm) {
-      RowMap(d_norm + G, H) += dn * c_hat;
-      RowMap(d_norm + G + H, H) += dn;
+    if (d_gains) {
+      RowMap(d_gains + ln.kC(), H) += dn * c_hat;
+      RowMap(d_gains + ln.kShift(), H) += dn;
     }
-    dct = dcr + NormaliseGrad(dn * gain, c_hat, norm[G + H + 1]);
+    dct = dcr + NormaliseGrad(dn * gain, c_hat, norm[ln.kDeviations() + 2]);
   }
   const Row dz_o = dhr * tanh_c * o * (1.f - o);
   if (peephole) dct += dz_o * ConstRowMap(peephole + 2 * H, H);
@@ -173,10 +178,17 @@ void PointwiseGradWithOptions(const Options& options, int64_t H, const float* ga
   RowMap(out + H, H) = dz_g;
   RowMap(out + 2 * H, H) = dz_o;
   if (layer_norm) {
-    // z = (inputs' part) + γh LN(h U): back through the norm to h U.
-    const ConstRowMap dz_row(dz, G), hu_hat(norm, G), gain(layer_norm, G);
-    if (d_norm) RowMap(d_norm, G) += dz_row * hu_hat;
-    RowMap(d_recurrent, G) = NormaliseGrad(dz_row * gain, hu_hat, norm[G + H]);
+    // z = LN(x W) γx + LN(h U) γh + b: back through each norm to its product.
+    const ConstRowMap dz_row(dz, G), xw_hat(norm + ln.kX(), G), hu_hat(norm + ln.kH(), G);
+    if (d_gains) {
+      RowMap(d_gains + ln.kX(), G) += dz_row * xw_hat;
+      RowMap(d_gains + ln.kH(), G) += dz_row * hu_hat;
+    }
+    const float* deviations = norm + ln.kDeviations();
+    RowMap(d_input, G) =
+        NormaliseGrad(dz_row * ConstRowMap(layer_norm + ln.kX(), G), xw_hat, deviations[0]);
+    RowMap(d_recurrent, G) =
+        NormaliseGrad(dz_row * ConstRowMap(layer_norm + ln.kH(), G), hu_hat, deviations[1]);
   }
 }
 
@@ -414,15 +426,19 @@ void ForwardRows(const Forward& a, const float* kernels, int64_t row_begin,
   const int64_t G = a.options.gates() * H, R = a.options.hidden(H), K = D + R;
   const bool plain = a.options.plain();
   const float* projection = a.options.projection;
-  // With layer norm, x is the inputs' part of z already and `kernels` is U.
+  // With layer norm, x W and h U are two products, each normalised.
   const float* layer_norm = a.options.layer_norm;
+  const LayerNorm ln{G, H};
   const int64_t NW = a.options.norms_width(H);
   if (rows <= 0) return;
-  ConstMatrixMap weights(kernels, K, G), recurrent(kernels + (layer_norm ? 0 : D * G), R, G);
-  std::optional<Bf16Products> bf16;
-  if (UseBf16Products(a.options, B)) {
-    // [W; U] for [x_t, h_{t-1}], or with layer norm U alone for h_{t-1}.
-    bf16.emplace(kernels, layer_norm ? R : K, G, /*transposed=*/false, rows);
+  ConstMatrixMap weights(kernels, K, G), input_kernel(kernels, D, G),
+      recurrent(kernels + D * G, R, G);
+  std::optional<Bf16Products> bf16, bf16_input;
+  if (UseBf16Products(a.options, B) && !layer_norm) {
+    bf16.emplace(kernels, K, G, /*transposed=*/false, rows);  // [W; U] for [x_t, h_{t-1}]
+  } else if (UseBf16Products(a.options, B)) {
+    bf16.emplace(recurrent.data(), R, G, /*transposed=*/false, rows);
+    bf16_input.emplace(kernels, D, G, /*transposed=*/false, rows);
   }
   // A batch of a few rows (one block): one product projects the inputs of
   // every step first, so that each step's vector-matrix products read U only.
@@ -438,8 +454,9 @@ void ForwardRows(const Forward& a, const float* kernels, int64_t row_begin,
   Matrix xh(project_first || layer_norm ? 0 : rows, K);
   // h_{t-1} * r, for the product, with recurrent dropout.
   Matrix h_dropped((project_first || layer_norm) && a.recurrent_mask ? rows : 0, R);
-  // With layer norm: h U apart, and the norms of a step when not kept.
-  Matrix hu(layer_norm ? rows : 0, G), norm_scratch(layer_norm && !a.norms ? rows : 0, NW);
+  // With layer norm: x W and h U apart, and the norms of a step when not kept.
+  Matrix xw(layer_norm ? rows : 0, G), hu(layer_norm ? rows : 0, G),
+      norm_scratch(layer_norm && !a.norms ? rows : 0, NW);
   // o * tanh(c) before the projection W_hr makes it h.
   Matrix unprojected(projection ? rows : 0, H);
   const Zoneout &zoneout_h = a.options.zoneout_h, &zoneout_c = a.options.zoneout_c;
@@ -466,24 +483,32 @@ void ForwardRows(const Forward& a, const float* kernels, int64_t row_begin,
     MatrixMap Z(z, rows, G);
     float* norm = !layer_norm ? nullptr : a.norms ? a.norms + at * NW : norm_scratch.data();
     if (layer_norm) {
-      // z = x_t (LN(x W) γx + b, made outside) + γh LN(h_{t-1} U).
+      // z = LN(x_t W) γx + LN(h_{t-1} U) γh + b.
+      const float* x_t = a.x + at * D;
       const float* h_in = h_prev;
       if (a.recurrent_mask) {
         h_dropped.array() = ConstArrayMap(h_prev, rows, R) * r;
         h_in = h_dropped.data();
       }
       if (bf16) {
+        xw.setZero();
         hu.setZero();
+        bf16_input->MultiplyInto(x_t, D, rows, xw.data(), G);
         bf16->MultiplyInto(h_in, R, rows, hu.data(), G);
       } else {
+        MultiplyInto(MatrixMap(xw.data(), rows, G), ConstMatrixMap(x_t, rows, D), input_kernel,
+                     /*accumulate=*/false);
         MultiplyInto(MatrixMap(hu.data(), rows, G), ConstMatrixMap(h_in, rows, R), recurrent,
                      /*accumulate=*/false);
       }
       for (int64_t r = 0; r < rows; ++r) {
         float* nr = norm + r * NW;
-        nr[G + H] = Normalise(hu.data() + r * G, G, nr);
-        RowMap(z + r * G, G) =
-            ConstRowMap(a.x + (at + r) * G, G) + ConstRowMap(layer_norm, G) * ConstRowMap(nr, G);
+        nr[ln.kDeviations()] = Normalise(xw.data() + r * G, G, nr + ln.kX());
+        nr[ln.kDeviations() + 1] = Normalise(hu.data() + r * G, G, nr + ln.kH());
+        RowMap zr(z + r * G, G);
+        zr = ConstRowMap(layer_norm + ln.kX(), G) * ConstRowMap(nr + ln.kX(), G) +
+             ConstRowMap(layer_norm + ln.kH(), G) * ConstRowMap(nr + ln.kH(), G);
+        if (a.bias) zr += ConstRowMap(a.bias, G);
       }
     } else if (project_first && a.recurrent_mask) {
       h_dropped.array() = ConstArrayMap(h_prev, rows, R) * r;
@@ -572,8 +597,8 @@ void BackwardRows(const Backward& a, int64_t row_begin, int64_t row_end, float* 
   // What U multiplied: dh_{t-1} comes from the gradient of h U, dz itself
   // but with layer norm, which puts its norm between the two.
   const float* d_product = layer_norm ? a.d_recurrent : a.dz;
-  // The gradients of [γh, γc, βc] follow the bias's in `db`.
-  float* d_norm = layer_norm && db ? db + G : nullptr;
+  // The gradients of [γx, γh, γc, βc] follow the bias's in `db`.
+  float* d_gains = layer_norm && db ? db + G : nullptr;
   if (rows <= 0) return;
   ConstMatrixMap U(a.recurrent_kernel, R, G);
   // dz U^T reads U as the transpose of the (R, G) matrix it is.
@@ -625,7 +650,10 @@ void BackwardRows(const Backward& a, int64_t row_begin, int64_t row_end, float* 
         // A masked step passed h and c through: dh and dc flow on unchanged,
         // and the step's gates (and projection) get no gradient.
         std::fill(dz, dz + G, 0.f);
-        if (layer_norm) std::fill(a.d_recurrent + (at + r) * G, a.d_recurrent + (at + r + 1) * G, 0.f);
+        if (layer_norm) {
+          std::fill(a.d_input + (at + r) * G, a.d_input + (at + r + 1) * G, 0.f);
+          std::fill(a.d_recurrent + (at + r) * G, a.d_recurrent + (at + r + 1) * G, 0.f);
+        }
         if (projection) std::fill(a.dh_projected + (at + r) * R, a.dh_projected + (at + r + 1) * R, 0.f);
         continue;
       }
@@ -634,9 +662,9 @@ void BackwardRows(const Backward& a, int64_t row_begin, int64_t row_end, float* 
       if (!plain) {
         PointwiseGradWithOptions(a.options, H, g, c_now + r * H, c_prev + r * H, dmr.data(),
                                  dcr.data(), dz, layer_norm ? a.norms + (at + r) * NW : nullptr,
-                                 layer_norm ? a.d_recurrent + (at + r) * G : nullptr, d_norm);
-        // With layer norm the bias is inside the inputs' part, made outside.
-        if (db && !layer_norm) RowMap(db, G) += ConstRowMap(dz, G);
+                                 layer_norm ? a.d_input + (at + r) * G : nullptr,
+                                 layer_norm ? a.d_recurrent + (at + r) * G : nullptr, d_gains);
+        if (db) RowMap(db, G) += ConstRowMap(dz, G);
         dhr.setZero();
         continue;
       }

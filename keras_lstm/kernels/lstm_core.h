@@ -56,11 +56,11 @@ struct Options {
   // float32. Ignored (float32 products) elsewhere and for a batch of at most
   // 4 rows, whose products are vector-matrix ones.
   bool bf16_products = false;
-  // Layer normalisation: (G H + 2 H) gains and shift, [γh, γc, βc], or null.
-  // The inputs' part of z then comes made and normalised, LN(x W) γx + b, as
-  // the (T, B, G H) `x` (no `kernel` or `bias`); the kernel normalises h U
-  // (gain γh) and, on C's way to h, C (gain γc, shift βc), each over its
-  // features with kLayerNormEpsilon in the variance.
+  // Layer normalisation: (2 G H + 2 H) gains and shift [γx, γh, γc, βc]
+  // (offsets LayerNorm::kX, kH, kC, and kC + H), or null. Then
+  // z = LN(x W) γx + LN(h U) γh + b, x W and h U two products a step, and h
+  // reads LN(C) γc + βc; each norm is over its features, with
+  // kLayerNormEpsilon in the variance.
   const float* layer_norm = nullptr;
 
   int64_t gates() const { return cifg ? 3 : 4; }
@@ -68,11 +68,26 @@ struct Options {
   int64_t hidden(int64_t units) const { return projection ? proj_units : units; }
   bool plain() const { return !cifg && !peephole && cell_clip <= 0.f && !layer_norm; }
   // With layer_norm, what a step keeps of a row for the gradient (see Forward::norms).
-  int64_t norms_width(int64_t units) const { return layer_norm ? (gates() + 1) * units + 2 : 0; }
+  int64_t norms_width(int64_t units) const {
+    return layer_norm ? (2 * gates() + 1) * units + 3 : 0;
+  }
 };
 
 // options.LAYER_NORM_EPSILON, which GatedLSTMCell's layer norm uses.
 constexpr float kLayerNormEpsilon = 1e-3f;
+
+// Where layer norm's values sit for G gate values and H units: the gains
+// [γx, γh, γc, βc] of Options::layer_norm, a row of Forward::norms (x W, h U
+// and C normalised, then the three inverse deviations), and the gradients of
+// the gains share the first three offsets.
+struct LayerNorm {
+  int64_t G, H;
+  int64_t kX() const { return 0; }
+  int64_t kH() const { return G; }
+  int64_t kC() const { return 2 * G; }
+  int64_t kShift() const { return 2 * G + H; }        // βc, in the gains
+  int64_t kDeviations() const { return 2 * G + H; }   // inv_x, inv_h, inv_c, in a norms row
+};
 
 struct Forward {
   int64_t steps = 0, batch = 0, input_size = 0, units = 0;
@@ -92,8 +107,8 @@ struct Forward {
   // not kept.
   float* c_computed = nullptr;
   float* gates = nullptr;                   // (T, B, G H) activations, or null: not kept
-  // With layer_norm, (T, B, G H + H + 2): each step's normalised h U, its
-  // normalised C, and their two inverse deviations; null: not kept.
+  // With layer_norm, (T, B, 2 G H + H + 3): each step's normalised x W, h U
+  // and C, then their three inverse deviations (LayerNorm); null: not kept.
   float* norms = nullptr;
   float* h_last = nullptr;                  // (B, R)
   float* c_last = nullptr;                  // (B, H)
@@ -101,13 +116,8 @@ struct Forward {
 
 // [W; U]: the input and recurrent kernels stacked, (D + R, G H), so that a
 // step's projection is one matrix product.
-// With layer_norm the inputs come projected: `kernels` is U alone, (R, G H).
 inline void StackKernels(const Forward& a, float* kernels) {
   const int64_t G = a.options.gates() * a.units, R = a.options.hidden(a.units);
-  if (a.options.layer_norm) {
-    std::copy(a.recurrent_kernel, a.recurrent_kernel + R * G, kernels);
-    return;
-  }
   std::copy(a.kernel, a.kernel + a.input_size * G, kernels);
   std::copy(a.recurrent_kernel, a.recurrent_kernel + R * G, kernels + a.input_size * G);
 }
@@ -133,8 +143,9 @@ struct Backward {
   // With a projection: the whole gradient of each step's h (T, B, P), zero
   // where a mask kept h, from which the caller makes W_hr's gradient.
   float* dh_projected = nullptr;
-  // With layer_norm: the gradient of each step's h U (T, B, G H), from which
-  // dh_{t-1} and U's gradient are made (dz is then that of the inputs' part).
+  // With layer_norm: the gradients of each step's x W and h U (T, B, G H),
+  // from which dx and W's gradient, and dh_{t-1} and U's, are made.
+  float* d_input = nullptr;
   float* d_recurrent = nullptr;
 };
 
@@ -159,8 +170,8 @@ void ForwardRows(const Forward& a, const float* kernels, int64_t row_begin, int6
 // accumulates these rows' bias gradient. The peephole weights' gradients
 // are sums of dz times c over the steps, and W_hr's the product of
 // o * tanh(c) and `dh_projected` over all steps, which the caller makes.
-// With layer_norm, `db` is (G H + G H + 2 H): the bias gradient, then those
-// of [γh, γc, βc] (the layout of Options::layer_norm).
+// With layer_norm, `db` is (G H + 2 G H + 2 H): the bias gradient, then those
+// of [γx, γh, γc, βc] (the layout of Options::layer_norm).
 void BackwardRows(const Backward& a, int64_t row_begin, int64_t row_end, float* db = nullptr);
 
 // The instructions this build runs bfloat16 products with ("avx512_bf16"),

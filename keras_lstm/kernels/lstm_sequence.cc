@@ -130,13 +130,12 @@ keras_lstm::Options WithWeights(keras_lstm::Options options, const Tensor& peeph
   return options;
 }
 
-// Layer norm's gains and shift are empty or (G H + 2 H).
+// Layer norm's gains and shift [γx, γh, γc, βc] are empty or (2 G H + 2 H).
 void CheckLayerNorm(OpKernelContext* ctx, const Tensor& layer_norm, int64_t width, int64_t units) {
-  OP_REQUIRES(ctx,
-              layer_norm.NumElements() == 0 ||
-                  layer_norm.shape() == TensorShape({width + 2 * units}),
-              InvalidArgument("layer_norm must be empty or (GH + 2H,) = (", width + 2 * units,
-                              ",), got ", layer_norm.shape().DebugString()));
+  const int64_t size = 2 * width + 2 * units;
+  OP_REQUIRES(ctx, layer_norm.NumElements() == 0 || layer_norm.shape() == TensorShape({size}),
+              InvalidArgument("layer_norm must be empty or (2GH + 2H,) = (", size, ",), got ",
+                              layer_norm.shape().DebugString()));
 }
 
 // A zoneout mask is empty or one value a step, row and unit of its state.
@@ -184,22 +183,12 @@ class LstmSequenceOp : public OpKernel {
     if (!ctx->status().ok()) return;
     const keras_lstm::Options options =
         WithWeights(options_, peephole, projection, zoneout_h, zoneout_c, layer_norm);
-    if (options.layer_norm) {
-      // The inputs come as their normalised part of z, bias included.
-      OP_REQUIRES(ctx, features == gates && kernel.NumElements() == 0 && bias.NumElements() == 0,
-                  InvalidArgument("with layer_norm, x must be (T, batch, ", options_.gates(),
-                                  "H) and kernel and bias empty, got x ",
-                                  x.shape().DebugString(), ", kernel ",
-                                  kernel.shape().DebugString(), ", bias ",
-                                  bias.shape().DebugString()));
-    } else {
-      OP_REQUIRES(ctx, kernel.shape() == TensorShape({features, gates}),
-                  InvalidArgument("kernel must be (D, ", options_.gates(), "H), got ",
-                                  kernel.shape().DebugString()));
-      OP_REQUIRES(ctx, bias.NumElements() == 0 || bias.shape() == TensorShape({gates}),
-                  InvalidArgument("bias must be empty or (", options_.gates(), "H), got ",
-                                  bias.shape().DebugString()));
-    }
+    OP_REQUIRES(ctx, kernel.shape() == TensorShape({features, gates}),
+                InvalidArgument("kernel must be (D, ", options_.gates(), "H), got ",
+                                kernel.shape().DebugString()));
+    OP_REQUIRES(ctx, bias.NumElements() == 0 || bias.shape() == TensorShape({gates}),
+                InvalidArgument("bias must be empty or (", options_.gates(), "H), got ",
+                                bias.shape().DebugString()));
 
     // What the gradient needs is kept only when asked for; an output that is
     // not kept is an empty tensor.
@@ -237,7 +226,7 @@ class LstmSequenceOp : public OpKernel {
     args.input_size = features;
     args.units = units;
     args.x = x.flat<float>().data();
-    args.kernel = DataOrNull(kernel);
+    args.kernel = kernel.flat<float>().data();
     args.bias = DataOrNull(bias);
     args.recurrent_kernel = u.flat<float>().data();
     args.h0 = h0.flat<float>().data();
@@ -252,8 +241,7 @@ class LstmSequenceOp : public OpKernel {
     args.gates = DataOrNull(gates_out);
     args.h_last = h_last_out->flat<float>().data();
     args.c_last = c_last_out->flat<float>().data();
-    // [W; U], or U alone with layer norm (StackKernels).
-    std::vector<float> kernels((options.layer_norm ? hidden : features + hidden) * gates);
+    std::vector<float> kernels((features + hidden) * gates);
     keras_lstm::StackKernels(args, kernels.data());
     ForEachChunk(ctx, batch, [&](int64_t, int64_t begin, int64_t end) {
       keras_lstm::ForwardRows(args, kernels.data(), begin, end);
@@ -323,8 +311,8 @@ class LstmSequenceGradOp : public OpKernel {
                          (dc_last.NumElements() == 0 || dc_last.shape() == c0.shape()),
                 InvalidArgument("inconsistent shapes in the LSTM sequence gradient"));
 
-    Tensor *dz_out, *dh0_out, *dc0_out, *db_out, *dh_projected_out, *d_recurrent_out,
-        *d_layer_norm_out;
+    Tensor *dz_out, *dh0_out, *dc0_out, *db_out, *dh_projected_out, *d_input_out,
+        *d_recurrent_out, *d_layer_norm_out;
     // dz takes over the gates' buffer when nothing else holds it.
     OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({5}, 0, gates.shape(), &dz_out));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, h0.shape(), &dh0_out));
@@ -332,10 +320,12 @@ class LstmSequenceGradOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(3, TensorShape({width}), &db_out));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(4, projection.NumElements() ? hs : TensorShape({0}),
                                              &dh_projected_out));
-    // With layer norm: the gradient of each step's h U, and of [γh, γc, βc].
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(5, options.layer_norm ? gates.shape() : TensorShape({0}),
-                                             &d_recurrent_out));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(6, layer_norm.shape(), &d_layer_norm_out));
+    // With layer norm: the gradients of each step's x W and h U, and of
+    // [γx, γh, γc, βc].
+    const TensorShape products = options.layer_norm ? gates.shape() : TensorShape({0});
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(5, products, &d_input_out));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(6, products, &d_recurrent_out));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(7, layer_norm.shape(), &d_layer_norm_out));
     auto db = db_out->flat<float>();
     auto d_layer_norm = d_layer_norm_out->flat<float>();
     db.setZero();
@@ -355,6 +345,7 @@ class LstmSequenceGradOp : public OpKernel {
     args.c_seq = c_seq.flat<float>().data();
     args.c_computed = options.zoneout_c.on() ? c_computed.flat<float>().data() : nullptr;
     args.norms = options.layer_norm ? norms.flat<float>().data() : nullptr;
+    args.d_input = DataOrNull(d_input_out);
     args.d_recurrent = DataOrNull(d_recurrent_out);
     args.gates = gates.flat<float>().data();
     args.dh_seq = DataOrNull(dh_seq);
@@ -440,7 +431,7 @@ REGISTER_OP("KerasLstmSequence")
                                c->ValueKnown(c->Dim(mask_c, 0)) && c->Value(c->Dim(mask_c, 0)) == 0;
       const bool zoneout_c = zoneout_c_rate > 0.f || !mask_absent;
       c->set_output(5, keep && zoneout_c ? states : none);
-      // (T, batch, G H + H + 2) when kept with layer norm, else empty.
+      // (T, batch, 2 G H + H + 3) when kept with layer norm, else empty.
       auto ln = c->input(12);
       const bool ln_absent = c->RankKnown(ln) && c->Rank(ln) == 1 &&
                              c->ValueKnown(c->Dim(ln, 0)) && c->Value(c->Dim(ln, 0)) == 0;
@@ -448,8 +439,10 @@ REGISTER_OP("KerasLstmSequence")
         c->set_output(6, none);
       } else {
         tensorflow::shape_inference::DimensionHandle norms_width, plus_units;
-        TF_RETURN_IF_ERROR(c->Add(width, units, &plus_units));
-        TF_RETURN_IF_ERROR(c->Add(plus_units, 2, &norms_width));
+        tensorflow::shape_inference::DimensionHandle twice;
+        TF_RETURN_IF_ERROR(c->Multiply(width, 2, &twice));
+        TF_RETURN_IF_ERROR(c->Add(twice, units, &plus_units));
+        TF_RETURN_IF_ERROR(c->Add(plus_units, 3, &norms_width));
         tensorflow::shape_inference::ShapeHandle norms;
         TF_RETURN_IF_ERROR(c->ReplaceDim(x, 2, norms_width, &norms));
         c->set_output(6, norms);
@@ -486,6 +479,7 @@ REGISTER_OP("KerasLstmSequenceGrad")
     .Output("dc0: float")
     .Output("db: float")
     .Output("dh_projected: float")
+    .Output("d_input: float")
     .Output("d_recurrent: float")
     .Output("d_layer_norm: float")
     .SetShapeFn([](tensorflow::shape_inference::InferenceContext* c) {
@@ -499,13 +493,14 @@ REGISTER_OP("KerasLstmSequenceGrad")
       c->set_output(3, c->Vector(width));
       // (T, batch, P) with a projection, else empty: known only from the input's size.
       c->set_output(4, c->UnknownShape());
-      // (T, batch, G H) with layer norm (anything but the empty (0,) tensor),
-      // else empty; and layer_norm's own shape.
+      // (T, batch, G H) twice with layer norm (anything but the empty (0,)
+      // tensor), else empty; and layer_norm's own shape.
       auto ln = c->input(16);
       const bool ln_absent = c->RankKnown(ln) && c->Rank(ln) == 1 &&
                              c->ValueKnown(c->Dim(ln, 0)) && c->Value(c->Dim(ln, 0)) == 0;
       c->set_output(5, ln_absent ? c->MakeShape({0}) : c->input(5));
-      c->set_output(6, ln);
+      c->set_output(6, ln_absent ? c->MakeShape({0}) : c->input(5));
+      c->set_output(7, ln);
       return absl::OkStatus();
     });
 

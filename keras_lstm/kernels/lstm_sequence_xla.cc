@@ -269,7 +269,7 @@ void ForwardTarget(void* out, const void** in, const char* opaque, size_t opaque
   args.input_size = s.features;
   args.units = s.units;
   args.x = inputs[0];
-  args.kernel = s.layer_norm ? nullptr : inputs[1];
+  args.kernel = inputs[1];
   args.bias = s.bias ? inputs[2] : nullptr;
   args.recurrent_kernel = inputs[3];
   args.h0 = inputs[4];
@@ -285,8 +285,7 @@ void ForwardTarget(void* out, const void** in, const char* opaque, size_t opaque
   args.c_computed = s.keep && s.zoneout_c() ? outputs[5] : nullptr;
   args.norms = s.keep && s.layer_norm ? outputs[6] : nullptr;
   // With no step, ForwardRows copies h0 and c0 to the final state.
-  // [W; U], or U alone with layer norm (StackKernels).
-  std::vector<float> kernels((s.layer_norm ? s.hidden() : s.features + s.hidden()) * s.width());
+  std::vector<float> kernels((s.features + s.hidden()) * s.width());
   keras_lstm::StackKernels(args, kernels.data());
   ForEachChunk(s.batch, [&](int64_t, int64_t begin, int64_t end) {
     forward_rows(&args, kernels.data(), begin, end);
@@ -316,7 +315,8 @@ void BackwardTarget(void* out, const void** in, const char* opaque, size_t opaqu
   args.options = s.options(inputs[11], inputs[12], inputs[13], inputs[14], inputs[16]);
   args.c_computed = s.zoneout_c() ? inputs[15] : nullptr;
   args.norms = s.layer_norm ? inputs[17] : nullptr;
-  args.d_recurrent = s.layer_norm ? outputs[5] : nullptr;
+  args.d_input = s.layer_norm ? outputs[5] : nullptr;
+  args.d_recurrent = s.layer_norm ? outputs[6] : nullptr;
   args.dz = outputs[0];
   args.dh0 = outputs[1];
   args.dc0 = outputs[2];
@@ -325,12 +325,12 @@ void BackwardTarget(void* out, const void** in, const char* opaque, size_t opaqu
   // Each chunk sums its own rows' bias gradient (and layer norm's); then the
   // chunks' sums add up.
   const int64_t width = s.width(), chunks = NumChunks(s.batch);
-  const int64_t sums = width + (s.layer_norm ? width + 2 * s.units : 0);
+  const int64_t sums = width + (s.layer_norm ? 2 * width + 2 * s.units : 0);
   std::vector<float> db_chunks(chunks * sums, 0.f);
   ForEachChunk(s.batch, [&](int64_t chunk, int64_t begin, int64_t end) {
     backward_rows(&args, begin, end, db_chunks.data() + chunk * sums);
   });
-  float *db = outputs[3], *d_layer_norm = outputs[6];
+  float *db = outputs[3], *d_layer_norm = outputs[7];
   std::fill(db, db + width, 0.f);
   std::fill(d_layer_norm, d_layer_norm + (sums - width), 0.f);
   for (int64_t k = 0; k < chunks; ++k) {
@@ -432,20 +432,13 @@ class LstmSequenceXlaOp : public XlaOpKernel {
     OP_REQUIRES(ctx, u == TensorShape({s.hidden(), s.width()}),
                 InvalidArgument("recurrent_kernel must be (R, GH), got ", u.DebugString()));
     s.layer_norm = Present(layer_norm);
-    OP_REQUIRES(ctx, !s.layer_norm || layer_norm == TensorShape({s.width() + 2 * s.units}),
-                InvalidArgument("layer_norm must be empty or (GH + 2H), got ",
+    OP_REQUIRES(ctx, !s.layer_norm || layer_norm == TensorShape({2 * s.width() + 2 * s.units}),
+                InvalidArgument("layer_norm must be empty or (2GH + 2H), got ",
                                 layer_norm.DebugString()));
-    if (s.layer_norm) {
-      // The inputs come as their normalised part of z, bias included.
-      OP_REQUIRES(ctx, s.features == s.width() && !Present(kernel) && !Present(bias),
-                  InvalidArgument("with layer_norm, x must be (T, batch, GH) and kernel and bias "
-                                  "empty, got x ", x.DebugString()));
-    } else {
-      OP_REQUIRES(ctx, kernel == TensorShape({s.features, s.width()}),
-                  InvalidArgument("kernel must be (D, GH), got ", kernel.DebugString()));
-      OP_REQUIRES(ctx, !Present(bias) || bias == TensorShape({s.width()}),
-                  InvalidArgument("bias must be empty or (GH), got ", bias.DebugString()));
-    }
+    OP_REQUIRES(ctx, kernel == TensorShape({s.features, s.width()}),
+                InvalidArgument("kernel must be (D, GH), got ", kernel.DebugString()));
+    OP_REQUIRES(ctx, !Present(bias) || bias == TensorShape({s.width()}),
+                InvalidArgument("bias must be empty or (GH), got ", bias.DebugString()));
     OP_REQUIRES(ctx, !Present(peephole) || peephole == TensorShape({3, s.units}),
                 InvalidArgument("peephole must be empty or (3, H), got ", peephole.DebugString()));
     OP_REQUIRES(ctx, h0 == h_state && c0 == state,
@@ -474,7 +467,7 @@ class LstmSequenceXlaOp : public XlaOpKernel {
                     keep ? TensorShape({s.steps, s.batch, s.width()}) : kNone, h_state, state,
                     keep && s.zoneout_c() ? states : kNone,
                     keep && s.layer_norm
-                        ? TensorShape({s.steps, s.batch, s.width() + s.units + 2})
+                        ? TensorShape({s.steps, s.batch, 2 * s.width() + s.units + 3})
                         : kNone});
   }
 
@@ -532,10 +525,10 @@ class LstmSequenceGradXlaOp : public XlaOpKernel {
     s.layer_norm = Present(layer_norm);
     OP_REQUIRES(ctx,
                 !s.layer_norm ||
-                    (layer_norm == TensorShape({s.width() + 2 * s.units}) &&
-                     norms == TensorShape({s.steps, s.batch, s.width() + s.units + 2})),
-                InvalidArgument("layer_norm must be empty or (GH + 2H) with norms (T, batch, "
-                                "GH + H + 2), got ",
+                    (layer_norm == TensorShape({2 * s.width() + 2 * s.units}) &&
+                     norms == TensorShape({s.steps, s.batch, 2 * s.width() + s.units + 3})),
+                InvalidArgument("layer_norm must be empty or (2GH + 2H) with norms (T, batch, "
+                                "2GH + H + 3), got ",
                                 layer_norm.DebugString(), " and ", norms.DebugString()));
     s.mask = Present(mask);
     s.dh_seq = Present(dh_seq);
@@ -549,7 +542,7 @@ class LstmSequenceGradXlaOp : public XlaOpKernel {
     // still needed elsewhere.
     EmitCustomCall(ctx, kBackwardTarget, BackwardOpaque(s),
                    {gates, h_state, state, TensorShape({s.width()}), s.proj_units ? hs : kNone,
-                    s.layer_norm ? gates : kNone, layer_norm},
+                    s.layer_norm ? gates : kNone, s.layer_norm ? gates : kNone, layer_norm},
                    {{xla::ShapeIndex({0}), {5, xla::ShapeIndex({})}}});
   }
 
