@@ -159,8 +159,10 @@ struct Backward {
 // w_f * c_{t-1} to z_f and w_o * c to z_o; `cell_clip` clips c before the
 // output gate and h read it; `projection` makes h = (o * tanh(c)) W_hr, one
 // more product a step; zoneout then mixes the previous h and c into the new
-// ones (the gates and h read the c computed before that mix). The gates kept are the activations i, f, g, o
-// (f, g, o with cifg), the pre-activations' peephole terms included.
+// ones (the gates and h read the c computed before that mix); `layer_norm`
+// makes x W and h U two products, each normalised, and h read LN(c). The
+// gates kept are the activations i, f, g, o (f, g, o with cifg), the
+// pre-activations' peephole terms included.
 void ForwardRows(const Forward& a, const float* kernels, int64_t row_begin, int64_t row_end);
 
 // Carries dh and dc back through the steps: dz_t from the gates, then

@@ -12,7 +12,10 @@
 // attributes (and `bf16_products`, bfloat16 operands for the steps' products);
 // with zoneout of C the forward op also returns the C each step
 // computed (`c_computed`), and with a projection the gradient op each step's
-// dh, for W_hr's gradient. The maths lives in
+// dh, for W_hr's gradient. Layer norm's gains are one more input; the forward
+// op then also returns the normalised values (`norms`), and the gradient op
+// the gradients of x W and h U (from which dx, dW and dU are made) and of
+// the gains. The maths lives in
 // lstm_core.cc; this file adapts it to
 // TensorFlow: shapes, outputs, and the worker threads the batch is split
 // across. It is compiled for the generic target (lstm_core.h says why).
