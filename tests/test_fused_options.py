@@ -137,12 +137,14 @@ def _slow_unless(default):
 
 def _parity_cases():
     """Each option alone and all four together in every set-up, masked and not;
-    a pair only masked, backwards and with dropouts (every set-up in the slow suite)."""
+    a pair, or layer norm with others, only masked, backwards and with dropouts
+    (every set-up in the slow suite)."""
     for cell_options, cell_id in zip(CELL_OPTIONS, CELL_IDS, strict=True):
-        pair = len(cell_options) == 2
+        # Pairs, and layer norm with others, run masked set-ups by default.
+        some = len(cell_options) == 2 or (len(cell_options) > 1 and "layer_norm" in cell_options)
         for layer_options, layer_id in zip(LAYER_OPTIONS, LAYER_IDS, strict=True):
             for masked in (False, True):
-                default = not pair or (masked and layer_id != "sequences")
+                default = not some or (masked and layer_id != "sequences")
                 yield pytest.param(
                     cell_options,
                     layer_options,
