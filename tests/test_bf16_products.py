@@ -37,7 +37,11 @@ def bf16_kernel():
     if not kernels.native_available():
         pytest.skip("no native kernel here (no g++ or an unsupported platform)")
     if not kernels.bf16_products():
-        pytest.skip("this CPU has no AVX512-BF16: the kernel keeps float32 products")
+        pytest.skip(
+            "this CPU has no AVX512-BF16, so the kernel keeps float32 products here "
+            "(test_bf16_products_name_the_instructions_of_this_cpu checks that; "
+            "test_native_targets compiles the bfloat16 code for sapphirerapids)"
+        )
 
 
 def to_bf16(a):

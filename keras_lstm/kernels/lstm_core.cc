@@ -76,10 +76,11 @@ float Normalise(const float* v, int64_t width, float* normalised) {
   return inverse_deviation;
 }
 
-// The gradient of Normalise's input from that of its output `d` (of the
-// normalised row `n`, with inverse deviation `inv`).
-Row NormaliseGrad(const Row& d, const ConstRowMap& n, float inv) {
-  return inv * (d - d.mean() - n * (d * n).mean());
+// Normalise's backward pass, in place: `d`, the gradient of its output (the
+// normalised row `n`, inverse deviation `inv`), becomes that of its input.
+void NormaliseGrad(RowMap d, const ConstRowMap& n, float inv) {
+  const float mean = d.mean(), mean_along_n = (d * n).mean();
+  d = inv * (d - mean - n * mean_along_n);
 }
 
 // One row's pointwise step with the options on (see ForwardRows): the
@@ -154,7 +155,9 @@ void PointwiseGradWithOptions(const Options& options, int64_t H, const float* ga
       RowMap(d_gains + ln.kC(), H) += dn * c_hat;
       RowMap(d_gains + ln.kShift(), H) += dn;
     }
-    dct = dcr + NormaliseGrad(dn * gain, c_hat, norm[ln.kDeviations() + 2]);
+    dct = dn * gain;
+    NormaliseGrad(RowMap(dct.data(), H), c_hat, norm[ln.kDeviations() + 2]);
+    dct += dcr;
   }
   const Row dz_o = dhr * tanh_c * o * (1.f - o);
   if (peephole) dct += dz_o * ConstRowMap(peephole + 2 * H, H);
@@ -185,10 +188,11 @@ void PointwiseGradWithOptions(const Options& options, int64_t H, const float* ga
       RowMap(d_gains + ln.kH(), G) += dz_row * hu_hat;
     }
     const float* deviations = norm + ln.kDeviations();
-    RowMap(d_input, G) =
-        NormaliseGrad(dz_row * ConstRowMap(layer_norm + ln.kX(), G), xw_hat, deviations[0]);
-    RowMap(d_recurrent, G) =
-        NormaliseGrad(dz_row * ConstRowMap(layer_norm + ln.kH(), G), hu_hat, deviations[1]);
+    RowMap dx_row(d_input, G), dh_row(d_recurrent, G);
+    dx_row = dz_row * ConstRowMap(layer_norm + ln.kX(), G);
+    NormaliseGrad(dx_row, xw_hat, deviations[0]);
+    dh_row = dz_row * ConstRowMap(layer_norm + ln.kH(), G);
+    NormaliseGrad(dh_row, hu_hat, deviations[1]);
   }
 }
 
@@ -412,6 +416,19 @@ class Bf16Products {
 bool UseBf16Products(const Options& options, int64_t batch) {
   return options.bf16_products && kBf16Instructions[0] != '\0' && batch > kMaxRowsForGemv;
 }
+
+// A step's product out (+)= a b (a's rows contiguous): with bfloat16
+// operands when `bf16` holds b packed, else Eigen's float32 MultiplyInto.
+template <typename A, typename B>
+void StepProduct(std::optional<Bf16Products>& bf16, MatrixMap out, const A& a, const B& b,
+                 bool accumulate) {
+  if (!bf16) {
+    MultiplyInto(out, a, b, accumulate);
+    return;
+  }
+  if (!accumulate) out.setZero();
+  bf16->MultiplyInto(a.data(), a.cols(), a.rows(), out.data(), out.cols());
+}
 }  // namespace
 
 // One step a row block: z = [x_t, h_{t-1}] [W; U] + b as one matrix product
@@ -433,9 +450,11 @@ void ForwardRows(const Forward& a, const float* kernels, int64_t row_begin,
   if (rows <= 0) return;
   ConstMatrixMap weights(kernels, K, G), input_kernel(kernels, D, G),
       recurrent(kernels + D * G, R, G);
+  // Packed for bfloat16 products: [W; U] for [x_t, h_{t-1}], or with layer
+  // norm U for h_{t-1} and W for x_t apart.
   std::optional<Bf16Products> bf16, bf16_input;
   if (UseBf16Products(a.options, B) && !layer_norm) {
-    bf16.emplace(kernels, K, G, /*transposed=*/false, rows);  // [W; U] for [x_t, h_{t-1}]
+    bf16.emplace(kernels, K, G, /*transposed=*/false, rows);
   } else if (UseBf16Products(a.options, B)) {
     bf16.emplace(recurrent.data(), R, G, /*transposed=*/false, rows);
     bf16_input.emplace(kernels, D, G, /*transposed=*/false, rows);
@@ -490,17 +509,10 @@ void ForwardRows(const Forward& a, const float* kernels, int64_t row_begin,
         h_dropped.array() = ConstArrayMap(h_prev, rows, R) * r;
         h_in = h_dropped.data();
       }
-      if (bf16) {
-        xw.setZero();
-        hu.setZero();
-        bf16_input->MultiplyInto(x_t, D, rows, xw.data(), G);
-        bf16->MultiplyInto(h_in, R, rows, hu.data(), G);
-      } else {
-        MultiplyInto(MatrixMap(xw.data(), rows, G), ConstMatrixMap(x_t, rows, D), input_kernel,
-                     /*accumulate=*/false);
-        MultiplyInto(MatrixMap(hu.data(), rows, G), ConstMatrixMap(h_in, rows, R), recurrent,
-                     /*accumulate=*/false);
-      }
+      StepProduct(bf16_input, MatrixMap(xw.data(), rows, G), ConstMatrixMap(x_t, rows, D),
+                  input_kernel, /*accumulate=*/false);
+      StepProduct(bf16, MatrixMap(hu.data(), rows, G), ConstMatrixMap(h_in, rows, R), recurrent,
+                  /*accumulate=*/false);
       for (int64_t r = 0; r < rows; ++r) {
         float* nr = norm + r * NW;
         nr[ln.kDeviations()] = Normalise(xw.data() + r * G, G, nr + ln.kX());
@@ -527,11 +539,7 @@ void ForwardRows(const Forward& a, const float* kernels, int64_t row_begin,
       } else {
         Z.setZero();
       }
-      if (bf16) {
-        bf16->MultiplyInto(xh.data(), K, rows, z, G);
-      } else {
-        MultiplyInto(Z, xh, weights, /*accumulate=*/true);
-      }
+      StepProduct(bf16, Z, xh, weights, /*accumulate=*/true);
     }
 
     // Pre-activations become activations in place: they are what the
@@ -684,22 +692,15 @@ void BackwardRows(const Backward& a, int64_t row_begin, int64_t row_end, float* 
       // Replaced below by dz U^T, accumulated onto the rows a mask kept.
       dhr.setZero();
     }
-    if (!a.recurrent_mask && bf16) {
-      bf16->MultiplyInto(d_product + at * G, G, rows, dh.data(), R);
-    } else if (!a.recurrent_mask) {
-      MultiplyInto(MatrixMap(dh.data(), rows, R), ConstMatrixMap(d_product + at * G, rows, G),
-                   U.transpose(), /*accumulate=*/true);
+    const ConstMatrixMap d_step(d_product + at * G, rows, G);
+    if (!a.recurrent_mask) {
+      StepProduct(bf16, MatrixMap(dh.data(), rows, R), d_step, U.transpose(),
+                  /*accumulate=*/true);
     } else {
       // h_{t-1} reached U through r: dh_{t-1} = (dz_t U^T) * r. A masked row's
       // dz is zero, so its carried dh gains nothing.
-      if (bf16) {
-        dh_through_u.setZero();
-        bf16->MultiplyInto(d_product + at * G, G, rows, dh_through_u.data(), R);
-      } else {
-        MultiplyInto(MatrixMap(dh_through_u.data(), rows, R),
-                     ConstMatrixMap(d_product + at * G, rows, G), U.transpose(),
-                     /*accumulate=*/false);
-      }
+      StepProduct(bf16, MatrixMap(dh_through_u.data(), rows, R), d_step, U.transpose(),
+                  /*accumulate=*/false);
       dh += dh_through_u.array() * r;
     }
     // Zoneout's direct path to the previous state (a masked row's dh and dc,

@@ -376,6 +376,14 @@ class LstmSequenceGradOp : public OpKernel {
   keras_lstm::Options options_;
 };
 
+// Whether an optional input is known, while tracing, to be the empty (0,)
+// tensor that means "absent" (a given one may have sizes still unknown).
+bool IsAbsent(tensorflow::shape_inference::InferenceContext* c,
+              tensorflow::shape_inference::ShapeHandle input) {
+  return c->RankKnown(input) && c->Rank(input) == 1 && c->ValueKnown(c->Dim(input, 0)) &&
+         c->Value(c->Dim(input, 0)) == 0;
+}
+
 }  // namespace
 
 REGISTER_OP("KerasLstmSequence")
@@ -429,16 +437,10 @@ REGISTER_OP("KerasLstmSequence")
       // the empty (0,) tensor), else empty.
       float zoneout_c_rate;
       TF_RETURN_IF_ERROR(c->GetAttr("zoneout_c_rate", &zoneout_c_rate));
-      auto mask_c = c->input(11);
-      const bool mask_absent = c->RankKnown(mask_c) && c->Rank(mask_c) == 1 &&
-                               c->ValueKnown(c->Dim(mask_c, 0)) && c->Value(c->Dim(mask_c, 0)) == 0;
-      const bool zoneout_c = zoneout_c_rate > 0.f || !mask_absent;
+      const bool zoneout_c = zoneout_c_rate > 0.f || !IsAbsent(c, c->input(11));
       c->set_output(5, keep && zoneout_c ? states : none);
       // (T, batch, 2 G H + H + 3) when kept with layer norm, else empty.
-      auto ln = c->input(12);
-      const bool ln_absent = c->RankKnown(ln) && c->Rank(ln) == 1 &&
-                             c->ValueKnown(c->Dim(ln, 0)) && c->Value(c->Dim(ln, 0)) == 0;
-      if (!keep || ln_absent) {
+      if (!keep || IsAbsent(c, c->input(12))) {
         c->set_output(6, none);
       } else {
         tensorflow::shape_inference::DimensionHandle norms_width, plus_units;
@@ -498,12 +500,10 @@ REGISTER_OP("KerasLstmSequenceGrad")
       c->set_output(4, c->UnknownShape());
       // (T, batch, G H) twice with layer norm (anything but the empty (0,)
       // tensor), else empty; and layer_norm's own shape.
-      auto ln = c->input(16);
-      const bool ln_absent = c->RankKnown(ln) && c->Rank(ln) == 1 &&
-                             c->ValueKnown(c->Dim(ln, 0)) && c->Value(c->Dim(ln, 0)) == 0;
+      const bool ln_absent = IsAbsent(c, c->input(16));
       c->set_output(5, ln_absent ? c->MakeShape({0}) : c->input(5));
       c->set_output(6, ln_absent ? c->MakeShape({0}) : c->input(5));
-      c->set_output(7, ln);
+      c->set_output(7, c->input(16));
       return absl::OkStatus();
     });
 
