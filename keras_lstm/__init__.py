@@ -23,17 +23,6 @@ from keras_lstm.serving import export_for_serving, export_tflite
 __version__ = "0.1.0"
 
 
-def _install_keras_hooks() -> None:
-    import keras
-
-    if keras.backend.backend() == "tensorflow":  # only there is there a native op to keep out
-        from keras_lstm import _keras_export
-
-        _keras_export.install()
-
-
-_install_keras_hooks()
-
 __all__ = [
     "GatedLSTM",
     "GatedLSTMCell",

@@ -92,74 +92,79 @@ def report() -> tuple[list[str], int]:
         if others:
             add(f"    other      {len(others)} files of other keys (`keras-lstm build --prune`)")
 
-    add("GatedLSTM runs")
-    if backend != "tensorflow":
-        add(
-            f"  every call   Keras's step loop around GatedLSTMCell (the fused op is for the "
-            f"TensorFlow backend; this one is {backend})"
-        )
-        return lines, status
-    if disabled is not None:
-        add(f"  every call   TensorFlow ops (tf.while_loop): {disabled}")
-    elif cache_problem is not None:
-        add(f"  every call   TensorFlow ops (tf.while_loop): {cache_problem}")
-        status = 1
-    else:
-        for key, mode, how in (
-            ("native", "eager/graph ", "native kernel"),
-            ("xla", "jit_compile ", "native kernel as an XLA custom call"),
-        ):
-            state, detail = states[key]
-            if state == "built":
-                loader = _native.native_module if key == "native" else _native_xla.xla_library
-                loads = _loads(loader)
-                text = how if loads else f"TensorFlow ops: built but does not load ({detail})"
-                status = status if loads else 1
-            elif state == "missing":
-                cost = "about 25 s" if key == "native" else "about 40 s"
-                text = (
-                    f"{how}, after a one-time build on first use ({cost}; "
-                    "`keras-lstm build` builds it now)"
-                )
-            else:
-                text = f"TensorFlow ops (tf.while_loop): {detail}"
-                status = 1
-            add(f"  {mode} {text}")
-        if gpus:
-            add("  on a GPU     TensorFlow ops (the native kernel is for the CPU)")
-    if disabled is None and cache_problem is None:
-        from keras_lstm import kernels
-
-        add("  mixed policy as above, in float32 (cast in and out); float64: TensorFlow ops")
-        # Only a built library says which instructions it has (asking loads it).
-        if states["native"][0] == "built" and _loads(_native.native_module):
-            bf16 = kernels.bf16_products()
-            if bf16:
-                add(f"  bfloat16     products with bfloat16 operands, float32 sums ({bf16})")
-            elif "avx512_bf16" in _build.cpu_features():
-                add("  bfloat16     float32 products (the kernel was built without AVX512-BF16)")
-            else:
-                add("  bfloat16     float32 products (this CPU has no AVX512-BF16)")
-        # The options the native kernel computes, and the others, from the one list.
-
-        fused = ", ".join(kernels.NATIVE_CELL_OPTIONS)
-        others = [
-            name
-            for name in keras_lstm.GatedLSTMCell.MATHS_OPTIONS
-            if name not in kernels.NATIVE_CELL_OPTIONS
-        ]
-        add(f"  options      {fused}: as above (fused where the native kernel runs)")
-        add(
-            f"               {', '.join([*others, 'unroll=True'])}: Keras's step loop around "
-            "GatedLSTMCell"
-        )
-    else:
-        add("  mixed policy TensorFlow ops, in the policy's dtype")
-        add(
-            "  options      Keras's step loop around GatedLSTMCell "
-            "(fusing them needs the native kernel)"
-        )
+    native, native_xla, status = _native_states(states, disabled, cache_problem, status)
+    add("GatedLSTM runs (route: why not a faster one)")
+    lines.extend(_route_lines(backend, bool(gpus), native, native_xla))
+    if "missing" in (states.get("native", ("",))[0], states.get("xla", ("",))[0]):
+        add("  (the native kernel builds on first use, once: `keras-lstm build` builds it now)")
+    if not native and states["native"][0] == "built":
+        add(f"  bfloat16     {_bf16_products()}")
     return lines, status
+
+
+def _native_states(states, disabled, cache_problem, status):
+    """`(native, native_xla, status)`: the `_routes.Context` fields for this machine, read
+    from the cache without building (`""` where a library runs or will build on first use)."""
+    from keras_lstm.kernels import _native, _native_xla
+
+    if disabled is not None or cache_problem is not None:
+        reason = disabled or cache_problem
+        return reason, reason, status if disabled is not None else 1
+    reasons = {}
+    for key, loader, what in (
+        ("native", _native.native_module, "the native kernel"),
+        ("xla", _native_xla.xla_library, "the native kernel's XLA library"),
+    ):
+        state, detail = states[key]
+        reasons[key] = ""
+        if state == "built" and not _loads(loader):
+            reasons[key] = f"{what} is built but does not load ({detail})"
+        elif state not in ("built", "missing"):
+            reasons[key] = f"{what} is unavailable here ({detail})"
+        status = 1 if reasons[key] else status
+    return reasons["native"], reasons["xla"], status
+
+
+def _route_lines(backend: str, gpu: bool, native: str, native_xla: str) -> list[str]:
+    """One line per kind of call: the route `_routes.resolve` picks here, and its reason."""
+    import dataclasses
+
+    from keras_lstm import _routes, options
+
+    fused = tuple(o.name for o in options.OPTIONS if o.changes_maths and o.native_inputs)
+    unfused = tuple(o.name for o in options.OPTIONS if o.changes_maths and not o.native_inputs)
+    here = _routes.Context(backend, "gpu" if gpu else "cpu", native=native, native_xla=native_xla)
+    rows = [
+        ("eager/graph ", _routes.Config(), {}),
+        ("jit_compile ", _routes.Config(), {"xla": True}),
+        ("bfloat16    ", _routes.Config(), {"dtype": "bfloat16"}),
+        ("float64     ", _routes.Config(), {"dtype": "float64"}),
+        ("options     ", _routes.Config(changes=fused), {}),
+        ("unroll=True ", _routes.Config(unroll=True), {}),
+        ("keras RNN   ", _routes.Config(in_keras_rnn=True), {}),
+        ("SavedModel  ", _routes.Config(), {"export": "saved_model"}),
+        ("ONNX        ", _routes.Config(), {"export": "onnx"}),
+        ("LiteRT      ", _routes.Config(), {"export": "litert"}),
+    ]
+    if unfused:
+        rows.insert(5, ("options     ", _routes.Config(changes=unfused, not_native=unfused), {}))
+    lines = [f"  options      {', '.join(fused)} (the row 'options' below)"]
+    for label, config, changes in rows:
+        decision = _routes.resolve(config, dataclasses.replace(here, **changes))
+        reason = f": {decision.reason}" if decision.reason else ""
+        lines.append(f"  {label} {decision.route.description}{reason}")
+    return lines
+
+
+def _bf16_products() -> str:
+    from keras_lstm import kernels
+    from keras_lstm.kernels import _build
+
+    if kernels.bf16_products():
+        return f"products with bfloat16 operands, float32 sums ({kernels.bf16_products()})"
+    if "avx512_bf16" in _build.cpu_features():
+        return "float32 products (the kernel was built without AVX512-BF16)"
+    return "float32 products (this CPU has no AVX512-BF16)"
 
 
 def _loads(loader) -> bool:

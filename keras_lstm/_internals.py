@@ -12,24 +12,73 @@ from __future__ import annotations
 
 # ----------------------------------------------------------------- Keras exporters
 
-# Keras's exporters, by the name `keras.Model.export` imports them under from
-# `keras.src.export` when it is called; each also lives in its own module.
-KERAS_EXPORTERS = ("export_onnx", "export_openvino", "export_litert", "export_saved_model")
+# Keras's exporter modules (`keras/src/export/NAME.py`) by the target they export to.
+# `ExportArchive` (in `saved_model.py`, or its own module) traces under all of them.
+KERAS_EXPORT_MODULES = {
+    "onnx": "onnx",
+    "litert": "litert",
+    "openvino": "openvino",
+    "saved_model": "saved_model",
+    "saved_model_export_archive": "saved_model",
+}
 
 
-def keras_exporter_owners(name: str) -> list:
-    """The modules that hold Keras's exporter `name`: `keras.src.export` and its own
-    module (`keras.src.export.onnx` for `export_onnx`). Empty for a Keras release
-    without that exporter."""
-    import importlib
+def keras_export_target() -> str:
+    """The target of the Keras exporter tracing now (`"onnx"`, `"litert"`,
+    `"openvino"`, `"saved_model"`), or `""`: read from the outermost frame on the
+    stack that runs code of one of Keras's exporter modules. Keras is not changed."""
+    import os
+    import sys
 
-    import keras.src.export as export
+    folder = _keras_export_folder()
+    target = ""
+    frame = sys._getframe(1)
+    while frame is not None:
+        path = frame.f_code.co_filename
+        if path.startswith(folder):
+            stem = os.path.splitext(os.path.basename(path))[0]
+            target = KERAS_EXPORT_MODULES.get(stem, target)
+        frame = frame.f_back
+    return target
 
-    try:
-        module = importlib.import_module(f"keras.src.export.{name.removeprefix('export_')}")
-    except ImportError:
-        return []
-    return [export, module]
+
+_EXPORT_FOLDER: list[str] = []
+
+
+def _keras_export_folder() -> str:
+    if not _EXPORT_FOLDER:
+        import os
+
+        import keras.src.export as export
+
+        _EXPORT_FOLDER.append(os.path.join(os.path.dirname(export.__file__), ""))
+    return _EXPORT_FOLDER[0]
+
+
+def backend_lstm():
+    """The backend's LSTM that `keras.layers.LSTM` calls (cuDNN where it can run, else
+    `NotImplementedError`), taking `keras.layers.LSTM.inner_loop`'s arguments."""
+    from keras.src import backend
+
+    return backend.lstm
+
+
+def layer_building(cell):
+    """The `keras.layers.RNN` whose `build` is building `cell` now (found on the
+    stack), or `None`."""
+    import sys
+
+    import keras
+
+    frame = sys._getframe(1)
+    for _ in range(8):
+        frame = frame.f_back
+        if frame is None:
+            return None
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, keras.layers.RNN) and owner.cell is cell:
+            return owner
+    return None
 
 
 # ----------------------------------------------------------------- Keras layers
@@ -255,11 +304,23 @@ def smoke_check() -> list[str]:
         assert python_utils.func_load(*code)(1) == 2
 
     def exporters():
-        # A Keras release before an exporter existed (ONNX 3.8, OpenVINO 3.11,
-        # LiteRT 3.13) has nothing to wrap; where its module is, the name must be.
-        for name in KERAS_EXPORTERS:
-            for owner in keras_exporter_owners(name):
-                assert callable(getattr(owner, name, None)), f"{owner.__name__}.{name}"
+        # Keras's exporters trace under their own modules; ExportArchive under one too.
+        import tensorflow as tf
+
+        seen = []
+
+        class Probe(keras.layers.Layer):
+            def call(self, x):
+                seen.append(keras_export_target())
+                return x
+
+        probe = keras.Sequential([keras.Input((2,)), Probe()])
+        archive = keras.export.ExportArchive()
+        archive.track(probe)
+        archive.add_endpoint("serve", probe.call, input_signature=[tf.TensorSpec((None, 2))])
+        assert seen and set(seen) == {"saved_model"}, seen
+        assert keras_export_target() == ""
+        assert callable(backend_lstm())
 
     for name, run in [
         ("dropout_rnn_cell", cell_mixin),
@@ -270,7 +331,7 @@ def smoke_check() -> list[str]:
         ("keep_tensor_list_ops", converter_flag),
         ("tflite_schema/tflite_model_object/tflite_model_bytes", flat_buffers),
         ("saved_lambda", lambdas),
-        ("keras_exporter_owners", exporters),
+        ("keras_export_target/backend_lstm", exporters),
     ]:
         check(name, run)
     return problems

@@ -168,16 +168,11 @@ class GatedLSTMCell(keras.layers.Layer, _internals.dropout_rnn_cell()):
         dropout: float = 0.0,
         recurrent_dropout: float = 0.0,
         seed: int | None = None,
-        peephole: bool = False,
-        layer_norm: bool = False,
-        cifg: bool = False,
-        proj_units: int | None = None,
-        zoneout_h: float = 0.0,
-        zoneout_c: float = 0.0,
-        chrono_init: float | None = None,
-        cell_clip: float | None = None,
         **kwargs,
     ):
+        # The options (`peephole=False`, ...) arrive in kwargs, declared once in
+        # `options.OPTIONS`, which checks them below.
+        given = {name: kwargs.pop(name) for name in options.names() if name in kwargs}
         # Keras's LSTMCell takes `implementation` (1: a product per gate, 2: one
         # product for all four) in its kwargs. Both are the same maths; this
         # cell always writes the four gates out, so it only checks and keeps it.
@@ -211,18 +206,7 @@ class GatedLSTMCell(keras.layers.Layer, _internals.dropout_rnn_cell()):
         self.recurrent_dropout = _checks.rate("recurrent_dropout", recurrent_dropout)
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed=seed)
-        checked = options.check_options(
-            units=self.units,
-            use_bias=self.use_bias,
-            peephole=peephole,
-            layer_norm=layer_norm,
-            cifg=cifg,
-            proj_units=proj_units,
-            zoneout_h=zoneout_h,
-            zoneout_c=zoneout_c,
-            chrono_init=chrono_init,
-            cell_clip=cell_clip,
-        )
+        checked = options.check_options(given, units=self.units, use_bias=self.use_bias)
         for name, value in checked.items():
             setattr(self, name, value)
         # The pieces `call` composes; each is the identity when its option is off.
@@ -276,6 +260,11 @@ class GatedLSTMCell(keras.layers.Layer, _internals.dropout_rnn_cell()):
         self._peephole.build(self, self._gates)
         self._layer_norm.build(self, self._gates.count * self.units)
         self._projection.build(self)
+        rnn = _internals.layer_building(self)
+        if rnn is not None and not getattr(rnn, "_runs_routes", False):
+            from keras_lstm import _routes
+
+            _routes.follow_routes(rnn)  # keras.layers.RNN(GatedLSTMCell(...)): see there
 
     def call(self, inputs, states, training=False, return_gates=False):
         inputs = _checks.float_inputs("inputs", inputs, self.compute_dtype)
@@ -329,14 +318,11 @@ class GatedLSTMCell(keras.layers.Layer, _internals.dropout_rnn_cell()):
 
     @property
     def is_standard_lstm(self) -> bool:
-        """Whether this cell computes exactly `keras.layers.LSTMCell`'s maths.
-
-        A fused whole-sequence kernel may replace the step-by-step loop only
-        then: tanh and sigmoid activations and no option that changes the
-        equations. `chrono_init` only changes where the bias starts, so it
-        keeps the cell standard; every other option turns this off.
-        """
-        return not self.options_changing_maths() and self.has_standard_activations
+        """Whether this cell computes exactly `keras.layers.LSTMCell`'s maths:
+        tanh and sigmoid activations and no option that changes the equations
+        (`chrono_init` only changes where the bias starts, so it keeps the cell
+        standard). Which path runs a layer is decided in `keras_lstm._routes`."""
+        return not options.maths_changes(self) and self.has_standard_activations
 
     @property
     def has_standard_activations(self) -> bool:
@@ -346,22 +332,10 @@ class GatedLSTMCell(keras.layers.Layer, _internals.dropout_rnn_cell()):
             and keras.activations.serialize(self.recurrent_activation) == "sigmoid"
         )
 
-    # The options that change the equations (not `chrono_init`, which only
-    # sets where the bias starts). Each is off when False, None or 0.0.
-    MATHS_OPTIONS = (
-        "peephole",
-        "layer_norm",
-        "cifg",
-        "proj_units",
-        "zoneout_h",
-        "zoneout_c",
-        "cell_clip",
-    )
-
     def options_changing_maths(self) -> list[str]:
         """The names of the options turned on that change the equations (not
         `chrono_init`, which only sets where the bias starts)."""
-        return [name for name in self.MATHS_OPTIONS if getattr(self, name)]
+        return options.maths_changes(self)
 
     def get_initial_state(self, batch_size=None):
         return [ops.zeros((batch_size, size), dtype=self.compute_dtype) for size in self.state_size]
@@ -387,13 +361,6 @@ class GatedLSTMCell(keras.layers.Layer, _internals.dropout_rnn_cell()):
             "dropout": self.dropout,
             "recurrent_dropout": self.recurrent_dropout,
             "seed": self.seed,
-            "peephole": self.peephole,
-            "layer_norm": self.layer_norm,
-            "cifg": self.cifg,
-            "proj_units": self.proj_units,
-            "zoneout_h": self.zoneout_h,
-            "zoneout_c": self.zoneout_c,
-            "chrono_init": self.chrono_init,
-            "cell_clip": self.cell_clip,
+            **{name: getattr(self, name) for name in options.names()},
         }
         return {**super().get_config(), **config}

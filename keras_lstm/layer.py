@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import warnings
-
 import keras
 from keras import ops
 
-from keras_lstm import _checks, _internals
+from keras_lstm import _checks, _internals, _routes, options
+from keras_lstm._routes import Route
 from keras_lstm.cell import GatedLSTMCell
 
-# The constructor arguments that belong to the cell. Each is also readable on
-# the layer (`layer.units`, `layer.dropout`, ...), forwarded below, once.
-CELL_ARGUMENTS = (
+# The constructor arguments that belong to the cell besides its options
+# (`options.OPTIONS`). Each is also readable on the layer (`layer.units`,
+# `layer.dropout`, `layer.peephole`, ...), forwarded to the cell.
+BASE_CELL_ARGUMENTS = (
     "units",
     "activation",
     "recurrent_activation",
@@ -30,15 +30,12 @@ CELL_ARGUMENTS = (
     "dropout",
     "recurrent_dropout",
     "seed",
-    "peephole",
-    "layer_norm",
-    "cifg",
-    "proj_units",
-    "zoneout_h",
-    "zoneout_c",
-    "chrono_init",
-    "cell_clip",
 )
+
+
+def cell_arguments() -> tuple[str, ...]:
+    """Every constructor argument of the layer that belongs to its cell."""
+    return BASE_CELL_ARGUMENTS + options.names()
 
 
 @keras.saving.register_keras_serializable(package="keras_lstm")
@@ -114,6 +111,8 @@ class GatedLSTM(keras.layers.RNN):
     ((2, 5, 4), (2, 4), (2, 4))
     """
 
+    _runs_routes = True  # `_routes.decide` picks its path (see `inner_loop`)
+
     def __init__(
         self,
         units: int,
@@ -134,14 +133,6 @@ class GatedLSTM(keras.layers.RNN):
         dropout: float = 0.0,
         recurrent_dropout: float = 0.0,
         seed: int | None = None,
-        peephole: bool = False,
-        layer_norm: bool = False,
-        cifg: bool = False,
-        proj_units: int | None = None,
-        zoneout_h: float = 0.0,
-        zoneout_c: float = 0.0,
-        chrono_init: float | None = None,
-        cell_clip: float | None = None,
         return_sequences: bool = False,
         return_state: bool = False,
         go_backwards: bool = False,
@@ -150,17 +141,11 @@ class GatedLSTM(keras.layers.RNN):
         use_cudnn="auto",
         **kwargs,
     ):
-        if use_cudnn is True:
-            raise ValueError(
-                "`use_cudnn=True` is not supported: GatedLSTM always runs its own gate "
-                "equations and has no cuDNN kernel (which keeps XLA on). "
-                "Pass use_cudnn='auto' or False."
-            )
-        if use_cudnn not in ("auto", False):
-            raise ValueError(f"`use_cudnn` must be 'auto' or False, got {use_cudnn!r}.")
-        arguments = locals()
+        if use_cudnn not in ("auto", True, False):
+            raise ValueError(f"`use_cudnn` must be 'auto', True or False, got {use_cudnn!r}.")
+        arguments = {**locals(), **{n: kwargs.pop(n) for n in options.names() if n in kwargs}}
         cell = GatedLSTMCell(
-            **{name: arguments[name] for name in CELL_ARGUMENTS},
+            **{name: arguments[name] for name in cell_arguments() if name in arguments},
             dtype=kwargs.get("dtype"),
             trainable=kwargs.get("trainable", True),
             name="gated_lstm_cell",
@@ -241,86 +226,89 @@ class GatedLSTM(keras.layers.RNN):
             return tf.identity(sequences)
 
     def inner_loop(self, sequences, initial_state, mask, training=False):
-        # The fused whole-sequence op when it computes the same maths, else
-        # Keras's step loop around the cell (the reference it is tested against).
+        # `_routes.decide` picks the path; each branch below only runs it.
         if keras.tree.is_nested(mask):
             mask = mask[0]
-        if not self._runs_fused_kernel(training):
-            if self.unroll and self.go_backwards and mask is not None and self.zero_output_for_mask:
-                return self._unrolled_backwards_loop(sequences, initial_state, mask, training)
-            return super().inner_loop(sequences, initial_state, mask, training=training)
-        from keras_lstm import kernels
-
-        if mask is not None and kernels.export_loop_form() == "onnx":
-            warnings.warn(
-                f"Layer '{self.name}' exports as an ONNX Loop, not ONNX's LSTM op: it is "
-                "masked, and the op takes sequence lengths, not masks.",
-                stacklevel=2,
+        decision = _routes.decide(self, sequences, mask, training)
+        if self.use_cudnn is True and decision.route is not Route.CUDNN:
+            raise ValueError(
+                f"`use_cudnn=True` but layer '{self.name}' cannot run cuDNN here: "
+                f"{decision.reason}. Pass use_cudnn='auto' to fall back."
             )
-        if training and self.cell.dropout > 0:
-            # One mask per sequence, the one the cell would draw.
-            sequences = sequences * self.cell.get_dropout_mask(sequences[:, 0, :])[:, None, :]
-        recurrent_mask = None
-        if training and self.cell.recurrent_dropout > 0:
-            # Likewise: the mask on h_{t-1} the cell's `call` would apply at every step.
-            recurrent_mask = self.cell.get_recurrent_dropout_mask(initial_state[0])
-        return kernels.lstm_recurrence(
-            sequences,
-            self.cell.kernel,
-            self.cell.recurrent_kernel,
-            self.cell.bias,
-            initial_state[0],
-            initial_state[1],
-            mask=mask,
-            go_backwards=self.go_backwards,
-            return_sequences=self.return_sequences,
-            zero_output_for_mask=self.zero_output_for_mask,
-            training=training,
-            recurrent_mask=recurrent_mask,
-            options=self._kernel_options(sequences, training),
-        )
+        if decision.route is Route.CUDNN:
+            return self._cudnn_loop(sequences, initial_state, mask, training)
+        if decision.route is Route.STEP_LOOP_UNROLLED:
+            return _unrolled(self, self._step_loop, sequences, initial_state, mask, training)
+        if decision.route is Route.STEP_LOOP:
+            return self._step_loop(sequences, initial_state, mask, training)
+        return self._fused_loop(decision.route, sequences, initial_state, mask, training)
 
-    def _kernel_options(self, sequences, training):
-        """The cell's options as the native kernel takes them, or `None` for a plain cell."""
+    def _step_loop(self, sequences, initial_state, mask, training):
+        """Keras's step loop around the cell's `call`: the reference the others match."""
+        if self.unroll and self.go_backwards and mask is not None and self.zero_output_for_mask:
+            return self._unrolled_backwards_loop(sequences, initial_state, mask, training)
+        return super().inner_loop(sequences, initial_state, mask, training=training)
+
+    def _cudnn_loop(self, sequences, initial_state, mask, training):
+        """The backend's cuDNN LSTM, which `keras.layers.LSTM.inner_loop` calls too."""
+        cell = self.cell
+        if training and cell.dropout > 0:
+            sequences = sequences * cell.get_dropout_mask(sequences[:, 0, :])[:, None, :]
+        try:
+            return _internals.backend_lstm()(
+                sequences,
+                initial_state[0],
+                initial_state[1],
+                mask,
+                kernel=cell.kernel,
+                recurrent_kernel=cell.recurrent_kernel,
+                bias=cell.bias,
+                activation=cell.activation,
+                recurrent_activation=cell.recurrent_activation,
+                return_sequences=self.return_sequences,
+                go_backwards=self.go_backwards,
+                unroll=self.unroll,
+            )
+        except NotImplementedError:  # the backend found it cannot, at trace time
+            if self.use_cudnn is True:
+                raise
+            return super().inner_loop(sequences, initial_state, mask, training=training)
+
+    def _fused_loop(self, route, sequences, initial_state, mask, training):
+        """One of `kernels.lstm_recurrence`'s routes over the whole sequence."""
         from keras_lstm import kernels
 
         cell = self.cell
-        if cell.is_standard_lstm:
-            return None
-        peephole = None
-        if cell.peephole:
-            weights = {
-                gate: ops.cast(w, cell.compute_dtype) for gate, w in cell._peephole.weights.items()
-            }
-            # [w_i, w_f, w_o]; with cifg there is no w_i, and the kernel reads none.
-            unused = ops.zeros_like(weights["forget"])
-            peephole = ops.stack(
-                [weights.get("input", unused), weights["forget"], weights["output"]]
-            )
-        projection = None
-        if cell.proj_units is not None:
-            projection = ops.cast(cell._projection.kernel, cell.compute_dtype)
-        steps, batch = ops.shape(sequences)[1], ops.shape(sequences)[0]
-        zoneout_h, zoneout_c = (
-            self._zoneout_masks(state, (steps, batch)) if training else None for state in "hc"
+        if training and cell.dropout > 0:
+            # One mask per sequence, the one the cell would draw.
+            sequences = sequences * cell.get_dropout_mask(sequences[:, 0, :])[:, None, :]
+        recurrent_mask = None
+        if training and cell.recurrent_dropout > 0:
+            # Likewise: the mask on h_{t-1} the cell's `call` would apply at every step.
+            recurrent_mask = cell.get_recurrent_dropout_mask(initial_state[0])
+        steps_and_batch = (ops.shape(sequences)[1], ops.shape(sequences)[0])
+        cell_options = None
+        if not cell.is_standard_lstm:
+
+            def draw(state):
+                return self._zoneout_masks(state, steps_and_batch) if training else None
+
+            cell_options = kernels.CellOptions(**options.native_inputs(cell, draw))
+        sequence = kernels.Sequence(
+            sequences,
+            cell.kernel,
+            cell.recurrent_kernel,
+            cell.bias,
+            initial_state[0],
+            initial_state[1],
+            mask=mask,
+            recurrent_mask=recurrent_mask,
+            options=cell_options,
+            training=training,
+            return_sequences=self.return_sequences,
         )
-        layer_norm = None
-        if cell.layer_norm:
-            norm = cell._layer_norm
-            # [γx, γh, γc, βc]; without a bias the cell state's norm has no shift.
-            shift = norm.cell_beta if norm.cell_beta is not None else ops.zeros((cell.units,))
-            gains = (norm.kernel_gamma, norm.recurrent_gamma, norm.cell_gamma, shift)
-            layer_norm = ops.concatenate([ops.cast(w, cell.compute_dtype) for w in gains])
-        return kernels.CellOptions(
-            peephole=peephole,
-            cifg=cell.cifg,
-            cell_clip=cell.cell_clip,
-            projection=projection,
-            zoneout_h=zoneout_h,
-            zoneout_c=zoneout_c,
-            zoneout_h_rate=cell.zoneout_h,
-            zoneout_c_rate=cell.zoneout_c,
-            layer_norm=layer_norm,
+        return kernels.lstm_recurrence(
+            route.value, sequence, self.go_backwards, self.zero_output_for_mask
         )
 
     def _zoneout_masks(self, state, steps_and_batch):
@@ -363,24 +351,6 @@ class GatedLSTM(keras.layers.RNN):
         last_output = ops.where(mask[:, :1], last_output, ops.zeros_like(last_output))
         return last_output, outputs, states
 
-    def _runs_fused_kernel(self, training) -> bool:
-        """Whether `inner_loop` may use the fused op: TensorFlow backend, no
-        `unroll=True` (which asks for one op per step, as TFLite wants), and a
-        cell with the standard LSTM maths (recurrent dropout included), or
-        with options the native kernel computes where it runs (not in exports,
-        which take the standard maths only)."""
-        if keras.backend.backend() != "tensorflow" or self.unroll:
-            return False
-        if self.cell.is_standard_lstm:
-            return True
-        from keras_lstm import kernels
-
-        return (
-            self.cell.has_standard_activations
-            and set(self.cell.options_changing_maths()) <= set(kernels.NATIVE_CELL_OPTIONS)
-            and kernels.cell_options_fuse_here(self.compute_dtype)
-        )
-
     def _check_call(self, sequences, initial_state, mask):
         shape = tuple(sequences.shape)
         _checks.sequence_shape("inputs", shape, self.cell.kernel.shape[0])
@@ -403,7 +373,7 @@ class GatedLSTM(keras.layers.RNN):
 
     def get_config(self):
         cell_config = self.cell.get_config()
-        config = {name: cell_config[name] for name in CELL_ARGUMENTS}
+        config = {name: cell_config[name] for name in cell_arguments()}
         config["activity_regularizer"] = keras.regularizers.serialize(self.activity_regularizer)
         config["use_cudnn"] = self.use_cudnn
         base_config = super().get_config()
@@ -414,11 +384,18 @@ class GatedLSTM(keras.layers.RNN):
     def from_config(cls, config):
         return cls(**config)
 
+    def __getattr__(self, name):
+        # Only for names not found otherwise: each cell argument (options
+        # included) is readable on the layer, as `layer.units`, `layer.peephole`.
+        if name in cell_arguments() and "cell" in self.__dict__:
+            return getattr(self.cell, name)
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
 
-def _forward_to_cell(name):
-    return property(lambda self: getattr(self.cell, name), doc=f"The cell's `{name}`.")
 
-
-for _name in CELL_ARGUMENTS:
-    setattr(GatedLSTM, _name, _forward_to_cell(_name))
-del _name
+def _unrolled(layer, run, *arguments):
+    """`run(*arguments)` with `layer.unroll` on: Keras's step loop writes every step out."""
+    unroll, layer.unroll = layer.unroll, True
+    try:
+        return run(*arguments)
+    finally:
+        layer.unroll = unroll

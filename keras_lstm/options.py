@@ -27,7 +27,8 @@ The pieces, in the order the step uses them:
 from __future__ import annotations
 
 import numbers
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import keras
 from keras import ops
@@ -115,6 +116,13 @@ class LayerNorm:
             return c
         return _normalize(c, self.cell_gamma, self.cell_beta)
 
+    def stacked(self, cell):
+        """`[γx, γh, γc, βc]` in one vector, as the native kernel takes them (βc
+        zeros without a bias: the cell state's norm then has no shift)."""
+        shift = self.cell_beta if self.cell_beta is not None else ops.zeros((cell.units,))
+        gains = (self.kernel_gamma, self.recurrent_gamma, self.cell_gamma, shift)
+        return ops.concatenate([ops.cast(w, cell.compute_dtype) for w in gains])
+
 
 def _normalize(a, gamma, beta=None):
     mean = ops.mean(a, axis=-1, keepdims=True)
@@ -159,6 +167,13 @@ class Peephole:
 
     def output(self, z, c):
         return self._look(z, c, "output")
+
+    def stacked(self, cell):
+        """`[w_i, w_f, w_o]` as one (3, H) tensor, as the native kernel takes them;
+        with cifg there is no `w_i`, and zeros stand in (the kernel reads none)."""
+        weights = {gate: ops.cast(w, cell.compute_dtype) for gate, w in self.weights.items()}
+        unused = ops.zeros_like(weights["forget"])
+        return ops.stack([weights.get("input", unused), weights["forget"], weights["output"]])
 
     def _look(self, z, c, gate):
         if gate not in self.weights:
@@ -302,53 +317,158 @@ def gate_bias_initializer(
     return initialize
 
 
-def check_options(
-    *,
-    units: int,
-    use_bias: bool,
-    peephole: Any,
-    layer_norm: Any,
-    cifg: Any,
-    proj_units: Any,
-    zoneout_h: Any,
-    zoneout_c: Any,
-    chrono_init: Any,
-    cell_clip: Any,
-) -> dict:
-    """Check the option arguments together; return them normalised."""
-    options = {
-        name: _checks.boolean(name, value)
-        for name, value in [("peephole", peephole), ("layer_norm", layer_norm), ("cifg", cifg)]
-    }
-    if proj_units is not None:
-        proj_units = _checks.positive_int("proj_units", proj_units)
-        if proj_units >= units:
-            raise ValueError(
-                f"`proj_units` must be smaller than `units` ({units}) to project the "
-                f"hidden state down, got {proj_units}. Pass proj_units=None for no projection."
-            )
-    options["proj_units"] = proj_units
-    options["zoneout_h"] = _checks.rate("zoneout_h", zoneout_h)
-    options["zoneout_c"] = _checks.rate("zoneout_c", zoneout_c)
-    if chrono_init is not None:
-        if not _real(chrono_init) or not chrono_init >= 2:
-            raise ValueError(
-                "`chrono_init` must be a number >= 2, the longest dependency to expect in "
-                f"time steps (T_max of b_f ~ log(U(1, T_max - 1))), got {chrono_init!r}."
-            )
-        if not use_bias:
-            raise ValueError(
-                "`chrono_init` sets the forget and input gate biases, so it needs "
-                "`use_bias=True`; got use_bias=False."
-            )
-        chrono_init = float(chrono_init)
-    options["chrono_init"] = chrono_init
-    if cell_clip is not None:
-        if not _real(cell_clip) or not cell_clip > 0:
-            raise ValueError(f"`cell_clip` must be a positive number or None, got {cell_clip!r}.")
-        cell_clip = float(cell_clip)
-    options["cell_clip"] = cell_clip
-    return options
+class Option(NamedTuple):
+    """One cell option, declared once in `OPTIONS`.
+
+    The cell's and the layer's arguments, their checks, `get_config`, the
+    layer's forwarding, the route a layer takes (`keras_lstm._routes`) and the
+    native kernel's inputs are all read from this declaration.
+
+    - `name`, `default`: the argument and its value when off.
+    - `check(name, value, arguments)`: the value normalised, or an error that
+      names the argument; `arguments` holds the cell's other checked ones
+      (`units`, `use_bias`, the options before this one).
+    - `changes_maths`: whether turning it on changes the equations (not
+      `chrono_init`, which only sets where the bias starts).
+    - `native_inputs(cell, draw)`: the fields of `kernels.CellOptions` that
+      carry it into the native kernel (`draw(state)` gives zoneout's masks),
+      or `None` where the native kernel does not compute it.
+    """
+
+    name: str
+    default: Any
+    check: Callable[[str, Any, dict], Any]
+    changes_maths: bool = True
+    native_inputs: Callable[[Any, Callable], dict] | None = None
+
+
+def _boolean(name, value, arguments):
+    return _checks.boolean(name, value)
+
+
+def _rate(name, value, arguments):
+    return _checks.rate(name, value)
+
+
+def _proj_units(name, value, arguments):
+    if value is None:
+        return None
+    value = _checks.positive_int(name, value)
+    if value >= arguments["units"]:
+        raise ValueError(
+            f"`{name}` must be smaller than `units` ({arguments['units']}) to project the "
+            f"hidden state down, got {value}. Pass {name}=None for no projection."
+        )
+    return value
+
+
+def _chrono_init(name, value, arguments):
+    if value is None:
+        return None
+    if not _real(value) or not value >= 2:
+        raise ValueError(
+            f"`{name}` must be a number >= 2, the longest dependency to expect in "
+            f"time steps (T_max of b_f ~ log(U(1, T_max - 1))), got {value!r}."
+        )
+    if not arguments["use_bias"]:
+        raise ValueError(
+            f"`{name}` sets the forget and input gate biases, so it needs "
+            "`use_bias=True`; got use_bias=False."
+        )
+    return float(value)
+
+
+def _cell_clip(name, value, arguments):
+    if value is None:
+        return None
+    if not _real(value) or not value > 0:
+        raise ValueError(f"`{name}` must be a positive number or None, got {value!r}.")
+    return float(value)
+
+
+def _cast(cell, weight):
+    return ops.cast(weight, cell.compute_dtype)
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option(
+        "peephole",
+        False,
+        _boolean,
+        native_inputs=lambda cell, draw: {"peephole": cell._peephole.stacked(cell)},
+    ),
+    Option(
+        "layer_norm",
+        False,
+        _boolean,
+        native_inputs=lambda cell, draw: {"layer_norm": cell._layer_norm.stacked(cell)},
+    ),
+    Option("cifg", False, _boolean, native_inputs=lambda cell, draw: {"cifg": True}),
+    Option(
+        "proj_units",
+        None,
+        _proj_units,
+        native_inputs=lambda cell, draw: {"projection": _cast(cell, cell._projection.kernel)},
+    ),
+    Option(
+        "zoneout_h",
+        0.0,
+        _rate,
+        native_inputs=lambda cell, draw: {"zoneout_h": draw("h"), "zoneout_h_rate": cell.zoneout_h},
+    ),
+    Option(
+        "zoneout_c",
+        0.0,
+        _rate,
+        native_inputs=lambda cell, draw: {"zoneout_c": draw("c"), "zoneout_c_rate": cell.zoneout_c},
+    ),
+    Option("chrono_init", None, _chrono_init, changes_maths=False),
+    Option(
+        "cell_clip",
+        None,
+        _cell_clip,
+        native_inputs=lambda cell, draw: {"cell_clip": cell.cell_clip},
+    ),
+)
+
+
+def names() -> tuple[str, ...]:
+    """Every option's argument name, in declaration order."""
+    return tuple(option.name for option in OPTIONS)
+
+
+def check_options(given: dict, *, units: int, use_bias: bool) -> dict:
+    """Every option's value from `given` (the default where absent), checked and normalised."""
+    arguments = {"units": units, "use_bias": use_bias}
+    for option in OPTIONS:
+        arguments[option.name] = option.check(
+            option.name, given.get(option.name, option.default), arguments
+        )
+    return {option.name: arguments[option.name] for option in OPTIONS}
+
+
+def maths_changes(cell) -> list[str]:
+    """The options turned on in `cell` that change the equations."""
+    return [o.name for o in OPTIONS if o.changes_maths and getattr(cell, o.name)]
+
+
+def not_in_native_kernel(cell) -> list[str]:
+    """The options turned on in `cell` that change the equations and that the native
+    kernel does not compute."""
+    return [
+        o.name
+        for o in OPTIONS
+        if o.changes_maths and o.native_inputs is None and getattr(cell, o.name)
+    ]
+
+
+def native_inputs(cell, draw) -> dict:
+    """The `kernels.CellOptions` fields of the options on in `cell` (see `Option`)."""
+    fields = {}
+    for option in OPTIONS:
+        if option.native_inputs is not None and getattr(cell, option.name):
+            fields.update(option.native_inputs(cell, draw))
+    return fields
 
 
 def _real(value) -> bool:

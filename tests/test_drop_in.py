@@ -17,7 +17,7 @@ import keras
 import numpy as np
 import pytest
 
-from keras_lstm import GatedLSTM, GatedLSTMCell, kernels
+from keras_lstm import GatedLSTM, GatedLSTMCell, _routes, kernels
 
 KERAS_RNN = Path(keras.__file__).parent / "src" / "layers" / "rnn"
 
@@ -211,7 +211,7 @@ def _stateful_model():
 @pytest.fixture(params=["native", "while_loop"])
 def path(request, monkeypatch):
     if request.param == "while_loop":
-        monkeypatch.setattr(kernels, "_use_native", lambda dtype: False)
+        monkeypatch.setattr(_routes, "native_reason", lambda jit_compile=False: "off in this test")
     elif not kernels.native_available():
         pytest.skip("the native kernel is not built here")
     return request.param

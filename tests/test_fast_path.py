@@ -15,9 +15,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_lstm import GatedLSTM, kernels
+from keras_lstm import GatedLSTM, _routes, kernels
+from keras_lstm._routes import Route
 from keras_lstm.kernels import _build, _native
+from keras_lstm.options import OPTIONS
 
+NATIVE_OPTIONS = [option.name for option in OPTIONS if option.native_inputs]
 B, T, D, H = 3, 6, 4, 5
 TOL = 1e-5
 
@@ -39,7 +42,7 @@ def implementation(request, monkeypatch):
         if not kernels.native_available():
             pytest.skip("the native kernel cannot be built here (no g++ or no TF headers)")
     else:
-        monkeypatch.setattr(kernels, "_use_native", lambda dtype: False)
+        monkeypatch.setattr(_routes, "native_reason", lambda jit_compile=False: "off in this test")
     return request.param
 
 
@@ -153,7 +156,7 @@ def test_fused_op_matches_keras_lstm_on_a_batch_split_across_threads(implementat
 def test_fused_op_matches_the_cells_own_loop(implementation, rng):
     x, h0, c0 = _data(rng)
     fused, generic = _pair(reference_cls=GatedLSTM, return_sequences=True, go_backwards=True)
-    generic._runs_fused_kernel = lambda training: False
+    generic._pinned_route = Route.STEP_LOOP
     mask = tf.constant(MASK)
     _assert_same(_run(fused, x, mask, [h0, c0]), _run(generic, x, mask, [h0, c0]))
 
@@ -229,7 +232,7 @@ def test_fused_op_is_the_path_taken_for_a_standard_cell(monkeypatch, rng):
     ],
 )
 def test_fallback_rule(monkeypatch, rng, options, training, fused):
-    if fused and set(options) & set(kernels.NATIVE_CELL_OPTIONS) and not kernels.native_available():
+    if fused and set(options) & set(NATIVE_OPTIONS) and not kernels.native_available():
         fused = False  # only the native kernel computes the options
     calls = []
     real = kernels.lstm_recurrence
@@ -244,7 +247,7 @@ def test_fallback_rule(monkeypatch, rng, options, training, fused):
 def test_input_dropout_uses_the_same_mask_as_the_cell(implementation, rng):
     x, _, _ = _data(rng)
     fused, generic = _pair(reference_cls=GatedLSTM, dropout=0.4, seed=7, return_sequences=True)
-    generic._runs_fused_kernel = lambda training: False
+    generic._pinned_route = Route.STEP_LOOP
     out_fused = _run(fused, x, training=True)
     out_generic = _run(generic, x, training=True)
     # Dropout really acted: the training output differs from inference.
@@ -268,7 +271,7 @@ def test_recurrent_dropout_matches_the_cells_own_loop(implementation, rng, optio
     x, h0, c0 = _data(rng)
     kwargs = {"recurrent_dropout": 0.4, "seed": 11, **options}
     fused, generic = _pair(reference_cls=GatedLSTM, **kwargs)
-    generic._runs_fused_kernel = lambda training: False
+    generic._pinned_route = Route.STEP_LOOP
     mask = MASK if masked else None
     out_fused = _run(fused, x, mask=mask, initial_state=[h0, c0], training=True)
     out_generic = _run(generic, x, mask=mask, initial_state=[h0, c0], training=True)
@@ -285,7 +288,7 @@ def test_recurrent_dropout_with_a_free_batch_size_matches_the_cells_own_loop(imp
     fused, generic = _pair(
         reference_cls=GatedLSTM, recurrent_dropout=0.4, seed=5, return_sequences=True
     )
-    generic._runs_fused_kernel = lambda training: False
+    generic._pinned_route = Route.STEP_LOOP
     results = []
     for layer in (fused, generic):
 
@@ -306,7 +309,7 @@ def test_recurrent_dropout_under_xla_matches_the_cells_own_loop(implementation, 
     fused, generic = _pair(
         reference_cls=GatedLSTM, recurrent_dropout=0.3, seed=5, return_sequences=True
     )
-    generic._runs_fused_kernel = lambda training: False
+    generic._pinned_route = Route.STEP_LOOP
 
     @tf.function(jit_compile=True)
     def step(layer, x, h0, c0):
@@ -341,7 +344,7 @@ def test_mixed_precision_runs_fused_and_matches_the_cells_own_loop(
     fused.build(x.shape)
     generic.build(x.shape)
     generic.set_weights(fused.get_weights())
-    generic._runs_fused_kernel = lambda training: False
+    generic._pinned_route = Route.STEP_LOOP
     out = fused(x)
     assert out.dtype == policy.removeprefix("mixed_")
     assert bool(calls) == (implementation == "native")
@@ -579,7 +582,7 @@ def test_exports_hold_tensorflow_ops_only(tmp_path, rng):
 
     assert kernels.native_available()
     assert "KerasLstmSequence" in op_types()  # an ordinary trace does use the native op
-    with kernels.portable_ops():
+    with _routes.exporting():
         assert "KerasLstmSequence" not in op_types()
     loaded = tf.saved_model.load(str(tmp_path / "exported"))
     np.testing.assert_allclose(loaded.serve(x), model(x), atol=1e-5)

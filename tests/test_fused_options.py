@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_lstm import GatedLSTM, kernels
+from keras_lstm import GatedLSTM, _routes, kernels
+from keras_lstm._routes import Route
 
 B, T, D, H = 5, 7, 4, 6
 TOL = 1e-5
@@ -74,7 +75,7 @@ def _twins(rng, **kwargs):
     weights = [rng.normal(scale=0.6, size=w.shape).astype("float32") for w in fused.get_weights()]
     fused.set_weights(weights)
     generic.set_weights(weights)
-    generic._runs_fused_kernel = lambda training: False
+    generic._pinned_route = Route.STEP_LOOP
     return fused, generic
 
 
@@ -124,7 +125,7 @@ def fused_calls(monkeypatch):
     real = kernels.lstm_recurrence
 
     def spy(*args, **kwargs):
-        calls.append(kwargs.get("options"))
+        calls.append(args[1].options)  # lstm_recurrence(route, sequence, ...)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(kernels, "lstm_recurrence", spy)
@@ -283,11 +284,11 @@ def test_options_run_keras_step_loop_where_the_native_kernel_does_not(
     rng, fused_calls, monkeypatch
 ):
     # Other dtypes, GPU, or no native library: the TF-ops loop has no options.
-    monkeypatch.setattr(kernels, "_use_native", lambda dtype: False)
+    monkeypatch.setattr(_routes, "native_reason", lambda jit_compile=False: "off in this test")
     GatedLSTM(H, peephole=True)(rng.normal(size=(B, T, D)).astype("float32"))
     assert not fused_calls
     with pytest.raises(ValueError, match="run fused only in the native kernel"):
-        kernels.lstm_recurrence(
+        sequence = kernels.Sequence(
             tf.zeros((B, T, D)),
             tf.zeros((D, 4 * H)),
             tf.zeros((H, 4 * H)),
@@ -296,6 +297,7 @@ def test_options_run_keras_step_loop_where_the_native_kernel_does_not(
             tf.zeros((B, H)),
             options=kernels.CellOptions(cifg=False, cell_clip=1.0),
         )
+        kernels.lstm_recurrence("loop", sequence)
 
 
 ZONEOUT_OPTIONS = [

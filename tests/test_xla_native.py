@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_lstm import GatedLSTM, kernels
+from keras_lstm import GatedLSTM, _routes, kernels
 from keras_lstm.kernels import _build, _native, _native_xla
 
 B, T, D, H = 3, 6, 4, 5
@@ -158,7 +158,7 @@ def test_xla_library_failure_falls_back_with_one_warning(xla_library, monkeypatc
         assert _native_xla.xla_library() is None
     assert _native_xla.xla_library() is None  # the failure is remembered: no second build
     # Outside XLA the main library still runs; under XLA, the while loop.
-    assert kernels._use_native(tf.float32)
+    assert _routes.native_reason() == ""
     assert _while_loop_hlo(rng)
 
 
@@ -166,7 +166,7 @@ def test_portable_ops_keep_tensorflow_ops_under_jit(xla_library, rng):
     ours, _ = _pair(return_sequences=True)
     step = _compiled_step(ours)
     args = _data(rng)
-    with kernels.portable_ops():
+    with _routes.exporting():
         graph = step.get_concrete_function(*args).graph
     assert not [op for op in graph.get_operations() if op.type.startswith("KerasLstm")]
 

@@ -1,68 +1,57 @@
-"""Fused whole-sequence LSTM ops for the TensorFlow backend.
+"""Fused whole-sequence LSTM routes for the TensorFlow backend.
 
-`lstm_recurrence` runs a standard LSTM (Keras gate order i, f, c, o; sigmoid
-gates; tanh candidate and output) over a whole batch of sequences as one
-differentiable op and returns exactly what `keras.backend.rnn` returns. It
-picks one of two implementations of the same maths:
+`lstm_recurrence(route, sequence)` runs a standard LSTM (Keras gate order i,
+f, c, o; sigmoid gates; tanh candidate and output), or with the cell options
+the native kernel computes, over a whole batch of sequences as one
+differentiable op, and returns exactly what `keras.backend.rnn` returns. Which
+route runs is decided by `keras_lstm._routes`; here each route is one small
+unit taking the time-major `Steps` and returning `(h_seq, h_last, c_last)`:
 
-- a native C++ kernel (`lstm_sequence.cc`, maths in `lstm_core.h`), built on
-  first use, for float32 on CPU: one matmul per step (input projection
-  included) and one fused pointwise pass, the batch split across threads.
-  Under a mixed-precision policy (float16 or bfloat16 compute) on CPU it runs
-  in float32 too, its inputs and results cast; under bfloat16, its products
-  take bfloat16 operands where the CPU has AVX512-BF16 (`bf16_products`).
-  Under XLA (`jit_compile=True`) the same op runs as a custom call from a
-  second library (`lstm_sequence_xla.cc`, see `_native_xla`);
-- TensorFlow ops in two `tf.while_loop`s with a custom gradient, everywhere
-  else (on GPU, float64, in exports, or when a native library cannot be
-  built).
+- `native` / `native_xla`: the native C++ kernel (`lstm_sequence.cc`, maths
+  in `lstm_core.h`), built on first use, for CPU: one matmul per step (input
+  projection included) and one fused pointwise pass, the batch split across
+  threads. Mixed-precision inputs run in float32 (cast in and out), with
+  bfloat16 products under bfloat16 where the CPU has AVX512-BF16
+  (`bf16_products`). Under XLA (`jit_compile=True`) the same op runs as a
+  custom call from a second library (`lstm_sequence_xla.cc`, see `_native_xla`);
+- `loop` / `loop_xla`: TensorFlow ops in two `tf.while_loop`s with a custom
+  gradient (on GPU, float64, where the native kernel cannot be built); under
+  XLA each step projects its own input, which XLA's CPU backend runs faster;
+- `export_loop`, `no_tensor_lists`, `tflite_fused`: forward loops in the forms
+  the exports' converters take (see `_while_loop`).
 
-The weight and input gradients are large matmuls over all steps at once. The
-TF-ops path projects the inputs `x W + b` of all steps in one matmul too,
-except under XLA, whose CPU backend runs the loop faster when each step
-projects its own input (as the native kernel does). This package depends on nothing else in
-`keras_lstm` but `_internals` (TensorFlow's private names it uses).
+The weight and input gradients are large matmuls over all steps at once. This
+package depends on nothing else in `keras_lstm` but `_internals` (TensorFlow's
+private names it uses).
 
-Public names: `native_available` (is the native kernel in use here?) and
-`build_native` (build it now, e.g. when making a Docker image); `keras-lstm
-doctor` and `keras-lstm build` are their command-line faces.
+Public names: `native_available` (is the native kernel in use here?),
+`build_native` (build it now, e.g. when making a Docker image) and
+`bf16_products`; `keras-lstm doctor` and `keras-lstm build` are their
+command-line faces.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
-import threading
 import warnings
+from typing import Any, NamedTuple
 
 import tensorflow as tf
 
-from keras_lstm import _internals
 from keras_lstm.kernels import _cache, _native, _native_xla, _while_loop
 from keras_lstm.kernels._gradients import in_xla_context
 
-_local = threading.local()
-
 CellOptions = _native.CellOptions
-# The `GatedLSTMCell` options the native kernel computes itself (`CellOptions`);
-# a cell with any other option runs Keras's step loop.
-NATIVE_CELL_OPTIONS = (
-    "peephole",
-    "cifg",
-    "cell_clip",
-    "proj_units",
-    "zoneout_h",
-    "zoneout_c",
-    "layer_norm",
-)
 
 __all__ = [
+    "CellOptions",
+    "Sequence",
     "bf16_products",
     "build_native",
-    "export_loop_form",
+    "in_xla_context",
     "lstm_recurrence",
+    "mask_uniform",
     "native_available",
-    "portable_ops",
 ]
 
 
@@ -167,69 +156,6 @@ def _build_unless_built(library, name, force):
         return _cache.load_or_build(library, name, force=True)
 
 
-# The loop forms `portable_ops` can ask for.
-LOOP_FORMS = ("inference", "onnx", "no_tensor_lists", "tflite_fused")
-
-
-@contextlib.contextmanager
-def portable_ops(form: str = "inference"):
-    """Within this block the fused op is built from TensorFlow's own ops only.
-
-    Graphs traced here (a SavedModel for TensorFlow Serving, a TFLite or ONNX
-    model) then run where the native kernel's library is not loaded. Tracing
-    inside `tf.saved_model.save` is portable without it. `form` picks the loop:
-
-    - `"inference"`: one lean `tf.while_loop`, in the form tf2onnx fuses into
-      ONNX's `LSTM` op (`_while_loop.lstm_sequence_for_inference`);
-    - `"onnx"`: the same loop, for an ONNX export (a masked layer then says
-      that it stays an ONNX `Loop`);
-    - `"no_tensor_lists"`: no `tf.TensorArray`, for converters that cannot
-      take TensorList ops at a free batch size (TFLite's, OpenVINO's); see
-      `_while_loop.lstm_sequence_without_lists`;
-    - `"tflite_fused"`: the composite function TFLite's converter turns into
-      `UNIDIRECTIONAL_SEQUENCE_LSTM` (`_while_loop.lstm_sequence_for_tflite_fusion`)
-      where the batch size is fixed and there is no mask, else as
-      `"no_tensor_lists"`.
-    """
-    if form not in LOOP_FORMS:
-        raise ValueError(f"`form` must be one of {LOOP_FORMS}, got {form!r}.")
-    previous = getattr(_local, "portable", False), getattr(_local, "form", "inference")
-    _local.portable, _local.form = True, form
-    try:
-        yield
-    finally:
-        _local.portable, _local.form = previous
-
-
-def _exporting() -> bool:
-    """Whether the graph traced now is for an export (SavedModel, TFLite, ONNX)."""
-    return getattr(_local, "portable", False) or _internals.in_save_context()
-
-
-def export_loop_form() -> str:
-    """The loop form of the export traced now (`portable_ops`, or `tf.saved_model.save`),
-    or `""` when the graph is not for an export."""
-    if getattr(_local, "portable", False):
-        return getattr(_local, "form", "inference")
-    return "inference" if _internals.in_save_context() else ""
-
-
-# Dtypes the native kernel takes: float32 itself, and the mixed-precision
-# compute dtypes, which it runs in float32 (cast in, cast out).
-_NATIVE_DTYPES = (tf.float32, tf.bfloat16, tf.float16)
-
-
-def _use_native(dtype) -> bool:
-    if _exporting():
-        return False
-    if dtype not in _NATIVE_DTYPES or tf.config.list_logical_devices("GPU"):
-        return False
-    if _native.native_module() is None:
-        return False
-    # Under XLA the op runs as a custom call of its own library (CPU only).
-    return not in_xla_context() or _native_xla.xla_library() is not None
-
-
 def bf16_products() -> str:
     """The instructions the native kernel runs bfloat16 products with here:
     `"avx512_bf16"` (vdpbf16ps: bfloat16 pairs summed in float32), or `""`
@@ -246,13 +172,6 @@ def bf16_products() -> str:
     True
     """
     return _native.bf16_products()
-
-
-def cell_options_fuse_here(dtype) -> bool:
-    """Whether `lstm_recurrence` takes `options` in the graph traced now: the
-    native kernel runs (float32 on CPU, not in an export; under XLA only with
-    its library)."""
-    return _use_native(tf.as_dtype(dtype))
 
 
 def mask_uniform(shape, seed_generator, dtype=tf.float32):
@@ -272,164 +191,222 @@ def mask_uniform(shape, seed_generator, dtype=tf.float32):
     return tf.random.stateless_uniform(shape, seed=seed, dtype=dtype, alg=alg)
 
 
-def lstm_recurrence(
-    inputs,
-    kernel,
-    recurrent_kernel,
-    bias,
-    h0,
-    c0,
-    mask=None,
-    go_backwards=False,
-    return_sequences=True,
-    zero_output_for_mask=False,
-    training=True,
-    recurrent_mask=None,
-    options=None,
-    bf16_products=False,
-):
-    """Runs an LSTM over batch-major `inputs` (B, T, D), Keras-compatible.
+class Sequence(NamedTuple):
+    """One recurrence as Keras's layer hands it over: batch-major `inputs` (B, T, D),
+    `mask` (B, T) or `None`, the weights, and `h0`, `c0` (B, H).
+
+    `recurrent_mask` (B, H), if given, multiplies `h_{t-1}` before the
+    recurrent product at every step (recurrent dropout as Keras draws it: one
+    mask per sequence, scaled). `options` (a `CellOptions`) turns on the cell
+    options only the native kernel computes. With `training=False` the native
+    kernel keeps nothing for the backward pass (a gradient, if asked for
+    anyway, runs the forward pass again). `bf16_products` asks for bfloat16
+    operands in the native kernel's products with float32 inputs too (they
+    have them under bfloat16 anyway, where the CPU can).
+    """
+
+    inputs: Any
+    kernel: Any
+    recurrent_kernel: Any
+    bias: Any
+    h0: Any
+    c0: Any
+    mask: Any = None
+    recurrent_mask: Any = None
+    options: CellOptions | None = None
+    training: Any = True
+    return_sequences: bool = True
+    bf16_products: bool = False
+
+
+class Steps(NamedTuple):
+    """A `Sequence` as every route unit takes it: time-major `x` (T, B, D) and
+    boolean `mask` (T, B) in processing order, weights in `x`'s dtype."""
+
+    x: Any
+    kernel: Any
+    recurrent_kernel: Any
+    bias: Any
+    h0: Any
+    c0: Any
+    mask: Any
+    recurrent_mask: Any
+    options: CellOptions | None
+    keep_for_gradient: bool
+    return_sequences: bool
+    bf16_products: bool
+
+
+def lstm_recurrence(route: str, sequence: Sequence, go_backwards=False, zero_output_for_mask=False):
+    """Runs `sequence` through the fused `route` (a `_routes.Route` value).
 
     Returns `(last_output, outputs, [h, c])` as `keras.backend.rnn` does:
     `outputs` is (B, T, H) (in processing order when `go_backwards`) or
     (B, 1, H) without `return_sequences`; a masked step keeps the previous
     state and outputs the previous output (zeros before any unmasked step,
-    or zeros always with `zero_output_for_mask`). With `training=False` the
-    native kernel keeps nothing for the backward pass (a gradient, if one is
-    asked for anyway, runs the forward pass again). `recurrent_mask` (B, H),
-    if given, multiplies `h_{t-1}` before the recurrent product at every step
-    (recurrent dropout as Keras draws it: one mask per sequence, scaled);
-    exports, which never train, take none. `options` (a `CellOptions`) turns
-    on peephole, cifg, cell clip, projection, zoneout and layer norm; only the
-    native kernel computes them, so they may be given only where
-    `cell_options_fuse_here` says so. With bfloat16 inputs (a `mixed_bfloat16`
-    policy) the native kernel runs in float32 with bfloat16 operands for its
-    products where the CPU has the instructions (`bf16_products()`);
-    `bf16_products` asks for that with float32 inputs too.
+    or zeros always with `zero_output_for_mask`).
     """
-    dtype = inputs.dtype
-    if options is not None and not _use_native(dtype):
+    if route not in ROUTES:
+        raise ValueError(f"`route` must be one of {sorted(ROUTES)}, got {route!r}.")
+    if sequence.options is not None and route not in ("native", "native_xla"):
         raise ValueError(
-            "cell options (peephole, cifg, cell_clip, proj_units, zoneout, layer_norm) run fused "
-            "only in the "
-            "native kernel, which does not run here; use Keras's step loop around the cell "
-            "instead."
+            f"cell options run fused only in the native kernel, not on the {route!r} route; "
+            "Keras's step loop around the cell computes them elsewhere."
         )
-    if dtype != tf.float32 and _use_native(dtype):
-        # Mixed precision on CPU: the float32 kernel, its results cast back.
-        def f32(t):
-            return None if t is None else tf.cast(t, tf.float32)
+    steps = _time_major(sequence, go_backwards)
+    h_seq, h_last, c_last = ROUTES[route](steps)
+    return _keras_returns(steps, h_seq, h_last, c_last, zero_output_for_mask)
 
-        last_output, outputs, states = lstm_recurrence(
-            f32(inputs),
-            f32(kernel),
-            f32(recurrent_kernel),
-            f32(bias),
-            f32(h0),
-            f32(c0),
-            mask=mask,
-            go_backwards=go_backwards,
-            return_sequences=return_sequences,
-            zero_output_for_mask=zero_output_for_mask,
-            training=training,
-            recurrent_mask=f32(recurrent_mask),
-            bf16_products=bf16_products or dtype == tf.bfloat16,
-            options=None
-            if options is None
-            else options._replace(
-                peephole=f32(options.peephole),
-                projection=f32(options.projection),
-                zoneout_h=f32(options.zoneout_h),
-                zoneout_c=f32(options.zoneout_c),
-                layer_norm=f32(options.layer_norm),
-            ),
-        )
-        return (
-            tf.cast(last_output, dtype),
-            tf.cast(outputs, dtype),
-            [tf.cast(state, dtype) for state in states],
-        )
-    if options is not None:
 
-        def cast(t):
-            return None if t is None else tf.cast(t, dtype)
-
-        options = options._replace(
-            peephole=cast(options.peephole),
-            projection=cast(options.projection),
-            zoneout_h=cast(options.zoneout_h),
-            zoneout_c=cast(options.zoneout_c),
-            layer_norm=cast(options.layer_norm),
-        )
-    kernel = tf.cast(kernel, dtype)
-    if recurrent_mask is not None:
-        recurrent_mask = tf.cast(recurrent_mask, dtype)
-    recurrent_kernel = tf.cast(recurrent_kernel, dtype)
-    x = tf.transpose(inputs, (1, 0, 2))
+def _time_major(sequence: Sequence, go_backwards: bool) -> Steps:
+    dtype = sequence.inputs.dtype
+    x = tf.transpose(sequence.inputs, (1, 0, 2))
+    mask = sequence.mask
     if mask is not None:
         mask = tf.transpose(tf.cast(mask, tf.bool), (1, 0))
     if go_backwards:
         x = tf.reverse(x, [0])
         mask = None if mask is None else tf.reverse(mask, [0])
+    training = sequence.training
+    return Steps(
+        x,
+        sequence.kernel,
+        sequence.recurrent_kernel,
+        sequence.bias,
+        sequence.h0,
+        sequence.c0,
+        mask,
+        sequence.recurrent_mask,
+        sequence.options,
+        keep_for_gradient=bool(training) if isinstance(training, bool) else True,
+        return_sequences=sequence.return_sequences,
+        bf16_products=sequence.bf16_products or dtype == tf.bfloat16,
+    )
 
-    bias = None if bias is None else tf.cast(bias, dtype)
-    if _use_native(dtype):
-        h_seq, c_seq, h_last, c_last = _native.lstm_sequence(
-            x,
-            kernel,
-            bias,
-            recurrent_kernel,
-            h0,
-            c0,
-            mask,
-            keep_for_gradient=bool(training) if isinstance(training, bool) else True,
-            return_sequences=return_sequences,
-            recurrent_mask=recurrent_mask,
-            options=options,
-            bf16_products=bf16_products,
+
+def _cast(steps: Steps, dtype) -> Steps:
+    """`steps` with every tensor (the options' too) in `dtype`; `None` stays. Each
+    unit casts what it takes (weights arrive as the variables give them)."""
+
+    def cast(t):
+        return None if t is None else tf.cast(t, dtype)
+
+    options = steps.options
+    if options is not None:
+        options = options._replace(
+            **{field: cast(getattr(options, field)) for field in _native.OPTION_TENSORS}
         )
-    elif export_loop_form() in ("inference", "onnx"):
-        h_seq, h_last, c_last = _while_loop.lstm_sequence_for_inference(
-            x, kernel, bias, recurrent_kernel, h0, c0, mask
-        )
-    elif (
-        export_loop_form() == "tflite_fused"
-        and mask is None
-        and h0.shape.is_fully_defined()
-        and c0.shape.is_fully_defined()
-    ):
-        h_seq, h_last, c_last = _while_loop.lstm_sequence_for_tflite_fusion(
-            x, kernel, bias, recurrent_kernel, h0, c0
-        )
-    elif in_xla_context():
-        h_seq, c_seq = _while_loop.lstm_sequence_projecting(
-            x, kernel, bias, recurrent_kernel, h0, c0, mask, recurrent_mask
-        )
-        h_last, c_last = h_seq[-1], c_seq[-1]
-    else:
-        # The input projection of every step in one matmul.
-        steps, batch = tf.shape(x)[0], tf.shape(x)[1]
-        xz = tf.matmul(tf.reshape(x, (-1, x.shape[-1])), kernel)
-        if bias is not None:
-            xz = xz + bias
-        xz = tf.reshape(xz, (steps, batch, kernel.shape[-1]))
-        if export_loop_form() in ("no_tensor_lists", "tflite_fused"):
-            h_seq, h_last, c_last = _while_loop.lstm_sequence_without_lists(
-                xz, recurrent_kernel, h0, c0, mask
-            )
-        else:
-            h_seq, c_seq = _while_loop.lstm_sequence(
-                xz, recurrent_kernel, h0, c0, mask, recurrent_mask
-            )
-            h_last, c_last = h_seq[-1], c_seq[-1]
-    states = [h_last, c_last]
-    if return_sequences:
+    return steps._replace(
+        x=cast(steps.x),
+        kernel=cast(steps.kernel),
+        recurrent_kernel=cast(steps.recurrent_kernel),
+        bias=cast(steps.bias),
+        h0=cast(steps.h0),
+        c0=cast(steps.c0),
+        recurrent_mask=cast(steps.recurrent_mask),
+        options=options,
+    )
+
+
+def _run_native(steps: Steps):
+    """The native kernel, in float32: a mixed policy's inputs are cast in and out."""
+    dtype = steps.x.dtype
+    steps = _cast(steps, tf.float32)
+    h_seq, _, h_last, c_last = _native.lstm_sequence(
+        steps.x,
+        steps.kernel,
+        steps.bias,
+        steps.recurrent_kernel,
+        steps.h0,
+        steps.c0,
+        steps.mask,
+        keep_for_gradient=steps.keep_for_gradient,
+        return_sequences=steps.return_sequences,
+        recurrent_mask=steps.recurrent_mask,
+        options=steps.options,
+        bf16_products=steps.bf16_products,
+    )
+    return tuple(tf.cast(t, dtype) for t in (h_seq, h_last, c_last))
+
+
+def _projected(steps: Steps):
+    """`x W + b` of every step in one matmul, time-major (T, B, G H)."""
+    x, kernel = steps.x, steps.kernel
+    xz = tf.matmul(tf.reshape(x, (-1, x.shape[-1])), kernel)
+    if steps.bias is not None:
+        xz = xz + steps.bias
+    return tf.reshape(xz, (tf.shape(x)[0], tf.shape(x)[1], kernel.shape[-1]))
+
+
+def _run_loop(steps: Steps):
+    steps = _cast(steps, steps.x.dtype)
+    h_seq, c_seq = _while_loop.lstm_sequence_from_projected(
+        _projected(steps),
+        steps.recurrent_kernel,
+        steps.h0,
+        steps.c0,
+        steps.mask,
+        steps.recurrent_mask,
+    )
+    return h_seq, h_seq[-1], c_seq[-1]
+
+
+def _run_loop_xla(steps: Steps):
+    steps = _cast(steps, steps.x.dtype)
+    h_seq, c_seq = _while_loop.lstm_sequence_projecting(
+        steps.x,
+        steps.kernel,
+        steps.bias,
+        steps.recurrent_kernel,
+        steps.h0,
+        steps.c0,
+        steps.mask,
+        steps.recurrent_mask,
+    )
+    return h_seq, h_seq[-1], c_seq[-1]
+
+
+def _run_export_loop(steps: Steps):
+    steps = _cast(steps, steps.x.dtype)
+    return _while_loop.lstm_sequence_for_inference(
+        steps.x, steps.kernel, steps.bias, steps.recurrent_kernel, steps.h0, steps.c0, steps.mask
+    )
+
+
+def _run_without_lists(steps: Steps):
+    steps = _cast(steps, steps.x.dtype)
+    return _while_loop.lstm_sequence_without_lists(
+        _projected(steps), steps.recurrent_kernel, steps.h0, steps.c0, steps.mask
+    )
+
+
+def _run_tflite_fused(steps: Steps):
+    steps = _cast(steps, steps.x.dtype)
+    return _while_loop.lstm_sequence_for_tflite_fusion(
+        steps.x, steps.kernel, steps.bias, steps.recurrent_kernel, steps.h0, steps.c0
+    )
+
+
+# The fused routes, by `_routes.Route` value.
+ROUTES = {
+    "native": _run_native,
+    "native_xla": _run_native,
+    "loop": _run_loop,
+    "loop_xla": _run_loop_xla,
+    "export_loop": _run_export_loop,
+    "no_tensor_lists": _run_without_lists,
+    "tflite_fused": _run_tflite_fused,
+}
+
+
+def _keras_returns(steps: Steps, h_seq, h_last, c_last, zero_output_for_mask):
+    """`(last_output, outputs, [h, c])` as `keras.backend.rnn` returns them."""
+    x, mask = steps.x, steps.mask
+    if steps.return_sequences:
         # The loops lose the static number of steps; later layers (an
         # unrolled one, say) need it.
-        h_seq.set_shape(x.shape[:2].concatenate(h0.shape[-1:]))
-
-    outputs = h_seq
-    last_output = h_last
+        h_seq.set_shape(x.shape[:2].concatenate(steps.h0.shape[-1:]))
+    outputs, last_output = h_seq, h_last
     if mask is not None:
         if zero_output_for_mask:
             shown = mask
@@ -437,10 +414,10 @@ def lstm_recurrence(
             # The output carried through masked steps starts at zero, not h0.
             shown = tf.cast(tf.math.cumsum(tf.cast(mask, tf.int32), axis=0), tf.bool)
         last_output = tf.where(shown[-1][:, None], h_last, tf.zeros_like(h_last))
-        if return_sequences:
+        if steps.return_sequences:
             outputs = tf.where(shown[:, :, None], h_seq, tf.zeros_like(h_seq))
-    if return_sequences:
+    if steps.return_sequences:
         outputs = tf.transpose(outputs, (1, 0, 2))
     else:
         outputs = last_output[:, None, :]
-    return last_output, outputs, states
+    return last_output, outputs, [h_last, c_last]

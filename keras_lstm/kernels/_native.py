@@ -67,6 +67,11 @@ class CellOptions(NamedTuple):
     layer_norm: object = None
 
 
+# The op's optional tensor inputs after the first eight, in its order
+# (lstm_sequence.cc), and the attributes: every `CellOptions` field is one.
+OPTION_TENSORS = ("peephole", "projection", "zoneout_h", "zoneout_c", "layer_norm")
+OPTION_ATTRIBUTES = ("cifg", "cell_clip", "zoneout_h_rate", "zoneout_c_rate")
+
 _state: dict = {}
 _state_lock = threading.Lock()
 
@@ -290,11 +295,7 @@ def lstm_sequence(
         c0,
         mask,
         empty if recurrent_mask is None else recurrent_mask,
-        empty if options.peephole is None else options.peephole,
-        empty if options.projection is None else options.projection,
-        empty if options.zoneout_h is None else options.zoneout_h,
-        empty if options.zoneout_c is None else options.zoneout_c,
-        empty if options.layer_norm is None else options.layer_norm,
+        *(_or_empty(getattr(options, name), empty) for name in OPTION_TENSORS),
         keep_for_gradient=keep_for_gradient,
         return_sequences=return_sequences,
         cifg=options.cifg,
@@ -304,3 +305,8 @@ def lstm_sequence(
         bf16_products=bool(bf16_products),
     )
     return h_seq, c_seq, h_last, c_last
+
+
+def _or_empty(tensor, empty):
+    """The op's inputs are never optional: an absent one is the empty tensor."""
+    return empty if tensor is None else tensor

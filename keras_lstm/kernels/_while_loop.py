@@ -18,7 +18,21 @@ from keras_lstm.kernels._gradients import projection_grads, recurrent_kernel_gra
 
 
 def _split_gates(gates):
-    return tf.split(gates, 4, axis=-1)
+    return tf.split(gates, 4, axis=1)
+
+
+def _cell_step(z, c_prev):
+    """The gate equations of one step from its pre-activations `z` (B, 4H), Keras's
+    gate order: `(i, f, g, o, c, h)`, written once for every loop here."""
+    z_i, z_f, z_g, z_o = _split_gates(z)
+    i, f, g, o = tf.sigmoid(z_i), tf.sigmoid(z_f), tf.tanh(z_g), tf.sigmoid(z_o)
+    c = f * c_prev + i * g
+    return i, f, g, o, c, o * tf.tanh(c)
+
+
+def _keep(keep, new, previous):
+    """Per row, the new state where the step is not masked, else the previous one."""
+    return tuple(tf.where(keep, n, p) for n, p in zip(new, previous, strict=True))
 
 
 def _forward(xs, recurrent_kernel, h0, c0, mask, project=None, recurrent_mask=None):
@@ -42,14 +56,9 @@ def _forward(xs, recurrent_kernel, h0, c0, mask, project=None, recurrent_mask=No
         x_t = xs_ta.read(t)
         h_in = h if recurrent_mask is None else h * recurrent_mask  # recurrent dropout
         z = (x_t if project is None else project(x_t)) + tf.matmul(h_in, recurrent_kernel)
-        z_i, z_f, z_g, z_o = _split_gates(z)
-        i, f, g, o = tf.sigmoid(z_i), tf.sigmoid(z_f), tf.tanh(z_g), tf.sigmoid(z_o)
-        c_new = f * c + i * g
-        h_new = o * tf.tanh(c_new)
+        i, f, g, o, c_new, h_new = _cell_step(z, c)
         if mask_ta is not None:
-            keep = mask_ta.read(t)[:, None]
-            h_new = tf.where(keep, h_new, h)
-            c_new = tf.where(keep, c_new, c)
+            h_new, c_new = _keep(mask_ta.read(t)[:, None], (h_new, c_new), (h, c))
         return (
             t + 1,
             h_new,
@@ -125,48 +134,22 @@ def _backward(recurrent_kernel, c0, mask, c_seq, gates, dh_seq, dc_seq, recurren
 def lstm_sequence_projecting(
     x, kernel, bias, recurrent_kernel, h0, c0, mask=None, recurrent_mask=None
 ):
-    """As `lstm_sequence`, but from time-major `x` (T, B, D), projecting each step in the loop.
+    """As `lstm_sequence_from_projected`, but from time-major `x` (T, B, D), each
+    step projecting its own input in the loop (`bias` may be `None`).
 
-    XLA on CPU runs this form faster than reading a precomputed `x W + b`
-    (measured: 13 ms against 23 ms for the forward loop at B=64, T=100,
-    D=32, H=128). The gradients of `x`, `kernel` and `bias` are still single
-    matmuls (or a sum) over all steps.
+    XLA's CPU backend runs this form faster than reading a precomputed
+    `x W + b` (docs/performance.md). The gradients of `x`, `kernel` and `bias`
+    are still single matmuls (or a sum) over all steps.
     """
-    if bias is None:
-
-        @tf.custom_gradient
-        def run(x, kernel, recurrent_kernel, h0, c0):
-            h_seq, c_seq, gates = _forward(
-                x,
-                recurrent_kernel,
-                h0,
-                c0,
-                mask,
-                project=lambda x_t: tf.matmul(x_t, kernel),
-                recurrent_mask=recurrent_mask,
-            )
-
-            def grad(dh_seq, dc_seq):
-                dz, dh0, dc0 = _backward(
-                    recurrent_kernel, c0, mask, c_seq, gates, dh_seq, dc_seq, recurrent_mask
-                )
-                dx, dkernel = projection_grads(x, kernel, dz)
-                return dx, dkernel, recurrent_kernel_grad(h0, h_seq, dz, recurrent_mask), dh0, dc0
-
-            return (h_seq, c_seq), grad
-
-        return run(x, kernel, recurrent_kernel, h0, c0)
 
     @tf.custom_gradient
-    def run_with_bias(x, kernel, bias, recurrent_kernel, h0, c0):
+    def run(x, kernel, recurrent_kernel, h0, c0, *bias):
+        def project(x_t):
+            z = tf.matmul(x_t, kernel)
+            return z + bias[0] if bias else z
+
         h_seq, c_seq, gates = _forward(
-            x,
-            recurrent_kernel,
-            h0,
-            c0,
-            mask,
-            project=lambda x_t: tf.matmul(x_t, kernel) + bias,
-            recurrent_mask=recurrent_mask,
+            x, recurrent_kernel, h0, c0, mask, project=project, recurrent_mask=recurrent_mask
         )
 
         def grad(dh_seq, dc_seq):
@@ -174,19 +157,13 @@ def lstm_sequence_projecting(
                 recurrent_kernel, c0, mask, c_seq, gates, dh_seq, dc_seq, recurrent_mask
             )
             dx, dkernel = projection_grads(x, kernel, dz)
-            dbias = tf.reduce_sum(tf.reshape(dz, (-1, dz.shape[-1])), axis=0)
-            return (
-                dx,
-                dkernel,
-                dbias,
-                recurrent_kernel_grad(h0, h_seq, dz, recurrent_mask),
-                dh0,
-                dc0,
-            )
+            drecurrent = recurrent_kernel_grad(h0, h_seq, dz, recurrent_mask)
+            dbias = [tf.reduce_sum(tf.reshape(dz, (-1, dz.shape[-1])), axis=0)] if bias else []
+            return (dx, dkernel, drecurrent, dh0, dc0, *dbias)
 
         return (h_seq, c_seq), grad
 
-    return run_with_bias(x, kernel, bias, recurrent_kernel, h0, c0)
+    return run(x, kernel, recurrent_kernel, h0, c0, *([] if bias is None else [bias]))
 
 
 def lstm_sequence_without_lists(xz, recurrent_kernel, h0, c0, mask=None):
@@ -206,14 +183,9 @@ def lstm_sequence_without_lists(xz, recurrent_kernel, h0, c0, mask=None):
 
     def body(t, h, c, h_seq):
         z = tf.gather(xz, t) + tf.matmul(h, recurrent_kernel)
-        z_i, z_f, z_g, z_o = _split_gates(z)
-        i, f, g, o = tf.sigmoid(z_i), tf.sigmoid(z_f), tf.tanh(z_g), tf.sigmoid(z_o)
-        c_new = f * c + i * g
-        h_new = o * tf.tanh(c_new)
+        _, _, _, _, c_new, h_new = _cell_step(z, c)
         if mask is not None:
-            keep = tf.gather(mask, t)[:, None]
-            h_new = tf.where(keep, h_new, h)
-            c_new = tf.where(keep, c_new, c)
+            h_new, c_new = _keep(tf.gather(mask, t)[:, None], (h_new, c_new), (h, c))
         return t + 1, h_new, c_new, tf.tensor_scatter_nd_update(h_seq, [[t]], h_new[None])
 
     _, h_last, c_last, h_seq = tf.while_loop(
@@ -279,13 +251,9 @@ def lstm_sequence_for_inference(x, kernel, bias, recurrent_kernel, h0, c0, mask=
         z = tf.matmul(x_ta.read(t), kernel) + tf.matmul(h_prev, recurrent_kernel)
         if bias is not None:
             z = tf.nn.bias_add(z, bias)
-        z_i, z_f, z_g, z_o = tf.split(z, 4, axis=1)
-        i, f, g, o = tf.sigmoid(z_i), tf.sigmoid(z_f), tf.tanh(z_g), tf.sigmoid(z_o)
-        c = f * c_prev + i * g
-        h = o * tf.tanh(c)
+        _, _, _, _, c, h = _cell_step(z, c_prev)
         if mask_ta is not None:
-            keep = mask_ta.read(t)[:, None]
-            h, c = tf.where(keep, h, h_prev), tf.where(keep, c, c_prev)
+            h, c = _keep(mask_ta.read(t)[:, None], (h, c), (h_prev, c_prev))
         return t + 1, h, c, h_ta.write(t, h)
 
     _, h_last, c_last, h_ta = tf.while_loop(
@@ -294,7 +262,7 @@ def lstm_sequence_for_inference(x, kernel, bias, recurrent_kernel, h0, c0, mask=
     return h_ta.stack(), h_last, c_last
 
 
-def lstm_sequence(xz, recurrent_kernel, h0, c0, mask=None, recurrent_mask=None):
+def lstm_sequence_from_projected(xz, recurrent_kernel, h0, c0, mask=None, recurrent_mask=None):
     """Runs the recurrence over time-major `xz = x W + b` of shape (T, B, 4H).
 
     `mask` is an optional boolean (T, B); a `False` step keeps the row's

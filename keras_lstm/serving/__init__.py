@@ -14,7 +14,7 @@
 One module per job: `_graph` reads the Keras graph (shared), `_streaming`
 plans the `step` signature, `saved_model` and `_warmup` write the SavedModel
 and its warmup requests, `tflite` converts for TFLite. Keras's own
-`model.export(format=...)` paths are in `keras_lstm._keras_export`.
+`model.export(format=...)` exports are recognised by `keras_lstm._routes`.
 """
 
 from keras_lstm.serving._warmup import WARMUP_FILE

@@ -140,10 +140,10 @@ def export_for_serving(
                 "Pass streaming=False (or 'auto') to export serving_default only."
             )
 
-    from keras_lstm import kernels
+    from keras_lstm import _routes
 
-    # Portable ops: the export must not need our native kernel's library.
-    with kernels.portable_ops():
+    # TensorFlow ops only: the export must not need our native kernel's library.
+    with _routes.exporting("saved_model"):
         archive = _archive(model, plan, jit_compile)
     created_base = not os.path.exists(base_dir)
     remove_stale_temporaries(base_dir, targets=r"[0-9]+")
@@ -159,7 +159,7 @@ def export_for_serving(
         next_path=next_free_version if version is None else None,
     )
     try:
-        with kernels.portable_ops(), writer as tmp:
+        with _routes.exporting("saved_model"), writer as tmp:
             with _graph.quiet_tensorflow_logger():
                 archive.write_out(tmp, verbose=False)
             if warmup:

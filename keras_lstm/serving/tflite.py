@@ -13,7 +13,7 @@ import warnings
 import keras
 import numpy as np
 
-from keras_lstm import _checks, _internals
+from keras_lstm import _checks, _internals, _routes
 from keras_lstm._atomic import atomic_file
 from keras_lstm.serving import _graph
 
@@ -171,14 +171,14 @@ def export_tflite(
     fusable = []
     if fused:
         for layer in _graph.all_layers(fixed_model):
-            reason = _tflite_unfused_reason(layer, batch_size)
-            if reason == "":
+            decision = _fused_decision(layer, batch_size, timesteps)
+            if decision is None:
+                continue
+            if decision.route is _routes.Route.TFLITE_FUSED:
                 fusable.append(layer)
-            elif reason is not None:
+            else:
                 warnings.warn(
-                    f"Layer '{layer.name}' stays a loop in the TFLite model, not "
-                    f"UNIDIRECTIONAL_SEQUENCE_LSTM: {reason}.",
-                    stacklevel=2,
+                    _routes.export_warning(layer.name, decision, "tflite_fused"), stacklevel=2
                 )
     if timesteps is not None:  # the other recurrent layers unroll into builtin ops
         for layer in _graph.all_layers(fixed_model):
@@ -200,11 +200,9 @@ def export_tflite(
         archive.track(fixed_model)
         serve = _graph.serve_function(fixed_model, _graph.output_names(fixed_model))
 
-        from keras_lstm import kernels
-
         # TFLite has no kernel for our native op, nor builtins for TensorList
         # ops at a free batch size.
-        with kernels.portable_ops("tflite_fused" if fusable else "no_tensor_lists"):
+        with _routes.exporting("tflite_fused" if fusable else "tflite"):
             archive.add_endpoint("serving_default", serve, input_signature=specs)
             with _graph.quiet_tensorflow_logger():
                 archive.write_out(saved_model_dir, verbose=False)
@@ -255,25 +253,16 @@ def export_tflite(
     return path
 
 
-def _tflite_unfused_reason(layer, batch_size) -> str | None:
-    """Why a layer of ours cannot become TFLite's fused LSTM op; `""` if it can,
-    `None` for layers that are not ours. A mask shows only when traced."""
+def _fused_decision(layer, batch_size, timesteps):
+    """The route `layer` takes in a TFLite export that fuses what it can (with the
+    reason where it is not the fused op), or `None` for layers that are not ours.
+    A mask shows only when traced."""
     from keras_lstm.cell import GatedLSTMCell
-    from keras_lstm.layer import GatedLSTM
 
     if not isinstance(layer, keras.layers.RNN) or not isinstance(layer.cell, GatedLSTMCell):
         return None
-    if not isinstance(layer, GatedLSTM):
-        return "keras.layers.RNN runs Keras's step loop; use GatedLSTM with the same arguments"
-    if not layer.cell.is_standard_lstm:
-        return "a cell option or activation the op does not compute"
-    if layer.return_state:
-        return "it returns its states, and the op gives only the output sequence"
-    if layer.unroll:
-        return "unroll=True"
-    if batch_size is None:
-        return "the op needs a fixed batch size (batch_size=None)"
-    return ""
+    config = _routes.Config.of(layer, shape=(batch_size, timesteps))
+    return _routes.resolve(config, _routes.Context(export="tflite_fused"))
 
 
 def _unclipped_fused_lstms(flat_buffer: bytes) -> tuple[bytes, int]:
