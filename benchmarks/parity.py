@@ -11,7 +11,6 @@ actual figures (float32, CPU).
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -21,6 +20,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from keras_lstm import GatedLSTM, kernels  # noqa: E402
+from keras_lstm._routes import Route  # noqa: E402
 
 B, T, D, H = 8, 20, 6, 16
 
@@ -87,14 +87,15 @@ def main() -> None:
             ours = GatedLSTM(H, **layer_kwargs)
             ours.build((B, T, D))
             ours.set_weights(reference.get_weights())
-            if path == "step loop":
-                ours._runs_fused_kernel = lambda training: False
             for jit in (False, True):
                 # Under XLA the native kernel runs as a custom call when its XLA
-                # library is built, else the TF-ops loop.
-                portable = path == "TF-ops fused"
-                with kernels.portable_ops() if portable else contextlib.nullcontext():
-                    got_out, got_grad = _run(ours, x, jit, call_kwargs)
+                # library is built; the other paths are pinned.
+                ours._pinned_route = {
+                    "native kernel": None,
+                    "TF-ops fused": Route.LOOP_XLA if jit else Route.LOOP,
+                    "step loop": Route.STEP_LOOP,
+                }[path]
+                got_out, got_grad = _run(ours, x, jit, call_kwargs)
                 want_out, want_grad = _run(reference, x, jit, call_kwargs)
                 out_err, _ = _max_diff(got_out, want_out)
                 grad_err, grad_relative = _max_diff(got_grad, want_grad)

@@ -149,7 +149,8 @@ def export_all(args, folder):
     import keras
 
     import keras_lstm
-    from keras_lstm import GatedLSTM, export_for_serving, export_tflite, kernels
+    from keras_lstm import GatedLSTM, export_for_serving, export_tflite
+    from keras_lstm._routes import Route
 
     keras.utils.set_random_seed(0)
     shape = (args.timesteps, args.features)
@@ -202,17 +203,25 @@ def export_all(args, folder):
         ours.export(path, format="onnx", verbose=False)
         rows["ours: ONNX (LSTM op)"] = ("onnx", path)
         # The Loop form, as a masked layer or a cell option would export.
-        import keras.src.export.onnx as onnx_export
-
         path = os.path.join(folder, "ours_loop.onnx")
-        with kernels.portable_ops("no_tensor_lists"):
-            onnx_export.export_onnx.__wrapped__(ours, path, verbose=False)
+        _pin(ours, Route.NO_TENSOR_LISTS)
+        try:
+            ours.export(path, format="onnx", verbose=False)
+        finally:
+            _pin(ours, None)
         rows["ours: ONNX (Loop)"] = ("onnx", path)
         rows["torch.nn.LSTM: torch.onnx (LSTM op)"] = (
             "onnx",
             _torch_onnx(ours, keras_lstm, folder),
         )
     return rows, ours
+
+
+def _pin(model, route):
+    """Every GatedLSTM of `model` takes `route` (`None`: the one the routes pick)."""
+    for layer in model.layers:
+        if hasattr(layer, "_runs_routes"):
+            layer._pinned_route = route
 
 
 def _torch_onnx(model, keras_lstm, folder):

@@ -199,8 +199,8 @@ def _cudnn_refusal(config: Config, context: Context) -> str:
         return "cuDNN has no recurrent dropout"
     if config.use_cudnn is False:
         return "use_cudnn=False"
-    if config.masked and context.backend == "jax":
-        return "Keras's cuDNN LSTM on JAX takes no mask"
+    if config.masked and context.backend != "tensorflow":
+        return f"Keras's cuDNN LSTM on {context.backend} takes no mask"
     return ""
 
 

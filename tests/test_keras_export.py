@@ -19,8 +19,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import keras_lstm  # noqa: F401  (installs the export hooks)
-from keras_lstm import GatedLSTM, GatedLSTMCell, _internals
+from keras_lstm import GatedLSTM, GatedLSTMCell, _routes
 from keras_lstm.kernels import native_available
 
 T, D = 7, 3
@@ -123,12 +122,62 @@ def _native_kernel_is_active():
         pytest.skip("the native kernel is not built here: nothing could leak")
 
 
-def test_keras_exporters_are_wrapped_to_trace_portable_ops():
-    for name in _internals.KERAS_EXPORTERS:
-        owners = _internals.keras_exporter_owners(name)
-        assert len(owners) == 2, name
-        for owner in owners:
-            assert getattr(getattr(owner, name), "keras_lstm_portable", False), (owner, name)
+UNPATCHED = textwrap.dedent(
+    """
+    import importlib, inspect, pkgutil
+    import keras
+    import keras.src.export as export
+
+    def functions():
+        found = {}
+        modules = [export] + [
+            importlib.import_module(f"keras.src.export.{m.name}")
+            for m in pkgutil.iter_modules(export.__path__)
+        ]
+        for module in modules:
+            for name, value in vars(module).items():
+                if callable(value):
+                    found[f"{module.__name__}.{name}"] = value
+        for cls in (keras.Model, keras.layers.RNN):
+            for name in dir(cls):
+                found[f"{cls.__name__}.{name}"] = inspect.getattr_static(cls, name)
+        return found
+
+    before = functions()
+    import keras_lstm
+    keras_lstm.GatedLSTM(3)(keras.ops.zeros((2, 4, 3)))  # a call, too, leaves them
+    after = functions()
+    changed = sorted(n for n in before if after.get(n) is not before[n])
+    print(len(before), "checked; changed:", changed)
+    assert len(before) > 300 and not changed
+    """
+)
+
+
+def test_import_keras_lstm_leaves_keras_unchanged():
+    # Keras's exporters, keras.Model's and keras.layers.RNN's methods: the same
+    # objects before and after `import keras_lstm` (a fresh process, so no
+    # earlier import of ours counts).
+    run = subprocess.run(
+        [sys.executable, "-c", UNPATCHED], capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert "changed: []" in run.stdout
+
+
+def test_keras_rnn_around_the_cell_calls_the_one_hook(monkeypatch):
+    # The one hook into Keras (docs/serving.md): `keras.layers.RNN.call` runs the
+    # recurrence through the layer's `inner_loop`, which `GatedLSTMCell.build` makes
+    # ask the routes. If Keras stops calling it, this fails (and so would the LiteRT
+    # and OpenVINO exports of keras.layers.RNN(GatedLSTMCell)).
+    asked = []
+    decide = _routes.decide
+    monkeypatch.setattr(_routes, "decide", lambda *a: asked.append(a[0]) or decide(*a))
+    rnn = keras.layers.RNN(GatedLSTMCell(4))
+    rnn(np.zeros((2, T, D), "float32"))
+    assert getattr(vars(rnn).get("inner_loop"), "keras_lstm_routes", False)
+    assert asked == [rnn]
+    assert "inner_loop" not in vars(keras.layers.RNN(keras.layers.LSTMCell(4)))
 
 
 # The models whose every recurrent layer becomes ONNX's LSTM op (tf2onnx fuses

@@ -59,7 +59,7 @@ def native_available(jit_compile: bool = False) -> bool:
     """Whether the fused LSTM op runs the native kernel in this process.
 
     Builds the kernel on the first call of a process if it is not in the
-    cache yet (about 25 s; 40 s more for the XLA library with
+    cache yet (it says so on stderr; the XLA library too with
     `jit_compile=True`), as the first `GatedLSTM` call would. `False` where it
     is switched off (`KERAS_LSTM_NATIVE=0`), on a platform other than Linux on
     x86-64 or aarch64, or where the build failed (after one warning).
@@ -178,9 +178,8 @@ def mask_uniform(shape, seed_generator, dtype=tf.float32):
     """Uniform numbers in [0, 1) for random masks, from a Keras `SeedGenerator`.
 
     `keras.random.uniform` draws them too, with TensorFlow's default
-    generator, which XLA's CPU backend runs about 100x slower than ThreeFry
-    (180 ms against 1.3 ms for the 819,200 numbers of zoneout's masks at
-    T=100, B=64, H=128, measured here). So under XLA this draws with
+    generator, which XLA's CPU backend runs far slower than ThreeFry (the
+    figures are in docs/performance.md). So under XLA this draws with
     ThreeFry; elsewhere with the default. Same distribution, seeded from the
     same generator, not the same numbers.
     """

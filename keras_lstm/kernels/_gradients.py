@@ -42,10 +42,9 @@ def matmul(a, b, bf16=False, **kwargs):
     weights and inputs through a cast to bfloat16 anyway, so a bfloat16
     result loses nothing more.
     Only outside XLA and with oneDNN on: XLA's CPU backend runs them no
-    faster than float32 (measured at B=256, T=50, D=64, H=256: the same
-    training step either way), and without oneDNN (`TF_ENABLE_ONEDNN_OPTS=0`)
-    TensorFlow's bfloat16 matmul is slower than its float32 one (134 against
-    74 ms for dW there, 47 ms with oneDNN).
+    faster than float32, and without oneDNN (`TF_ENABLE_ONEDNN_OPTS=0`)
+    TensorFlow's bfloat16 matmul is slower than its float32 one (the figures
+    are in docs/performance.md, "Mixed precision on CPU").
     """
     if bf16 and not in_xla_context() and _internals.onednn_enabled():
         product = tf.matmul(tf.cast(a, tf.bfloat16), tf.cast(b, tf.bfloat16), **kwargs)
@@ -74,8 +73,7 @@ def recurrent_kernel_grad(h0, h_seq, dz, recurrent_mask=None, bf16=False):
     if in_xla_context():
         # XLA copies a slice that feeds a matmul, and dz[1:] is G H / R times the
         # size of h (4x for a plain cell): one matmul on a copy of the shifted h
-        # moves less (measured: 22.5 against 25.0 ms a training step at B=64,
-        # T=100, D=32, H=128).
+        # moves less (the figures are in docs/performance.md).
         h_prev = tf.concat([h0[None], h_seq[:-1]], axis=0)
         return matmul(
             tf.reshape(h_prev, (-1, units)), tf.reshape(dz, (-1, width)), bf16, transpose_a=True
