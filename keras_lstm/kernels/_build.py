@@ -259,7 +259,7 @@ def _compiler_version(path: str, mtime_ns: int) -> str:
     except OSError as error:
         return f"unknown ({error.strerror or type(error).__name__})"
     with process:
-        head = _first_bytes(process.stdout, 4096, deadline=time.monotonic() + 30)
+        head = _first_bytes(process.stdout, 4096, deadline=time.monotonic() + 10)
         process.kill()  # whatever else it prints is not needed
     lines = head.decode(errors="replace").strip().splitlines()
     return lines[0][:VERSION_CHARS] if lines else "unknown"

@@ -453,7 +453,11 @@ def remove_stale_builds(directory: Path) -> list[Path]:
     end. Only names the cache makes are considered (`_LEFTOVER`).
     """
     leftovers: dict[str, list[Path]] = {}
-    for path in directory.iterdir():
+    try:
+        entries = list(directory.iterdir())
+    except OSError:
+        return []
+    for path in entries:
         match = _LEFTOVER.fullmatch(path.name)
         if match:
             leftovers.setdefault(match["name"] or match["tmp"], []).append(path)
