@@ -7,11 +7,16 @@ it is written, the writing process holds an exclusive lock on it
 however it ends (a crash, `kill -9`). `remove_stale_temporaries` uses that
 lock to tell a folder another process is still writing from one left behind
 by a process that is gone.
+
+A write that runs out of disk space (or quota) removes what it wrote and
+raises `DiskFullError`, one line naming the folder, whatever raised it
+(Python, or TensorFlow's writers with their own error classes).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import shutil
@@ -40,6 +45,29 @@ _TEMPORARY_NAME = re.compile(
 )
 _HELD = object()  # `_lock`'s answer when another open file holds the lock
 _MAX_RENAME_TRIES = 100
+# How the system says a disk or quota is full, also inside other libraries' errors.
+_DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded")
+
+
+class DiskFullError(OSError):
+    """No space was left while writing; what was written has been removed."""
+
+
+def _disk_full(error: BaseException | None) -> bool:
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return error is not None and any(text in str(error) for text in _DISK_FULL_TEXT)
+
+
+def _disk_full_error(path: str) -> DiskFullError:
+    """One line (no `[Errno 28]`), with the errno still set for callers that test it."""
+    folder = os.path.dirname(path)
+    error = DiskFullError(
+        f"no space left on the disk of `{folder}` while writing `{os.path.basename(path)}`; "
+        "nothing was left there. Free some space and try again."
+    )
+    error.errno = errno.ENOSPC
+    return error
 
 
 @contextlib.contextmanager
@@ -60,6 +88,10 @@ def atomic_file(path: str | os.PathLike) -> Iterator[str]:
         yield tmp  # writers such as keras.saving create the file themselves
         _fsync(tmp)
         os.replace(tmp, path)
+    except Exception as error:
+        if _disk_full(error):
+            raise _disk_full_error(path) from None
+        raise
     finally:
         shutil.rmtree(private, ignore_errors=True)
 
@@ -112,10 +144,16 @@ class AtomicDirectory:
         try:
             if exc_type is None:
                 self._move_into_place()
+        except Exception as error:
+            if _disk_full(error):
+                raise _disk_full_error(self.path) from None
+            raise
         finally:
             if os.path.exists(self._tmp):
                 shutil.rmtree(self._tmp, ignore_errors=True)
             _unlock(self._lock)
+        if _disk_full(exc):  # the writer's own error, often pages long: one line instead
+            raise _disk_full_error(self.path) from None
         return False
 
     def _move_into_place(self) -> None:

@@ -140,3 +140,17 @@ def step_states(name: str, states, sizes, batch) -> None:
             and shape[0] != batch
         ):
             raise ValueError(f"`{name}` {label} must have shape ({batch}, {size}), got {shape}.")
+
+
+# TensorFlow Serving reads a version as a signed 64-bit integer.
+MAX_INT64 = 2**63 - 1
+
+
+def positive_int64(name: str, value: Any) -> int:
+    """A positive integer that fits in int64 (a model version, as servers read it)."""
+    value = positive_int(name, value)
+    if value > MAX_INT64:
+        raise ValueError(
+            f"`{name}` must be at most {MAX_INT64} (it is read as a 64-bit integer), got {value}."
+        )
+    return value

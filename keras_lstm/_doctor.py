@@ -26,15 +26,23 @@ _FEATURES = {
 
 
 def _library_state(module, compiler: str):
-    """`(state, detail)` of one library in the cache, without building it."""
-    from keras_lstm.kernels import _cache
+    """`(state, detail)` of one library in the cache, without building it; never raises."""
+    from keras_lstm.kernels import _build, _cache
 
-    entry = _cache.Entry(_cache.open_cache(), module.library_name())
-    failure = _cache.failed_record(entry, compiler)
-    if failure is not None:
-        return "failed", f"{failure.get('reason')} (log: {entry.failure})"
-    record = _cache.verified_record(entry, compiler)
+    try:
+        entry = _cache.Entry(_cache.open_cache(), module.library_name())
+        failure = _cache.failed_record(entry, compiler)
+        if failure is not None:
+            return "failed", f"{failure.get('reason')} (log: {entry.failure})"
+        record = _cache.verified_record(entry, compiler)
+    except _cache.CacheError as error:
+        return "unsafe", str(error)
+    except Exception as error:  # a report, not a traceback: say it in one line
+        return "unreadable", (str(error).splitlines() or [type(error).__name__])[0]
     if record is None:
+        last = _cache._read_json(entry.failure) or {}
+        if last.get("kind") in _build.ENVIRONMENT_KINDS:  # tried again on next use
+            return "missing", f"{entry.library.name} (the last build failed: {last.get('reason')})"
         return "missing", entry.library.name
     flags = " ".join(record.get("cpu_flags", [])) or "no CPU flags"
     built = record.get("built", "?").replace("T", " ")[:16]
@@ -73,7 +81,7 @@ def report() -> tuple[list[str], int]:
     disabled = _native.disabled_reason()
     directory = _cache.cache_dir()
     try:
-        _cache.open_cache()
+        directory = _cache.open_cache()  # the cache's own folder inside the one named
         cache_problem = None
         add(f"  Cache        {directory} (private to this user)")
     except _cache.CacheError as error:

@@ -229,16 +229,24 @@ def random_inputs(signature, batch_size: int, timesteps: int, seed: int = 0) -> 
     rng = np.random.default_rng(seed)
     inputs = {}
     for name, spec in signature.structured_input_signature[1].items():
-        if spec.shape.rank == 0:
+        if spec.shape.rank == 0 and spec.dtype.is_integer:
             inputs[name] = tf.constant(batch_size, spec.dtype)  # initial_state's batch_size
             continue
         shape = [batch_size] + [timesteps if d is None else d for d in spec.shape.as_list()[1:]]
-        if spec.dtype.is_floating:
-            value = rng.standard_normal(shape).astype(spec.dtype.as_numpy_dtype)
-        else:
-            value = np.zeros(shape, spec.dtype.as_numpy_dtype)
-        inputs[name] = tf.constant(value)
+        inputs[name] = tf.constant(_value_of(spec.dtype, shape[: spec.shape.rank], rng), spec.dtype)
     return inputs
+
+
+def _value_of(dtype, shape, rng):
+    """An array of `shape` that a tensor of `dtype` takes: random floats, else zeros
+    (empty strings, False)."""
+    import numpy as np
+
+    if dtype.is_floating:
+        return rng.standard_normal(shape).astype(dtype.as_numpy_dtype)
+    if dtype.name == "string":
+        return np.full(shape, b"", dtype=object)
+    return np.zeros(shape, dtype.as_numpy_dtype)
 
 
 def replay_warmup(export_dir: str, loaded) -> int:

@@ -16,6 +16,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _version_number(text: str) -> int:
+    """A model version: a positive integer that TensorFlow Serving can read (int64)."""
+    value = _positive_int(text)
+    if value > 2**63 - 1:
+        raise argparse.ArgumentTypeError(
+            f"expected a positive integer up to {2**63 - 1} (servers read versions as int64), "
+            f"got {text}"
+        )
+    return value
+
+
 def _demo(args) -> int:
     from keras_lstm import demo
 
@@ -154,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("model", help="a model saved with model.save('....keras')")
     export.add_argument("base_dir", help="the folder TensorFlow Serving watches")
     export.add_argument(
-        "--version", type=_positive_int, default=None, help="default: the next free number"
+        "--version", type=_version_number, default=None, help="default: the next free number"
     )
     export.add_argument("--no-jit", action="store_true", help="do not compile with XLA")
     export.add_argument("--no-streaming", action="store_true", help="write serving_default only")

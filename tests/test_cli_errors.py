@@ -6,8 +6,10 @@ come before ours on stderr; the lines that start with the command's name are
 the report, and no traceback may appear.
 """
 
+import errno
 import os
 import shutil
+import subprocess
 import zipfile
 
 import keras
@@ -254,3 +256,92 @@ def test_demo_run_checks_out_before_training(tmp_path, no_training):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match=r"^`out` must be a folder, but `.*file` is a file\.$"):
         demo.run(out=str(tmp_path / "file"))
+
+
+# ------------------------------------------------------ export: versions and full disks
+
+
+def test_export_refuses_a_version_beyond_int64_naming_it(saved_model_file, tmp_path, capsys):
+    base_dir = tmp_path / "model"
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["export", str(saved_model_file), str(base_dir), "--version", str(2**63)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "argument --version: expected a positive integer up to 9223372036854775807" in err
+    assert not base_dir.exists()
+    with pytest.raises(ValueError, match="`version` must be at most 9223372036854775807"):
+        export_for_serving(tiny_model(), base_dir, version=2**63)
+    assert not base_dir.exists()
+
+
+def test_an_export_to_a_full_disk_is_one_line_and_leaves_nothing(
+    saved_model_file, tmp_path, capsys, monkeypatch
+):
+    from keras_lstm.serving import _warmup
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(_warmup, "write_warmup", no_space)
+    base_dir = tmp_path / "model"
+    assert cli.main(["export", str(saved_model_file), str(base_dir), "--no-jit"]) == 1
+    lines = report(capsys.readouterr().err, "export")
+    assert lines == [
+        f"keras-lstm export: no space left on the disk of `{base_dir}` while writing `1`; "
+        "nothing was left there. Free some space and try again."
+    ]
+    assert not base_dir.exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A folder on a 1 MiB tmpfs with about 100 KiB free (root only)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a small tmpfs needs root")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)])
+    if mounted.returncode != 0:
+        pytest.skip("mount -t tmpfs is not allowed here")
+    try:
+        (disk / "filler").write_bytes(b"\0" * (1024 - 100) * 1024)
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_an_export_to_a_real_full_disk_is_one_line_and_leaves_nothing(
+    saved_model_file, small_disk, capsys
+):
+    base_dir = small_disk / "model"
+    assert cli.main(["export", str(saved_model_file), str(base_dir), "--no-jit"]) == 1
+    lines = report(capsys.readouterr().err, "export")
+    assert len(lines) == 1 and f"no space left on the disk of `{base_dir}`" in lines[0], lines
+    assert sorted(os.listdir(small_disk)) == ["filler"]
+
+
+# ------------------------------------------------------ serve-check: every dtype
+
+
+def test_serve_check_feeds_a_string_input_a_string(tmp_path, capfd):
+    import tensorflow as tf
+
+    class Tagger(tf.Module):
+        @tf.function(
+            input_signature=[
+                tf.TensorSpec([None], tf.string, name="word"),
+                tf.TensorSpec([None, None, 2], tf.float32, name="x"),
+                tf.TensorSpec([], tf.bool, name="flag"),
+            ]
+        )
+        def serve(self, word, x, flag):
+            length = tf.cast(tf.strings.length(word), tf.float32)
+            return {"y": tf.reduce_sum(x, axis=[1, 2]) + length, "flag": tf.logical_not(flag)}
+
+    tagger = Tagger()
+    tf.saved_model.save(tagger, str(tmp_path / "1"), signatures={"serving_default": tagger.serve})
+    assert cli.main(["serve-check", str(tmp_path)]) == 0, capfd.readouterr().err[-2000:]
+    captured = capfd.readouterr()
+    assert report(captured.err, "serve-check") == []
+    assert "input  word: string[None]" in captured.out and captured.out.strip().endswith("OK")

@@ -32,9 +32,10 @@ pytestmark = needs_compiler
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
+    """The cache's own folder, inside the folder KERAS_LSTM_CACHE_DIR names."""
     directory = tmp_path / "cache"
     monkeypatch.setenv("KERAS_LSTM_CACHE_DIR", str(directory))
-    return directory
+    return directory / _cache.OWN_FOLDER
 
 
 @pytest.fixture
@@ -194,7 +195,7 @@ def test_the_cache_directory_is_created_private(cache, tiny):
 
 
 def test_a_cache_directory_others_can_write_is_refused(cache, tiny, counting_compiler):
-    cache.mkdir()
+    cache.mkdir(parents=True)
     cache.chmod(0o777)
     with pytest.raises(_cache.CacheError, match=f"{cache} is writable by others"):
         _cache.load_or_build(tiny, _name(tiny), _load)
@@ -203,7 +204,7 @@ def test_a_cache_directory_others_can_write_is_refused(cache, tiny, counting_com
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="giving a folder to another user needs root")
 def test_a_cache_directory_of_another_user_is_refused(cache, tiny):
-    cache.mkdir(mode=0o700)
+    cache.mkdir(parents=True, mode=0o700)
     os.chown(cache, 65534, 65534)
     with pytest.raises(_cache.CacheError, match="belongs to user id 65534"):
         _cache.load_or_build(tiny, _name(tiny), _load)
@@ -227,7 +228,7 @@ def test_a_library_of_another_user_is_refused(cache, tiny):
 
 
 def test_a_symlinked_lock_is_refused_and_its_target_left_alone(cache, tiny, tmp_path):
-    cache.mkdir(mode=0o700)
+    _cache.open_cache()
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
     (cache / f"{_name(tiny)}.lock").symlink_to(victim)
@@ -237,7 +238,7 @@ def test_a_symlinked_lock_is_refused_and_its_target_left_alone(cache, tiny, tmp_
 
 
 def test_the_lock_is_not_truncated(cache, tiny):
-    cache.mkdir(mode=0o700)
+    _cache.open_cache()
     lock = cache / f"{_name(tiny)}.lock"
     lock.write_text("kept")
     lock.chmod(0o600)
@@ -313,21 +314,49 @@ def test_another_compiler_rebuilds_and_no_compiler_loads_what_is_there(
 # --- leftovers ---------------------------------------------------------------------------
 
 
-def test_build_folders_of_dead_processes_are_removed(cache, tiny):
-    cache.mkdir(mode=0o700)
-    dead = subprocess.Popen(["true"])
-    dead.wait()
-    stale = cache / f".build-lstm_sequence-{dead.pid}-x1"
-    live = cache / f".build-lstm_sequence-{os.getpid()}-x2"
-    for folder in (stale, live):
+HOLD_LOCK = textwrap.dedent(
+    """
+    import fcntl, os, sys, time
+    fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    print("held", flush=True)
+    time.sleep(300)
+    """
+)
+
+
+def _hold_lock(lock: Path) -> subprocess.Popen:
+    """Another process holding `lock`, as a build in progress does."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(lock)], stdout=subprocess.PIPE, text=True
+    )
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_build_folders_are_removed_only_when_their_lock_is_free(cache, tiny):
+    _cache.open_cache()
+    building, dead = "lstm_sequence_test-aaaaaaaaaaaaaaaa", "lstm_sequence_test-bbbbbbbbbbbbbbbb"
+    live = cache / f".build-{building}-abcd1234"
+    stale = cache / f".build-{dead}-abcd1234"
+    record = cache / f".{dead}.json.x1y2z3w4"  # a record write cut short
+    for folder in (live, stale):
         folder.mkdir()
         (folder / "half.o").write_bytes(b"\0" * 10)
-    _cache.load_or_build(tiny, _name(tiny), _load)
-    assert not stale.exists() and live.exists()
+    record.write_text("{")
+    holder = _hold_lock(cache / f"{building}.lock")
+    try:
+        _cache.load_or_build(tiny, _name(tiny), _load)
+        assert live.exists() and not stale.exists() and not record.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    _cache.open_cache()
+    assert not live.exists()  # its builder is gone
 
 
 def test_other_keys_are_pruned_when_unused_for_a_month(cache, tiny):
-    cache.mkdir(mode=0o700)
+    _cache.open_cache()
     old = cache / "lstm_sequence_test-0000000000000000.so"
     recent = cache / "lstm_sequence_test-1111111111111111.so"
     unrelated = cache / "lstm_sequence_xla-2222222222222222.so"
@@ -344,7 +373,7 @@ def test_other_keys_are_pruned_when_unused_for_a_month(cache, tiny):
 
 def test_a_library_in_use_is_not_pruned_for_its_build_date(cache, tiny):
     # Built long ago, used today: its record was touched on use, its library was not.
-    cache.mkdir(mode=0o700)
+    _cache.open_cache()
     library = cache / "lstm_sequence_test-3333333333333333.so"
     record = cache / "lstm_sequence_test-3333333333333333.json"
     library.write_bytes(b"x")
@@ -400,7 +429,7 @@ def test_a_killed_build_leaves_no_compiler_running(cache, tiny, tmp_path):
         f'sleep 300 & echo $! > "{pid_file}"\nwait\n'
     )
     slow.chmod(0o755)
-    env = {**os.environ, "CXX": str(slow), "KERAS_LSTM_CACHE_DIR": str(cache)}
+    env = {**os.environ, "CXX": str(slow), "KERAS_LSTM_CACHE_DIR": str(cache.parent)}
     builder = subprocess.Popen(
         [sys.executable, "-c", KILLED_BUILD, str(tiny.units[0].source.parent)], env=env
     )
@@ -449,7 +478,7 @@ def _quiet_env(**extra):
 
 
 def test_a_process_after_a_failed_build_falls_back_at_once_with_one_line(cache, failing_compiler):
-    env = _quiet_env(CXX=str(failing_compiler.path), KERAS_LSTM_CACHE_DIR=str(cache))
+    env = _quiet_env(CXX=str(failing_compiler.path), KERAS_LSTM_CACHE_DIR=str(cache.parent))
     runs = [
         subprocess.run(
             [sys.executable, "-c", FIRST_CALL], env=env, capture_output=True, text=True, timeout=300
@@ -461,10 +490,17 @@ def test_a_process_after_a_failed_build_falls_back_at_once_with_one_line(cache, 
     for run in runs:
         assert run.returncode == 0, run.stderr
         assert run.stdout.split()[0] == "False"
-        warning = [line for line in run.stderr.splitlines() if "keras_lstm:" in line]
+        warning = [line for line in run.stderr.splitlines() if "unavailable" in line]
         assert len(warning) == 1, run.stderr
         assert "running TensorFlow ops instead" in warning[0]
         assert "`keras-lstm build`" in warning[0]
+    # The build that was tried said so when it started and when it ended; the next did not try.
+    said = [line for line in runs[0].stderr.splitlines() if line.startswith("keras_lstm: build")]
+    assert len(said) == 2, runs[0].stderr
+    assert said[0].startswith("keras_lstm: building the native LSTM kernel for this CPU, about ")
+    assert said[0].endswith(" s, once; `keras-lstm build` does it ahead")
+    assert "failed after" in said[1]
+    assert "keras_lstm: build" not in runs[1].stderr
     assert "an earlier build failed" in runs[1].stderr
     assert failing_compiler.compiles() == tried  # the second process compiled nothing
     assert float(runs[1].stdout.split()[1]) < 2.0

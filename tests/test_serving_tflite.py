@@ -197,6 +197,12 @@ def test_quantized_models_run_in_litert_close_to_keras(tmp_path, quantize, toler
         ({"quantize": "int8"}, "needs `representative_data`"),
         ({"quantize": "dynamic", "representative_data": np.zeros((4, 6, 3))}, "ignored"),
         ({"quantize": "int8", "representative_data": np.zeros((0, 6, 3))}, "non-empty"),
+        (
+            {"quantize": "int8", "representative_data": np.zeros((4, 6, 5))},
+            r"`representative_data` for `\w+` has shape \(4, 6, 5\), but the model's input "
+            r"`\w+` takes \(n, 6, 3\)",
+        ),
+        ({"quantize": "int8", "representative_data": np.zeros((4, 7, 3))}, "takes \\(n, 6, 3\\)"),
     ],
 )
 def test_quantize_arguments_are_checked_before_converting(tmp_path, kwargs, message):

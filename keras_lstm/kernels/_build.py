@@ -17,7 +17,14 @@ keeps everything else of the CPU and drops that one extension.
 Each compile runs under a small supervisor process holding the compiler's
 whole process group: if the Python process that asked for the build dies
 (killed, out of memory), the supervisor sees its pipe close and kills the
-compiler and its children, so no `cc1plus` outlives the build.
+compiler and its children, so no `cc1plus` outlives the build. A compile
+that neither prints nor uses the CPU for `silence_limit_s()` seconds (a hung
+compiler, a file system that stopped answering) is stopped as well.
+
+A failed build says what failed (`BuildError.kind`): the compiler, no space
+on the disk, the compiler killed (out of memory), or a compile stopped as
+timed out. The first two of those are the machine's, not the compiler's:
+`_cache` does not remember them, and the next use builds again.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import contextlib
 import functools
 import os
 import platform
+import select
 import shutil
 import subprocess
 import sys
@@ -45,6 +53,23 @@ MATHS_FLAGS = ("-O3",)
 GLUE_FLAGS = ("-O0",)
 # A compile that takes longer than this is stuck, not slow (about 45 s is usual).
 COMPILE_TIMEOUT_S = 900
+# A compile that neither prints nor uses the CPU this long is stopped: a busy
+# compiler prints nothing for most of a minute, but always uses the CPU.
+SILENCE_S = 120.0
+SILENCE_ENV = "KERAS_LSTM_BUILD_SILENCE_S"
+# `run_supervised`'s status for a compile it stopped.
+STOPPED = -1
+
+# What a failed build failed on (`BuildError.kind`).
+COMPILER = "compiler"
+NO_SPACE = "no space"
+KILLED = "killed"
+TIMED_OUT = "timed out"
+# Failures of the machine rather than of the compiler: tried again by the next use.
+ENVIRONMENT_KINDS = (NO_SPACE, KILLED)
+# How the compiler and the linker say so.
+_NO_SPACE_TEXT = ("No space left on device", "Disk quota exceeded")
+_KILLED_TEXT = ("Killed signal terminated program", "internal compiler error: Killed")
 
 # The CPU targets the compile-only test builds the maths for, where the
 # compiler knows them: x86-64 levels, Intel server generations, AMD Zen; and
@@ -69,13 +94,38 @@ _X86_64_V3 = _X86_64_V2 | {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", 
 
 
 class BuildError(RuntimeError):
-    """A library could not be built. `reason` is one line; `log` what the compiler said."""
+    """A library could not be built. `reason` is one line; `log` what the compiler said;
+    `kind` what failed (`COMPILER`, `NO_SPACE`, `KILLED`, `TIMED_OUT`)."""
 
-    def __init__(self, reason: str, log: str = "", attempts: list | None = None):
+    def __init__(
+        self, reason: str, log: str = "", attempts: list | None = None, kind: str = COMPILER
+    ):
         super().__init__(reason)
         self.reason = reason
         self.log = log
         self.attempts = attempts or []
+        self.kind = kind
+
+
+def failure_kind(status: int, log: str) -> str:
+    """What a failed compile or link (`status`, its output `log`) failed on."""
+    if status == STOPPED:
+        return TIMED_OUT
+    if any(text in log for text in _NO_SPACE_TEXT):
+        return NO_SPACE
+    # The supervisor exits with 128 + the signal that ended the compiler.
+    if status in (128 + 9, 128 + 15, -9, -15) or any(text in log for text in _KILLED_TEXT):
+        return KILLED
+    return COMPILER
+
+
+def silence_limit_s() -> float:
+    """How long a compile may neither print nor compute (`KERAS_LSTM_BUILD_SILENCE_S`)."""
+    try:
+        value = float(os.environ.get(SILENCE_ENV, SILENCE_S))
+    except ValueError:
+        return SILENCE_S
+    return value if value > 0 else SILENCE_S
 
 
 @dataclass(frozen=True)
@@ -191,17 +241,40 @@ def find_compiler() -> str | None:
     return shutil.which(wanted)
 
 
+# A compiler's `--version` line kept in records: g++'s is under 60 characters.
+VERSION_CHARS = 200
+
+
 @functools.cache
 def _compiler_version(path: str, mtime_ns: int) -> str:
+    """The first line of `path --version`, cut to `VERSION_CHARS`; the rest is never read."""
     del mtime_ns  # part of the cache key only: a replaced compiler is asked again
     try:
-        result = subprocess.run(
-            [path, "--version"], capture_output=True, text=True, timeout=30, check=False
+        process = subprocess.Popen(
+            [path, "--version"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
         )
-    except (OSError, subprocess.SubprocessError) as error:
-        return f"unknown ({error})"
-    lines = result.stdout.strip().splitlines()
-    return lines[0] if lines else "unknown"
+    except OSError as error:
+        return f"unknown ({error.strerror or type(error).__name__})"
+    with process:
+        head = _first_bytes(process.stdout, 4096, deadline=time.monotonic() + 10)
+        process.kill()  # whatever else it prints is not needed
+    lines = head.decode(errors="replace").strip().splitlines()
+    return lines[0][:VERSION_CHARS] if lines else "unknown"
+
+
+def _first_bytes(stream, limit: int, deadline: float) -> bytes:
+    """Up to `limit` bytes of `stream`, stopping at the first newline, EOF or `deadline`."""
+    head = b""
+    while b"\n" not in head and len(head) < limit:
+        ready, _, _ = select.select([stream], [], [], max(0.0, deadline - time.monotonic()))
+        chunk = os.read(stream.fileno(), limit - len(head)) if ready else b""
+        if not chunk:
+            break
+        head += chunk
+    return head
 
 
 def compiler_identity(path: str | None = None) -> str:
@@ -228,7 +301,8 @@ def watch():
     if child.poll() is None:
         os.killpg(child.pid, signal.SIGKILL)
 threading.Thread(target=watch, daemon=True).start()
-os._exit(child.wait())
+status = child.wait()
+os._exit(128 - status if status < 0 else status)
 """
 
 
@@ -243,8 +317,15 @@ def _usable_cpus() -> int:
 _compile_slots = threading.BoundedSemaphore(_usable_cpus())
 
 
-def run_supervised(command: list[str], log: Path, timeout: float = COMPILE_TIMEOUT_S) -> int:
-    """Runs `command`, its output to `log`; returns its exit status (-1: timed out)."""
+def run_supervised(
+    command: list[str], log: Path, timeout: float = COMPILE_TIMEOUT_S, silence: float | None = None
+) -> int:
+    """Runs `command`, its output to `log`; returns its exit status.
+
+    `STOPPED` when it ran `timeout` seconds, or `silence` seconds (default
+    `silence_limit_s()`) in which it neither wrote to `log` nor used the CPU.
+    """
+    silence = silence_limit_s() if silence is None else silence
     with _compile_slots, open(log, "wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-I", "-S", "-c", _SUPERVISOR, *command],
@@ -252,14 +333,45 @@ def run_supervised(command: list[str], log: Path, timeout: float = COMPILE_TIMEO
             stdout=out,
             stderr=subprocess.STDOUT,
         )
+        started = last_progress = time.monotonic()
+        progress = None
         try:
-            return process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return -1
+            while True:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    return process.wait(timeout=min(1.0, silence / 4))
+                now = time.monotonic()
+                seen = (os.fstat(out.fileno()).st_size, _cpu_ticks(process.pid))
+                if seen != progress:
+                    progress, last_progress = seen, now
+                if now - last_progress > silence or now - started > timeout:
+                    return STOPPED
         finally:
             process.stdin.close()  # ends the compile if it still runs
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=10)
+
+
+def _cpu_ticks(supervisor: int) -> int:
+    """The CPU time used so far by the compile under `supervisor`: its process group's.
+
+    The compiler leads a process group of its own (the supervisor started it
+    in a new session); a finished child's time counts in its parent's, so the
+    sum only grows while any of them computes.
+    """
+    stats = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                with open(f"/proc/{entry.name}/stat") as handle:
+                    fields = handle.read().rsplit(")", 1)[1].split()
+                stats.append((int(entry.name), int(fields[1]), int(fields[2]), fields))
+    leaders = {pid for pid, parent, _, _ in stats if parent == supervisor}
+    # utime, stime, cutime, cstime: fields 14 to 17 of /proc/PID/stat.
+    return sum(
+        sum(int(value) for value in fields[11:15])
+        for _, _, group, fields in stats
+        if group in leaders
+    )
 
 
 def _tail(path: Path, limit: int = 4000) -> str:
@@ -286,9 +398,32 @@ def compile_object(
     log = out.with_suffix(".log")
     status = run_supervised(command, log)
     text = _tail(log)
-    if status == -1:
-        text += f"\n(timed out after {COMPILE_TIMEOUT_S} s)"
+    if status == STOPPED:
+        text += f"\n(stopped: {_stopped_why()})"
     return status, text
+
+
+def _stopped_why() -> str:
+    return (
+        f"no output and no CPU use for {silence_limit_s():g} s ({SILENCE_ENV}), "
+        f"or over {COMPILE_TIMEOUT_S} s in all"
+    )
+
+
+def _failure(
+    compiler: str, what: str, status: int, text: str, attempts: list, folder: Path
+) -> BuildError:
+    """The `BuildError` of a compile or link in `folder` that failed on `what` (a file name)."""
+    kind = failure_kind(status, text)
+    name = Path(compiler).name
+    reason = {
+        COMPILER: f"{name} failed on {what}",
+        NO_SPACE: f"no space left on the disk of {folder} (building {what}); the next use "
+        "tries again",
+        KILLED: f"{name} was killed on {what} (out of memory?); the next use tries again",
+        TIMED_OUT: f"{name} was stopped on {what}: {_stopped_why()}",
+    }[kind]
+    return BuildError(reason, text, attempts, kind)
 
 
 def _object(work: Path, unit: Unit) -> Path:
@@ -334,6 +469,10 @@ def build_library(
             if failed:
                 attempt["log"] = "\n".join(failed)[-4000:]
             attempts.append(attempt)
+            for unit, (status, text) in results.items():
+                error = _failure(compiler, unit.source.name, status, text, attempts, work.parent)
+                if status != 0 and error.kind != COMPILER:
+                    raise error  # another flag set would not help
             if not failed:
                 chosen = flag_set
                 objects.update({unit.source: _object(work, unit) for unit in per_cpu})
@@ -341,9 +480,7 @@ def build_library(
         for unit, future in glue.items():
             status, text = future.result()
             if status != 0:
-                raise BuildError(
-                    f"{Path(compiler).name} failed on {unit.source.name}", text, attempts
-                )
+                raise _failure(compiler, unit.source.name, status, text, attempts, work.parent)
             objects[unit.source] = _object(work, unit)
     if chosen is None:
         tried = ", ".join(a["flag_set"] for a in attempts)
@@ -362,9 +499,13 @@ def build_library(
         *library.link_flags,
     ]
     log = work / "link.log"
-    if run_supervised(link, log) != 0:
-        reason = f"{Path(compiler).name} failed to link {target.name}"
-        raise BuildError(reason, _tail(log), attempts)
+    status = run_supervised(link, log)
+    if status != 0:
+        error = _failure(compiler, target.name, status, _tail(log), attempts, work.parent)
+        if error.kind == COMPILER:
+            error.reason = f"{Path(compiler).name} failed to link {target.name}"
+            error.args = (error.reason,)
+        raise error
     return BuildRecord(
         flag_set=chosen.name,
         cpu_flags=list(chosen.flags),

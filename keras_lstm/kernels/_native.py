@@ -119,10 +119,21 @@ def unavailable_warning(what: str, instead: str, error: Exception) -> str:
 
 
 def load(force: bool = False):
-    """`(module, record)`: the op library, built first if needed; raises on any failure."""
-    return _cache.load_or_build(
-        library(), library_name(), lambda path: (tf.load_op_library(str(path)), path), force=force
-    )
+    """`(module, record)`: the op library, built first if needed; raises on any failure.
+
+    The cache checks the library's C symbols before it is loaded; its ops are
+    checked right after, so that a library without them is recorded as one
+    that does not load instead of failing at the layer's first call.
+    """
+
+    def load_ops(path):
+        module = tf.load_op_library(str(path))
+        for op in ("keras_lstm_sequence", "keras_lstm_sequence_grad"):
+            if not hasattr(module, op):
+                raise RuntimeError(f"{path.name} loaded but defines no op {op}")
+        return module, path
+
+    return _cache.load_or_build(library(), library_name(), load_ops, force=force)
 
 
 @functools.cache  # TensorFlow takes one gradient per op name and process

@@ -172,7 +172,7 @@ def export_for_serving(
 
 
 def _version(version):
-    return _checks.positive_int("version", version)
+    return _checks.positive_int64("version", version)
 
 
 def _next_version(base_dir):

@@ -41,7 +41,8 @@ def _representative_inputs(model, quantize, data):
             f"`quantize={quantize!r}` needs `representative_data`: a few hundred typical "
             "inputs, an array (n, timesteps, features), to calibrate the activations."
         )
-    names = [_internals.keras_history(t)[0].name for t in _graph.model_inputs(model)]
+    inputs = _graph.model_inputs(model)
+    names = [_internals.keras_history(t)[0].name for t in inputs]
     if isinstance(data, dict):
         missing = set(names) - set(data)
         if missing:
@@ -57,13 +58,28 @@ def _representative_inputs(model, quantize, data):
             f"The model has {len(names)} inputs: `representative_data` must be a dict of "
             f"arrays by input name, {names}."
         )
-    for name, array in zip(names, arrays, strict=True):
+    for name, array, tensor in zip(names, arrays, inputs, strict=True):
         if array.ndim < 2 or len(array) == 0:
             raise ValueError(
                 f"`representative_data` for `{name}` must be a non-empty batch of inputs "
                 f"(n, ...), got shape {array.shape}."
             )
+        _check_sample_shape(name, array.shape, tuple(tensor.shape))
     return arrays
+
+
+def _check_sample_shape(name, got, expected):
+    """Calibration samples of the model's input shape (a free axis takes any size):
+    the converter would otherwise stop deep inside TFLite's ResizeInputTensorStrict."""
+    fits = len(got) == len(expected) and all(
+        want is None or want == size for want, size in zip(expected[1:], got[1:], strict=True)
+    )
+    if not fits:
+        wanted = ", ".join("any" if d is None else str(d) for d in expected[1:])
+        raise ValueError(
+            f"`representative_data` for `{name}` has shape {got}, but the model's input "
+            f"`{name}` takes (n, {wanted})."
+        )
 
 
 def _calibration(arrays, batch):
