@@ -175,7 +175,7 @@ def _bucketed_contender(lengths, features, units, jit):
 def _torch_contender(lengths, features, units, packed):
     import torch
 
-    batch, longest = len(lengths), max(lengths)
+    batch = len(lengths)
     torch.manual_seed(0)
     lstm = torch.nn.LSTM(features, units, batch_first=True)
     optimizer = torch.optim.SGD(lstm.parameters(), lr=0.01)

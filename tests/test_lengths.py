@@ -29,7 +29,6 @@ from test_fused_options import (
     _gradient_names,
     _outputs_and_grads,
     _twins,
-    fused_calls,  # noqa: F401 (a fixture)
 )
 
 from keras_lstm import GatedLSTM, kernels
@@ -99,6 +98,20 @@ def _cases():
             )
             marks = () if default else (pytest.mark.slow,)
             yield pytest.param(options, kind, backwards, id=f"{mask_id}-{cell_id}", marks=marks)
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """The `options` of each fused-op call made (a list that fills as layers run)."""
+    calls = []
+    real = kernels.lstm_recurrence
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("options"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "lstm_recurrence", spy)
+    return calls
 
 
 @pytest.fixture(autouse=True)
@@ -214,8 +227,9 @@ def test_bidirectional_with_unequal_lengths_matches(rng, fused_calls, merge_mode
         pytest.param({}, "left", True, id="plain-left-backwards"),
         pytest.param(CELL_OPTIONS[-1], "right", False, id="all-right"),
         pytest.param(CELL_OPTIONS[-1], "random", True, id="all-random", marks=pytest.mark.slow),
-        pytest.param({"peephole": True}, "right", True, id="peephole-right-backwards",
-                     marks=pytest.mark.slow),
+        pytest.param(
+            {"peephole": True}, "right", True, id="peephole-right-backwards", marks=pytest.mark.slow
+        ),
     ],
 )
 def test_unequal_lengths_under_xla_match(rng, fused_calls, cell_options, kind, backwards):
@@ -249,7 +263,14 @@ def _recurrence_per_row(rng, kind, bf16, jit):
         with tf.GradientTape() as tape:
             tape.watch([x, h0, c0, kernel, recurrent, bias])
             _, outputs, (h, c) = kernels.lstm_recurrence(
-                x, kernel, recurrent, bias, h0, c0, mask=mask, go_backwards=backwards,
+                x,
+                kernel,
+                recurrent,
+                bias,
+                h0,
+                c0,
+                mask=mask,
+                go_backwards=backwards,
                 bf16_products=bf16,
             )
             ramp = tf.range(1.0, H + 1.0) / H
@@ -276,8 +297,14 @@ def _recurrence_per_row(rng, kind, bf16, jit):
         weights = np.zeros((copies, length), "float32")
         weights[0] = 1.0
         out, h, c, grads = run(
-            xr, np.repeat(h0[row : row + 1], copies, 0), np.repeat(c0[row : row + 1], copies, 0),
-            kernel, recurrent, bias, None, weights,
+            xr,
+            np.repeat(h0[row : row + 1], copies, 0),
+            np.repeat(c0[row : row + 1], copies, 0),
+            kernel,
+            recurrent,
+            bias,
+            None,
+            weights,
         )
         np.testing.assert_allclose(got[1][row], h[0], atol=TOL, rtol=TOL, err_msg=f"h of {row}")
         np.testing.assert_allclose(got[2][row], c[0], atol=TOL, rtol=TOL, err_msg=f"c of {row}")
@@ -388,7 +415,8 @@ for name, m in (("masked", mask), ("alone", None)):
             tape.watch(ws)
             last, _, _ = kernels.lstm_recurrence(xr, *ws[:2], ws[2], z, z, mask=m)
             loss = tf.reduce_sum(last[:1] if row is not None else last)
-        rows.append([np.asarray(last).tolist(), [np.asarray(g).tolist() for g in tape.gradient(loss, ws)]])
+        grads = [np.asarray(g).tolist() for g in tape.gradient(loss, ws)]
+        rows.append([np.asarray(last).tolist(), grads])
     out[name] = rows
 print(json.dumps(out))
 """
@@ -403,11 +431,14 @@ def test_threads_split_a_sorted_batch_without_changing_it(threads):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     done = subprocess.run(
         [sys.executable, "-c", SUBPROCESS, str(threads), json.dumps(lengths)],
-        capture_output=True, text=True, env=env, timeout=300,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    (masked_last, masked_grads), = result["masked"]
+    ((masked_last, masked_grads),) = result["masked"]
     sums = None
     for row, (last, grads) in enumerate(result["alone"]):
         np.testing.assert_allclose(masked_last[row], last[0], atol=TOL, rtol=TOL)

@@ -368,8 +368,12 @@ def lstm_sequence(
         if recurrent_mask is not None:
             recurrent_mask = tf.gather(recurrent_mask, order)
         options = options._replace(
-            zoneout_h=None if options.zoneout_h is None else tf.gather(options.zoneout_h, order, axis=1),
-            zoneout_c=None if options.zoneout_c is None else tf.gather(options.zoneout_c, order, axis=1),
+            zoneout_h=None
+            if options.zoneout_h is None
+            else tf.gather(options.zoneout_h, order, axis=1),
+            zoneout_c=None
+            if options.zoneout_c is None
+            else tf.gather(options.zoneout_c, order, axis=1),
         )
     h_seq, c_seq, _, h_last, c_last, _, _ = module.keras_lstm_sequence(
         x,
