@@ -113,6 +113,16 @@ def peephole_grad(c0, c_seq, dz, cifg, c_read=None):
     return tf.stack([d_input, d_forget, d_output])
 
 
+def peephole_grad_at(c_prev, dz, cifg, c_read):
+    """`peephole_grad` from the steps a mask keeps alone, each (N, ·): the C
+    each step started from, its dz and the C its output gate read."""
+    parts = tf.split(dz, 3 if cifg else 4, axis=-1)
+    d_forget = tf.reduce_sum(parts[-3] * c_prev, axis=0)
+    d_output = tf.reduce_sum(parts[-1] * c_read, axis=0)
+    d_input = tf.zeros_like(d_forget) if cifg else tf.reduce_sum(parts[0] * c_prev, axis=0)
+    return tf.stack([d_input, d_forget, d_output])
+
+
 def projection_kernel_grad(c_seq, gates, dh_projected):
     """The gradient of the projection W_hr (H, P): `sum_t m_t^T dh_t` as one matmul.
 

@@ -30,8 +30,11 @@ import tensorflow as tf
 
 from keras_lstm.kernels import _build, _cache
 from keras_lstm.kernels._gradients import (
+    in_xla_context,
     is_zero_fill,
+    matmul,
     peephole_grad,
+    peephole_grad_at,
     projection_grads,
     projection_kernel_grad,
     recurrent_kernel_grad,
@@ -184,36 +187,109 @@ def _register_gradient():
             )
         )
         normalised = _given(layer_norm)
-        # The input and weight gradients as single matmuls over all steps; the
-        # bias gradient the kernel summed as it went. With layer norm they read
-        # the gradients of x W and h U, which the norms stand between.
-        dx, dkernel = projection_grads(x, kernel, d_input if normalised else dz, bf16=bf16)
         dbias = dbias if _given(bias) else None
         dropped = recurrent_mask if _given(recurrent_mask) else None
-        drecurrent = recurrent_kernel_grad(
-            h0, h_seq, d_recurrent if normalised else dz, dropped, bf16=bf16
-        )
         # The c the gates and h read: with zoneout of C, before it mixed in the previous one.
         zoneout_c_on = options["zoneout_c_rate"] > 0 or _given(zoneout_c)
         c_read = c_computed if zoneout_c_on else c_seq
-        dpeephole = None
-        if _given(peephole):
-            dpeephole = peephole_grad(c0, c_seq, dz, options["cifg"], c_read)
-        dprojection = None
-        if _given(projection):
+
+        def cell_view_of(c_read, norms):
             # What tanh read on C's way to h: C, or with layer norm LN(C) γc + βc.
-            cell_view = c_read
-            if normalised:  # [γx, γh, γc, βc]; norms: x W, h U and C normalised, ...
-                units, width = c_seq.shape[-1], gates.shape[-1]
-                at = 2 * width
-                gain, shift = layer_norm[at : at + units], layer_norm[at + units :]
-                cell_view = norms[..., at : at + units] * gain + shift
-            dprojection = projection_kernel_grad(cell_view, gates, dh_projected)
+            if not normalised:
+                return c_read
+            # [γx, γh, γc, βc]; norms: x W, h U and C normalised, ...
+            units, width = c_seq.shape[-1], gates.shape[-1]
+            at = 2 * width
+            gain, shift = layer_norm[at : at + units], layer_norm[at + units :]
+            return norms[..., at : at + units] * gain + shift
+
+        if _given(mask) and not in_xla_context():
+            # The kernel wrote the kept values and their gradients at the steps
+            # the mask keeps only: every gradient below reads those steps alone.
+            kept = _KeptSteps(mask)
+            d_in = kept.of(d_input if normalised else dz)
+            dx, dkernel = projection_grads(kept.of(x), kernel, d_in, bf16=bf16)
+            dx = kept.scatter(dx, x)
+            h_prev = kept.previous(h_seq, h0)
+            if dropped is not None:
+                h_prev = h_prev * kept.rows(dropped)
+            drecurrent = matmul(
+                h_prev, kept.of(d_recurrent if normalised else dz), bf16, transpose_a=True
+            )
+            dpeephole = None
+            if _given(peephole):
+                dpeephole = peephole_grad_at(
+                    kept.previous(c_seq, c0), kept.of(dz), options["cifg"], kept.of(c_read)
+                )
+            dprojection = None
+            if _given(projection):
+                dprojection = projection_kernel_grad(
+                    cell_view_of(kept.of(c_read), kept.of(norms) if normalised else None),
+                    kept.of(gates),
+                    kept.of(dh_projected),
+                )
+        else:
+            # The input and weight gradients as single matmuls over all steps; the
+            # bias gradient the kernel summed as it went. With layer norm they read
+            # the gradients of x W and h U, which the norms stand between.
+            dx, dkernel = projection_grads(x, kernel, d_input if normalised else dz, bf16=bf16)
+            drecurrent = recurrent_kernel_grad(
+                h0, h_seq, d_recurrent if normalised else dz, dropped, bf16=bf16
+            )
+            dpeephole = None
+            if _given(peephole):
+                dpeephole = peephole_grad(c0, c_seq, dz, options["cifg"], c_read)
+            dprojection = None
+            if _given(projection):
+                dprojection = projection_kernel_grad(
+                    cell_view_of(c_read, norms), gates, dh_projected
+                )
         return (dx, dkernel, dbias, drecurrent, dh0, dc0, None, None, dpeephole, dprojection) + (
             None,
             None,
             dlayer_norm if normalised else None,
         )
+
+
+class _KeptSteps:
+    """The steps a (T, B) mask keeps, for gradients made at those steps alone.
+
+    The op leaves what it keeps for the gradient (and the gradient op its
+    results) unwritten where a row skipped a step (lstm_core.h, "Skipped
+    rows"), and every step the mask drops adds nothing to a weight gradient,
+    so the gradients gather the N kept steps, (N, width), and multiply those:
+    a right-padded batch pays for its real steps only.
+    """
+
+    def __init__(self, mask):
+        kept = tf.where(mask > 0)  # (N, 2): step, row
+        self._step, self._row = kept[:, 0], kept[:, 1]
+        self._batch = tf.shape(mask, out_type=tf.int64)[1]
+        self._at = self._step * self._batch + self._row
+
+    @staticmethod
+    def _flat(seq):
+        width = seq.shape[-1] if seq.shape[-1] is not None else tf.shape(seq)[-1]
+        return tf.reshape(seq, (-1, width))
+
+    def of(self, seq):
+        """(T, B, width) -> (N, width): the kept steps' values."""
+        return tf.gather(self._flat(seq), self._at)
+
+    def rows(self, per_row):
+        """(B, width) -> (N, width): each kept step's row's values."""
+        return tf.gather(per_row, self._row)
+
+    def previous(self, seq, first):
+        """(N, width): `seq` at the step before each kept step; `first` (B, width) before step 0."""
+        before = tf.gather(self._flat(seq), tf.maximum(self._at - self._batch, 0))
+        return tf.where((self._step > 0)[:, None], before, self.rows(first))
+
+    def scatter(self, values, like):
+        """(N, width) -> `like`'s (T, B, width), zeros at the steps the mask drops."""
+        flat = self._flat(like)
+        full = tf.scatter_nd(self._at[:, None], values, tf.shape(flat, out_type=tf.int64))
+        return tf.reshape(full, tf.shape(like))
 
 
 def _given(tensor) -> bool:
@@ -294,9 +370,27 @@ def lstm_sequence(
     """
     module = native_module()
     options = options or CellOptions()
-    mask = tf.zeros((0,), tf.float32) if mask is None else tf.cast(mask, tf.float32)
     bias = tf.zeros((0,), tf.float32) if bias is None else bias
     empty = tf.zeros((0,), tf.float32)
+    if mask is None:
+        mask = empty
+    else:
+        # Rows in order of their number of kept steps (see `_row_order`), so
+        # that the kernel's trimming follows a right-padded batch's lengths.
+        mask = tf.cast(mask, tf.float32)
+        order, inverse = _row_order(mask)
+        x, h0, c0 = (_permute(t, order, inverse, axis) for t, axis in ((x, 1), (h0, 0), (c0, 0)))
+        mask = tf.gather(mask, order, axis=1)
+        if recurrent_mask is not None:
+            recurrent_mask = tf.gather(recurrent_mask, order)
+        options = options._replace(
+            zoneout_h=None
+            if options.zoneout_h is None
+            else tf.gather(options.zoneout_h, order, axis=1),
+            zoneout_c=None
+            if options.zoneout_c is None
+            else tf.gather(options.zoneout_c, order, axis=1),
+        )
     h_seq, c_seq, _, h_last, c_last, _, _ = module.keras_lstm_sequence(
         x,
         kernel,
@@ -315,9 +409,63 @@ def lstm_sequence(
         zoneout_c_rate=options.zoneout_c_rate,
         bf16_products=bool(bf16_products),
     )
+    if mask is not empty:
+        # Back to the caller's order (an output not kept stays empty).
+        if keep_for_gradient or return_sequences:
+            h_seq = _permute(h_seq, inverse, order, 1)
+        if keep_for_gradient:
+            c_seq = _permute(c_seq, inverse, order, 1)
+        h_last, c_last = _permute(h_last, inverse, order, 0), _permute(c_last, inverse, order, 0)
     return h_seq, c_seq, h_last, c_last
 
 
 def _or_empty(tensor, empty):
     """The op's inputs are never optional: an absent one is the empty tensor."""
     return empty if tensor is None else tensor
+
+
+def _worker_threads() -> int:
+    """The threads the ops split a batch across: TensorFlow's intra-op setting,
+    or one a CPU this process may run on."""
+    threads = tf.config.threading.get_intra_op_parallelism_threads()
+    return threads if threads > 0 else len(os.sched_getaffinity(0))
+
+
+def _row_order(mask):
+    """`(order, inverse)`: the batch's rows for the kernel, and the way back.
+
+    The rows are ordered by their number of kept steps, longest first, so
+    that for a right-padded mask (and for its mirror, which `go_backwards`
+    turns into a suffix) the rows that run a step are a prefix of the batch
+    at every step, and the kernel stops each step's work at the last of them
+    (lstm_core.h, "Skipped rows"). The kernel splits the batch into
+    contiguous blocks, one a thread (lstm_sequence.cc's ForEachChunk): the
+    sorted rows are dealt to the blocks in turn, so that each block holds
+    long and short rows alike and stays sorted itself. Any order gives the
+    same results; this one only decides the cost. `mask` is (T, B).
+    """
+    batch = tf.shape(mask)[1]
+    lengths = tf.reduce_sum(mask, axis=0)
+    by_length = tf.argsort(-lengths, stable=True)  # rank -> row
+    # lstm_sequence.cc's NumChunks and ForEachChunk's block size.
+    blocks = tf.maximum(1, tf.minimum(_worker_threads(), batch // 4))
+    per_block = (batch + blocks - 1) // blocks
+    position = tf.range(batch)
+    # Rank j * blocks + k goes to the j-th place of block k.
+    deal = (position % per_block) * blocks + position // per_block
+    order = tf.gather(by_length, tf.argsort(tf.argsort(deal)))
+    return order, tf.argsort(order)
+
+
+def _permute(tensor, order, inverse, axis):
+    """`tf.gather(tensor, order, axis=axis)`, whose gradient is the gather
+    back by `inverse` (a dense one, where tf.gather's would be sparse)."""
+
+    @tf.custom_gradient
+    def permute(tensor):
+        def grad(upstream):
+            return tf.gather(upstream, inverse, axis=axis)
+
+        return tf.gather(tensor, order, axis=axis), grad
+
+    return permute(tensor)

@@ -83,6 +83,15 @@ void NormaliseGrad(RowMap d, const ConstRowMap& n, float inv) {
   d = inv * (d - mean - n * mean_along_n);
 }
 
+// How many of a block's `rows` run a step: up to the last one the step's
+// mask `m` (the block's first entry, or null: no mask) keeps; the rows after
+// it are all masked (lstm_core.h, "Skipped rows").
+int64_t RunningRows(const float* m, int64_t rows) {
+  if (!m) return rows;
+  while (rows > 0 && m[rows - 1] == 0.f) --rows;
+  return rows;
+}
+
 // One row's pointwise step with the options on (see ForwardRows): the
 // pre-activations `z` (G H) become the activations kept, and c and h are
 // written from c_prev. With layer norm, `norm` is the row's Forward::norms
@@ -499,21 +508,25 @@ void ForwardRows(const Forward& a, const float* kernels, int64_t row_begin,
     float* c_new = !zoneout_c.on()  ? c
                    : a.c_computed ? a.c_computed + at * H
                                   : c_computed_scratch.data();
-    MatrixMap Z(z, rows, G);
+    // Rows [0, run) run this step; the rest only carry h and c on.
+    const int64_t run = RunningRows(a.mask ? a.mask + at : nullptr, rows);
+    MatrixMap Z(z, run, G);
     float* norm = !layer_norm ? nullptr : a.norms ? a.norms + at * NW : norm_scratch.data();
-    if (layer_norm) {
+    if (run == 0) {
+      // Every row of the block is masked: nothing to compute.
+    } else if (layer_norm) {
       // z = LN(x_t W) γx + LN(h_{t-1} U) γh + b.
       const float* x_t = a.x + at * D;
       const float* h_in = h_prev;
       if (a.recurrent_mask) {
-        h_dropped.array() = ConstArrayMap(h_prev, rows, R) * r;
+        ArrayMap(h_dropped.data(), run, R) = ConstArrayMap(h_prev, run, R) * r.topRows(run);
         h_in = h_dropped.data();
       }
-      StepProduct(bf16_input, MatrixMap(xw.data(), rows, G), ConstMatrixMap(x_t, rows, D),
+      StepProduct(bf16_input, MatrixMap(xw.data(), run, G), ConstMatrixMap(x_t, run, D),
                   input_kernel, /*accumulate=*/false);
-      StepProduct(bf16, MatrixMap(hu.data(), rows, G), ConstMatrixMap(h_in, rows, R), recurrent,
+      StepProduct(bf16, MatrixMap(hu.data(), run, G), ConstMatrixMap(h_in, run, R), recurrent,
                   /*accumulate=*/false);
-      for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t r = 0; r < run; ++r) {
         float* nr = norm + r * NW;
         nr[ln.kDeviations()] = Normalise(xw.data() + r * G, G, nr + ln.kX());
         nr[ln.kDeviations() + 1] = Normalise(hu.data() + r * G, G, nr + ln.kH());
@@ -523,30 +536,32 @@ void ForwardRows(const Forward& a, const float* kernels, int64_t row_begin,
         if (a.bias) zr += ConstRowMap(a.bias, G);
       }
     } else if (project_first && a.recurrent_mask) {
-      h_dropped.array() = ConstArrayMap(h_prev, rows, R) * r;
-      MultiplyInto(Z, h_dropped, recurrent, /*accumulate=*/true);
+      MatrixMap dropped(h_dropped.data(), run, R);
+      dropped.array() = ConstArrayMap(h_prev, run, R) * r.topRows(run);
+      MultiplyInto(Z, dropped, recurrent, /*accumulate=*/true);
     } else if (project_first) {
-      MultiplyInto(Z, ConstMatrixMap(h_prev, rows, R), recurrent, /*accumulate=*/true);
+      MultiplyInto(Z, ConstMatrixMap(h_prev, run, R), recurrent, /*accumulate=*/true);
     } else {
-      xh.leftCols(D) = ConstMatrixMap(a.x + at * D, rows, D);
+      MatrixMap xh_run(xh.data(), run, K);
+      xh_run.leftCols(D) = ConstMatrixMap(a.x + at * D, run, D);
       if (a.recurrent_mask) {
-        xh.rightCols(R).array() = ConstArrayMap(h_prev, rows, R) * r;
+        xh_run.rightCols(R).array() = ConstArrayMap(h_prev, run, R) * r.topRows(run);
       } else {
-        xh.rightCols(R) = ConstMatrixMap(h_prev, rows, R);
+        xh_run.rightCols(R) = ConstMatrixMap(h_prev, run, R);
       }
       if (a.bias) {
         Z.rowwise() = Eigen::Map<const Eigen::RowVectorXf>(a.bias, G);
       } else {
         Z.setZero();
       }
-      StepProduct(bf16, Z, xh, weights, /*accumulate=*/true);
+      StepProduct(bf16, Z, xh_run, weights, /*accumulate=*/true);
     }
 
     // Pre-activations become activations in place: they are what the
     // backward pass needs. With a projection the pointwise pass writes
     // o * tanh(c), which one more product turns into h.
     float* out = projection ? unprojected.data() : h;
-    for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t r = 0; r < run; ++r) {
       float* zr = z + r * G;
       if (!plain) {
         PointwiseWithOptions(a.options, H, zr, c_prev + r * H, c_new + r * H, out + r * H,
@@ -562,22 +577,29 @@ void ForwardRows(const Forward& a, const float* kernels, int64_t row_begin,
       c_row = f * ConstRowMap(c_prev + r * H, H) + i * g;
       h_new = o * c_row.tanh();
     }
-    if (projection) {
-      MultiplyInto(MatrixMap(h, rows, R), unprojected, ConstMatrixMap(projection, H, R),
-                   /*accumulate=*/false);
+    if (projection && run > 0) {
+      MultiplyInto(MatrixMap(h, run, R), MatrixMap(unprojected.data(), run, H),
+                   ConstMatrixMap(projection, H, R), /*accumulate=*/false);
     }
     if (zoneout_c.on()) {
-      std::copy(c_new, c_new + rows * H, c);
-      MixZoneout(zoneout_c, at, rows, H, c_prev, c);
+      std::copy(c_new, c_new + run * H, c);
+      MixZoneout(zoneout_c, at, run, H, c_prev, c);
     }
-    if (zoneout_h.on()) MixZoneout(zoneout_h, at, rows, R, h_prev, h);
+    if (zoneout_h.on()) MixZoneout(zoneout_h, at, run, R, h_prev, h);
     if (a.mask) {
       const float* m = a.mask + at;
       for (int64_t r = 0; r < rows; ++r) {
-        if (m[r] == 0.f) {
+        if (r >= run || m[r] == 0.f) {
           std::copy(h_prev + r * R, h_prev + (r + 1) * R, h + r * R);
           std::copy(c_prev + r * H, c_prev + (r + 1) * H, c + r * H);
         }
+      }
+      if (a.fill_skipped && run < rows) {
+        // What a skipped row keeps for the gradient, as zeros (lstm_core.h).
+        const int64_t skipped = rows - run;
+        if (a.gates) std::fill_n(a.gates + (at + run) * G, skipped * G, 0.f);
+        if (a.c_computed) std::fill_n(a.c_computed + (at + run) * H, skipped * H, 0.f);
+        if (a.norms) std::fill_n(a.norms + (at + run) * NW, skipped * NW, 0.f);
       }
     }
     h_prev = h;
@@ -642,15 +664,28 @@ void BackwardRows(const Backward& a, int64_t row_begin, int64_t row_end, float* 
     // The c the gates and h read: before zoneout mixed in the previous one.
     const float* c_now = zoneout_c.on() ? a.c_computed + at * H : a.c_seq + at * H;
     const float* m = a.mask ? a.mask + at : nullptr;
-    if (zoneout_h.on()) SplitZoneoutGrad(zoneout_h, at, rows, R, dh.data(), carry_h.data());
-    if (zoneout_c.on()) SplitZoneoutGrad(zoneout_c, at, rows, H, dc.data(), carry_c.data());
+    // Rows [0, run) ran this step; the rest carried h and c on, so dh and dc
+    // flow on through them unchanged.
+    const int64_t run = RunningRows(m, rows);
+    if (a.fill_skipped && run < rows) {
+      const int64_t skipped = rows - run;
+      std::fill_n(a.dz + (at + run) * G, skipped * G, 0.f);
+      if (layer_norm) {
+        std::fill_n(a.d_input + (at + run) * G, skipped * G, 0.f);
+        std::fill_n(a.d_recurrent + (at + run) * G, skipped * G, 0.f);
+      }
+      if (projection) std::fill_n(a.dh_projected + (at + run) * R, skipped * R, 0.f);
+    }
+    if (run == 0) continue;
+    if (zoneout_h.on()) SplitZoneoutGrad(zoneout_h, at, run, R, dh.data(), carry_h.data());
+    if (zoneout_c.on()) SplitZoneoutGrad(zoneout_c, at, run, H, dc.data(), carry_c.data());
     if (projection) {
-      MatrixMap dh_step(a.dh_projected + at * R, rows, R);
-      dh_step = dh.matrix();
-      MultiplyInto(MatrixMap(d_unprojected.data(), rows, H), dh_step,
+      MatrixMap dh_step(a.dh_projected + at * R, run, R);
+      dh_step = ConstMatrixMap(dh.data(), run, R);
+      MultiplyInto(MatrixMap(d_unprojected.data(), run, H), dh_step,
                    ConstMatrixMap(projection, H, R).transpose(), /*accumulate=*/false);
     }
-    for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t r = 0; r < run; ++r) {
       const float* g = a.gates + (at + r) * G;
       float* dz = a.dz + (at + r) * G;
       RowMap dhr(dh.data() + r * R, R), dcr(dc.data() + r * H, H);
@@ -692,21 +727,22 @@ void BackwardRows(const Backward& a, int64_t row_begin, int64_t row_end, float* 
       // Replaced below by dz U^T, accumulated onto the rows a mask kept.
       dhr.setZero();
     }
-    const ConstMatrixMap d_step(d_product + at * G, rows, G);
+    const ConstMatrixMap d_step(d_product + at * G, run, G);
+    ArrayMap dh_run(dh.data(), run, R);
     if (!a.recurrent_mask) {
-      StepProduct(bf16, MatrixMap(dh.data(), rows, R), d_step, U.transpose(),
+      StepProduct(bf16, MatrixMap(dh.data(), run, R), d_step, U.transpose(),
                   /*accumulate=*/true);
     } else {
       // h_{t-1} reached U through r: dh_{t-1} = (dz_t U^T) * r. A masked row's
       // dz is zero, so its carried dh gains nothing.
-      StepProduct(bf16, MatrixMap(dh_through_u.data(), rows, R), d_step, U.transpose(),
+      StepProduct(bf16, MatrixMap(dh_through_u.data(), run, R), d_step, U.transpose(),
                   /*accumulate=*/false);
-      dh += dh_through_u.array() * r;
+      dh_run += ArrayMap(dh_through_u.data(), run, R) * r.topRows(run);
     }
     // Zoneout's direct path to the previous state (a masked row's dh and dc,
     // left as (1 - d) of themselves above, are whole again).
-    if (zoneout_h.on()) dh += carry_h.array();
-    if (zoneout_c.on()) dc += carry_c.array();
+    if (zoneout_h.on()) dh_run += ArrayMap(carry_h.data(), run, R);
+    if (zoneout_c.on()) ArrayMap(dc.data(), run, H) += ArrayMap(carry_c.data(), run, H);
   }
 }
 

@@ -21,6 +21,16 @@
 // H wide. A mask value of 0 at (t, b) keeps row b's previous h and c
 // (Keras's rule). A null pointer means "absent": no bias, no mask, an output
 // that is not kept, or a gradient that is zero.
+//
+// Skipped rows: at each step, the rows of a block after the last one the
+// mask keeps are all masked, so the step's products and pointwise pass stop
+// at that row; the rows after it only carry h and c on (and, backward, dh
+// and dc). Callers that order rows by their number of unmasked steps make
+// the running rows a prefix at every step for a right-padded mask (and for
+// its mirror), so such a batch costs its real steps. What a skipped row's
+// step would have kept for the gradient (gates, norms, c_computed; backward:
+// dz, d_input, d_recurrent, dh_projected) is zeros with `fill_skipped`, else
+// left unwritten for callers that read only the steps the mask keeps.
 
 #ifndef KERAS_LSTM_KERNELS_LSTM_CORE_H_
 #define KERAS_LSTM_KERNELS_LSTM_CORE_H_
@@ -112,6 +122,7 @@ struct Forward {
   float* norms = nullptr;
   float* h_last = nullptr;                  // (B, R)
   float* c_last = nullptr;                  // (B, H)
+  bool fill_skipped = true;                 // zeros where a skipped row keeps nothing (above)
 };
 
 // [W; U]: the input and recurrent kernels stacked, (D + R, G H), so that a
@@ -147,6 +158,7 @@ struct Backward {
   // from which dx and W's gradient, and dh_{t-1} and U's, are made.
   float* d_input = nullptr;
   float* d_recurrent = nullptr;
+  bool fill_skipped = true;                 // as in Forward
 };
 
 // One step a row block: z = [x_t, h_{t-1}] [W; U] + b as one matrix product

@@ -237,6 +237,8 @@ class LstmSequenceOp : public OpKernel {
     args.mask = DataOrNull(mask);
     args.recurrent_mask = DataOrNull(recurrent_mask);
     args.options = options;
+    // The gradient reads the kept values at the steps the mask keeps only.
+    args.fill_skipped = false;
     args.h_seq = DataOrNull(h_out);
     args.c_seq = DataOrNull(c_out);
     args.c_computed = DataOrNull(c_computed_out);
@@ -344,6 +346,9 @@ class LstmSequenceGradOp : public OpKernel {
     args.mask = DataOrNull(mask);
     args.recurrent_mask = DataOrNull(recurrent_mask);
     args.options = options;
+    // Its caller reads dz, d_input, d_recurrent and dh_projected at the steps
+    // the mask keeps only.
+    args.fill_skipped = false;
     args.dh_projected = DataOrNull(dh_projected_out);
     args.c_seq = c_seq.flat<float>().data();
     args.c_computed = options.zoneout_c.on() ? c_computed.flat<float>().data() : nullptr;

@@ -277,6 +277,9 @@ void ForwardTarget(void* out, const void** in, const char* opaque, size_t opaque
   args.mask = s.mask ? inputs[6] : nullptr;
   args.recurrent_mask = s.recurrent_mask ? inputs[7] : nullptr;
   args.options = s.options(inputs[8], inputs[9], inputs[10], inputs[11], inputs[12]);
+  // Under XLA the gradient's matmuls read every step (shapes are static):
+  // zeros where a row skipped a step.
+  args.fill_skipped = true;
   args.h_seq = s.keep || s.sequences ? outputs[0] : nullptr;
   args.c_seq = s.keep ? outputs[1] : nullptr;
   args.gates = s.keep ? outputs[2] : nullptr;
@@ -313,6 +316,7 @@ void BackwardTarget(void* out, const void** in, const char* opaque, size_t opaqu
   args.dc_last = s.dc_last ? inputs[9] : nullptr;
   args.recurrent_mask = s.recurrent_mask ? inputs[10] : nullptr;
   args.options = s.options(inputs[11], inputs[12], inputs[13], inputs[14], inputs[16]);
+  args.fill_skipped = true;  // as in ForwardTarget
   args.c_computed = s.zoneout_c() ? inputs[15] : nullptr;
   args.norms = s.layer_norm ? inputs[17] : nullptr;
   args.d_input = s.layer_norm ? outputs[5] : nullptr;

@@ -1,0 +1,460 @@
+"""Masked batches of unequal lengths in the native kernel.
+
+The kernel orders a masked batch's rows by their number of kept steps and, at
+each step, stops its work at the last row the mask keeps (lstm_core.h,
+"Skipped rows"); the gradients are made from the kept steps alone. None of
+this may change a result: outputs, final states and the gradients of the
+inputs, the initial state and every weight must equal those of Keras's step
+loop around the same cell (the reference, which knows nothing of the
+ordering), in the caller's row order, for right-padded masks, their mirror
+(left padding), a mask with holes, forwards and backwards, with every option,
+under XLA, with bfloat16 products and with the batch split across threads.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from test_fused_options import (
+    CLIP,
+    PROJ,
+    TOL,
+    _FixedZoneout,
+    _gradient_names,
+    _outputs_and_grads,
+    _twins,
+)
+
+from keras_lstm import GatedLSTM, kernels
+from keras_lstm.kernels import _native
+
+# 13 rows: two threads' blocks of 7 and 6 rows; lengths unsorted, one row
+# full, one empty.
+T, D, H = 9, 4, 6
+LENGTHS = [3, 9, 1, 6, 0, 7, 2, 9, 5, 4, 8, 2, 6]
+B = len(LENGTHS)
+
+
+def _mask(kind, rng=None):
+    steps = np.arange(T)[None, :]
+    lengths = np.array(LENGTHS)[:, None]
+    if kind == "right":  # right padding: a prefix a row
+        return steps < lengths
+    if kind == "left":  # its mirror: a suffix a row
+        return steps >= T - lengths
+    # Holes anywhere, and a last row that is masked at some steps only.
+    return rng.uniform(size=(B, T)) < 0.6
+
+
+def _assert_same(got, want, names):
+    """Outputs and gradients agree to float32 tolerance of their own scale: the
+    rows' order changes the order of the sums over rows in weight gradients."""
+    for kind, a_list, b_list in (("output", got[0], want[0]), ("gradient", got[1], want[1])):
+        assert len(a_list) == len(b_list)
+        for k, (a, b) in enumerate(zip(a_list, b_list, strict=True)):
+            what = names[k] if kind == "gradient" else f"output {k}"
+            scale = max(1.0, float(np.abs(b).max())) if np.size(b) else 1.0
+            np.testing.assert_allclose(
+                a, b, atol=TOL * scale, rtol=TOL, err_msg=f"{kind} of {what}"
+            )
+
+
+def _data(rng, hidden=H):
+    x = rng.normal(scale=1.5, size=(B, T, D)).astype("float32")
+    h0 = rng.normal(size=(B, hidden)).astype("float32")
+    c0 = rng.normal(size=(B, H)).astype("float32")
+    return x, h0, c0
+
+
+CELL_OPTIONS = [
+    {},
+    {"peephole": True},
+    {"cifg": True},
+    {"cell_clip": CLIP},
+    {"proj_units": PROJ},
+    {"layer_norm": True},
+    {"layer_norm": True, "peephole": True, "cifg": True, "cell_clip": CLIP, "proj_units": PROJ},
+]
+CELL_IDS = ["+".join(options) or "plain" for options in CELL_OPTIONS]
+MASKS = [("right", False), ("left", True), ("right", True), ("random", False)]
+MASK_IDS = ["right", "left-backwards", "right-backwards", "random"]
+
+
+def _cases():
+    """Right padding forwards and its mirror backwards for each option; the
+    rest (right padding backwards, holes) for the plain cell and all options
+    together by default, for each option in the slow suite."""
+    for options, cell_id in zip(CELL_OPTIONS, CELL_IDS, strict=True):
+        for (kind, backwards), mask_id in zip(MASKS, MASK_IDS, strict=True):
+            default = mask_id in ("right", "left-backwards") or cell_id in (
+                "plain",
+                CELL_IDS[-1],
+            )
+            marks = () if default else (pytest.mark.slow,)
+            yield pytest.param(options, kind, backwards, id=f"{mask_id}-{cell_id}", marks=marks)
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """The `options` of each fused-op call made (a list that fills as layers run)."""
+    calls = []
+    real = kernels.lstm_recurrence
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("options"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "lstm_recurrence", spy)
+    return calls
+
+
+@pytest.fixture(autouse=True)
+def _native_only():
+    if not kernels.native_available():
+        pytest.skip("the native kernel cannot be built here (no g++ or no TF headers)")
+
+
+@pytest.mark.parametrize("cell_options, kind, backwards", list(_cases()))
+def test_unequal_lengths_match_the_cells_own_loop(rng, fused_calls, cell_options, kind, backwards):
+    x, h0, c0 = _data(rng, cell_options.get("proj_units", H))
+    mask = _mask(kind, rng)
+    fused, generic = _twins(
+        rng, return_sequences=True, return_state=True, go_backwards=backwards, **cell_options
+    )
+    got = _outputs_and_grads(fused, x, h0, c0, mask, training=False)
+    assert fused_calls, "the fused op did not run"
+    fused_calls.clear()
+    want = _outputs_and_grads(generic, x, h0, c0, mask, training=False)
+    assert not fused_calls, "the reference must run Keras's step loop"
+    _assert_same(got, want, _gradient_names(fused))
+
+
+@pytest.mark.parametrize(
+    "cell_options",
+    [
+        pytest.param({}, id="plain"),
+        pytest.param({"layer_norm": True, "proj_units": PROJ}, id="layer_norm+proj_units"),
+        pytest.param({"peephole": True, "cifg": True}, id="peephole+cifg", marks=pytest.mark.slow),
+    ],
+)
+@pytest.mark.parametrize("kind", ["right", "random"])
+def test_unequal_lengths_with_dropouts_match(rng, fused_calls, cell_options, kind):
+    # Input and recurrent dropout: both layers draw the same masks, which
+    # follow the rows to their places in the kernel.
+    x, h0, c0 = _data(rng, cell_options.get("proj_units", H))
+    fused, generic = _twins(
+        rng, dropout=0.2, recurrent_dropout=0.3, seed=3, return_state=True, **cell_options
+    )
+    mask = _mask(kind, rng)
+    got = _outputs_and_grads(fused, x, h0, c0, mask, training=True)
+    assert fused_calls
+    want = _outputs_and_grads(generic, x, h0, c0, mask, training=True)
+    _assert_same(got, want, _gradient_names(fused))
+
+
+@pytest.mark.parametrize("backwards", [False, True], ids=["forwards", "backwards"])
+@pytest.mark.parametrize(
+    "cell_options",
+    [
+        {"zoneout_h": 0.3, "zoneout_c": 0.2, "peephole": True, "proj_units": PROJ},
+        {"zoneout_h": 0.3, "zoneout_c": 0.2, "layer_norm": True, "cell_clip": CLIP},
+    ],
+    ids=["zoneout+peephole+proj_units", "zoneout+layer_norm+cell_clip"],
+)
+def test_unequal_lengths_with_zoneout_match(rng, fused_calls, cell_options, backwards):
+    x, h0, c0 = _data(rng, cell_options.get("proj_units", H))
+    fused, generic = _twins(
+        rng, return_sequences=True, return_state=True, go_backwards=backwards, **cell_options
+    )
+    generic.unroll = True  # one cell call a step, in order: the masks are taken in turn
+    hidden = cell_options.get("proj_units", H)
+    masks = {
+        "h": (rng.uniform(size=(T, B, hidden)) < 0.3).astype("float32"),
+        "c": (rng.uniform(size=(T, B, H)) < 0.2).astype("float32"),
+    }
+    fused._zoneout_masks = lambda state, steps_and_batch: masks[state]
+    generic.cell._zoneout = _FixedZoneout(masks["h"], masks["c"])
+    mask = _mask("right")
+    got = _outputs_and_grads(fused, x, h0, c0, mask, training=True)
+    assert fused_calls and fused_calls[-1].zoneout_h is not None
+    want = _outputs_and_grads(generic, x, h0, c0, mask, training=True)
+    _assert_same(got, want, _gradient_names(fused))
+
+
+@pytest.mark.parametrize("merge_mode", ["concat", "sum"])
+def test_bidirectional_with_unequal_lengths_matches(rng, fused_calls, merge_mode):
+    # The backward half reads the right-padded mask reversed: a suffix a row.
+    x, _, _ = _data(rng)
+    options = {"return_sequences": True, "peephole": True}
+    fused = keras.layers.Bidirectional(GatedLSTM(H, **options), merge_mode=merge_mode)
+    generic = keras.layers.Bidirectional(GatedLSTM(H, **options), merge_mode=merge_mode)
+    fused.build((B, T, D))
+    generic.build((B, T, D))
+    weights = [rng.normal(scale=0.6, size=w.shape).astype("float32") for w in fused.get_weights()]
+    fused.set_weights(weights)
+    generic.set_weights(weights)
+    for half in (generic.forward_layer, generic.backward_layer):
+        half._runs_fused_kernel = lambda training: False
+    mask = tf.constant(_mask("right"))
+
+    def outputs_and_grads(layer):
+        xs = tf.constant(x)
+        with tf.GradientTape() as tape:
+            tape.watch(xs)
+            out = layer(xs, mask=mask)
+            loss = tf.reduce_sum(out * out * tf.range(1.0, out.shape[-1] + 1.0))
+        grads = tape.gradient(loss, [xs, *layer.trainable_weights])
+        return [np.asarray(out)], [np.asarray(g) for g in grads]
+
+    got = outputs_and_grads(fused)
+    assert len(fused_calls) == 2, "both halves must run fused"
+    fused_calls.clear()
+    want = outputs_and_grads(generic)
+    assert not fused_calls
+    _assert_same(got, want, ["x", *(w.path for w in fused.trainable_weights)])
+
+
+@pytest.mark.parametrize(
+    "cell_options, kind, backwards",
+    [
+        pytest.param({}, "right", False, id="plain-right"),
+        pytest.param({}, "left", True, id="plain-left-backwards"),
+        pytest.param(CELL_OPTIONS[-1], "right", False, id="all-right"),
+        pytest.param(CELL_OPTIONS[-1], "random", True, id="all-random", marks=pytest.mark.slow),
+        pytest.param(
+            {"peephole": True}, "right", True, id="peephole-right-backwards", marks=pytest.mark.slow
+        ),
+    ],
+)
+def test_unequal_lengths_under_xla_match(rng, fused_calls, cell_options, kind, backwards):
+    if not kernels.native_available(jit_compile=True):
+        pytest.skip("the native kernel's XLA library cannot be built here")
+    x, h0, c0 = _data(rng, cell_options.get("proj_units", H))
+    mask = _mask(kind, rng)
+    fused, generic = _twins(
+        rng, return_sequences=True, return_state=True, go_backwards=backwards, **cell_options
+    )
+    got = _outputs_and_grads(fused, x, h0, c0, mask, training=True, jit=True)
+    assert fused_calls
+    want = _outputs_and_grads(generic, x, h0, c0, mask, training=True, jit=True)
+    _assert_same(got, want, _gradient_names(fused))
+
+
+def _recurrence_per_row(rng, kind, bf16, jit):
+    """The fused op on the masked batch against each row alone (in a batch of
+    copies, unmasked, cut to its length): outputs at the kept steps, final
+    states, and the gradients of x, h0, c0, the kernels and the bias."""
+    lengths = np.array(LENGTHS)
+    mask = _mask(kind)
+    x, h0, c0 = _data(rng)
+    kernel = rng.normal(scale=0.5, size=(D, 4 * H)).astype("float32")
+    recurrent = rng.normal(scale=0.5, size=(H, 4 * H)).astype("float32")
+    bias = rng.normal(scale=0.5, size=(4 * H,)).astype("float32")
+    backwards = kind == "left"
+
+    def run(x, h0, c0, kernel, recurrent, bias, mask, weights):
+        # weights (B, T): which outputs the loss reads.
+        with tf.GradientTape() as tape:
+            tape.watch([x, h0, c0, kernel, recurrent, bias])
+            _, outputs, (h, c) = kernels.lstm_recurrence(
+                x,
+                kernel,
+                recurrent,
+                bias,
+                h0,
+                c0,
+                mask=mask,
+                go_backwards=backwards,
+                bf16_products=bf16,
+            )
+            ramp = tf.range(1.0, H + 1.0) / H
+            loss = tf.reduce_sum(weights[:, :, None] * outputs * outputs * ramp)
+            loss += tf.reduce_sum(weights[:, :1] * (h * h + c) * ramp)
+        grads = tape.gradient(loss, [x, h0, c0, kernel, recurrent, bias])
+        return outputs, h, c, grads
+
+    run = tf.function(run, jit_compile=jit)
+    # Outputs come in processing order (reversed with go_backwards): there
+    # the kept steps come first, for right padding and for its mirror backwards.
+    kept_first = np.arange(T)[None, :] < lengths[:, None]
+    got = run(x, h0, c0, kernel, recurrent, bias, mask, kept_first.astype("float32"))
+    sums = {"kernel": 0, "recurrent": 0, "bias": 0}
+    copies = 6  # more than 4 rows: the batch's bfloat16 products run
+    for row, length in enumerate(LENGTHS):
+        if length == 0:  # a row the mask drops whole keeps its initial state
+            np.testing.assert_array_equal(got[1][row], h0[row])
+            np.testing.assert_array_equal(got[2][row], c0[row])
+            assert not np.asarray(got[3][0][row]).any()
+            continue
+        steps = x[row : row + 1, T - length :] if backwards else x[row : row + 1, :length]
+        xr = np.repeat(steps, copies, axis=0)
+        weights = np.zeros((copies, length), "float32")
+        weights[0] = 1.0
+        out, h, c, grads = run(
+            xr,
+            np.repeat(h0[row : row + 1], copies, 0),
+            np.repeat(c0[row : row + 1], copies, 0),
+            kernel,
+            recurrent,
+            bias,
+            None,
+            weights,
+        )
+        np.testing.assert_allclose(got[1][row], h[0], atol=TOL, rtol=TOL, err_msg=f"h of {row}")
+        np.testing.assert_allclose(got[2][row], c[0], atol=TOL, rtol=TOL, err_msg=f"c of {row}")
+        np.testing.assert_allclose(
+            np.asarray(got[0][row, :length]), out[0], atol=TOL, rtol=TOL, err_msg=f"row {row}"
+        )
+        dx = np.zeros((T, D), "float32")
+        kept_x = np.asarray(grads[0][0])
+        if backwards:
+            dx[T - length :] = kept_x
+        else:
+            dx[:length] = kept_x
+        np.testing.assert_allclose(got[3][0][row], dx, atol=TOL, rtol=TOL, err_msg=f"dx of {row}")
+        for k, name in ((1, "dh0"), (2, "dc0")):
+            np.testing.assert_allclose(
+                got[3][k][row], grads[k][0], atol=TOL, rtol=TOL, err_msg=f"{name} of {row}"
+            )
+        for k, name in ((3, "kernel"), (4, "recurrent"), (5, "bias")):
+            sums[name] = sums[name] + np.asarray(grads[k], "float64")
+    # The weight gradients sum over rows (in another order here); with
+    # bfloat16 products their matmuls return bfloat16 sums (_gradients.matmul).
+    for k, name in ((3, "kernel"), (4, "recurrent"), (5, "bias")):
+        scale = float(np.abs(sums[name]).max())
+        tolerance = 1e-2 * scale if bf16 and name != "bias" else 1e-5 * max(1.0, scale)
+        np.testing.assert_allclose(got[3][k], sums[name], atol=tolerance, rtol=0, err_msg=name)
+
+
+@pytest.mark.parametrize(
+    "bf16",
+    [
+        pytest.param(False, id="float32"),
+        pytest.param(True, id="bf16_products"),
+    ],
+)
+@pytest.mark.parametrize("kind", ["right", "left"])
+def test_each_row_matches_itself_alone(rng, kind, bf16):
+    # With bfloat16 products too: each row's products round the same operands
+    # whichever rows share its step, so a row alone is its own reference.
+    if bf16 and not kernels.bf16_products():
+        pytest.skip("no AVX512-BF16 here: the kernel keeps float32 products")
+    _recurrence_per_row(rng, kind, bf16, jit=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bf16", [False, True], ids=["float32", "bf16_products"])
+def test_each_row_matches_itself_alone_under_xla(rng, bf16):
+    if not kernels.native_available(jit_compile=True):
+        pytest.skip("the native kernel's XLA library cannot be built here")
+    if bf16 and not kernels.bf16_products():
+        pytest.skip("no AVX512-BF16 here: the kernel keeps float32 products")
+    _recurrence_per_row(rng, "right", bf16, jit=True)
+
+
+def test_mixed_bfloat16_masked_layer_stays_near_float32(rng):
+    x, h0, c0 = _data(rng)
+    mask = _mask("right")
+    layer32 = GatedLSTM(H, return_sequences=True, peephole=True)
+    out32 = np.asarray(layer32(x, mask=mask))
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        layer16 = GatedLSTM(H, return_sequences=True, peephole=True)
+        layer16.build(x.shape)
+        layer16.set_weights(layer32.get_weights())
+        out16 = np.asarray(layer16(x, mask=mask), np.float32)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    # Each row in its place: a row swapped with another would be far off.
+    assert np.abs(out16 - out32).max() < 2e-2
+
+
+def test_row_order_sorts_each_threads_block_by_length():
+    lengths = tf.constant(LENGTHS, tf.float32)
+    mask = tf.cast(tf.range(T, dtype=tf.float32)[:, None] < lengths[None, :], tf.float32)
+    order, inverse = (np.asarray(t) for t in _native._row_order(mask))
+    assert sorted(order) == list(range(B))
+    np.testing.assert_array_equal(order[inverse], np.arange(B))
+    blocks = max(1, min(_native._worker_threads(), B // 4))
+    per_block = -(-B // blocks)
+    ordered = np.array(LENGTHS)[order]
+    for start in range(0, B, per_block):
+        block = ordered[start : start + per_block]
+        assert list(block) == sorted(block, reverse=True)
+    if blocks > 1:  # the longest rows are dealt to different blocks
+        assert ordered[0] == ordered[per_block] == max(LENGTHS)
+
+
+SUBPROCESS = """
+import json, sys
+import numpy as np
+import tensorflow as tf
+tf.config.threading.set_intra_op_parallelism_threads(int(sys.argv[1]))
+from keras_lstm import kernels
+rng = np.random.default_rng(0)
+lengths = np.array(json.loads(sys.argv[2]))
+B, T, D, H = len(lengths), int(lengths.max()), 3, 5
+x = rng.normal(size=(B, T, D)).astype("float32")
+mask = np.arange(T)[None, :] < lengths[:, None]
+w = [rng.normal(scale=0.5, size=s).astype("float32") for s in ((D, 4 * H), (H, 4 * H), (4 * H,))]
+zeros = np.zeros((B, H), "float32")
+out = {}
+for name, m in (("masked", mask), ("alone", None)):
+    rows = []
+    for row in range(B) if m is None else [None]:
+        xr = x if row is None else np.repeat(x[row : row + 1, : lengths[row]], 5, axis=0)
+        z = zeros if row is None else np.zeros((5, H), "float32")
+        with tf.GradientTape() as tape:
+            ws = [tf.constant(v) for v in w]
+            tape.watch(ws)
+            last, _, _ = kernels.lstm_recurrence(xr, *ws[:2], ws[2], z, z, mask=m)
+            loss = tf.reduce_sum(last[:1] if row is not None else last)
+        grads = [np.asarray(g).tolist() for g in tape.gradient(loss, ws)]
+        rows.append([np.asarray(last).tolist(), grads])
+    out[name] = rows
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("threads", [1, 3, 5])
+def test_threads_split_a_sorted_batch_without_changing_it(threads):
+    # 23 rows over 1, 3 or 5 intra-op threads (blocks of unequal sizes): each
+    # row's last output and the weight gradients equal each row run alone.
+    lengths = [17, 3, 40, 1, 22, 9, 40, 5, 12, 30, 2, 8, 19, 26, 4, 11, 33, 6, 15, 7, 1, 28, 10]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    done = subprocess.run(
+        [sys.executable, "-c", SUBPROCESS, str(threads), json.dumps(lengths)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    ((masked_last, masked_grads),) = result["masked"]
+    sums = None
+    for row, (last, grads) in enumerate(result["alone"]):
+        np.testing.assert_allclose(masked_last[row], last[0], atol=TOL, rtol=TOL)
+        grads = [np.asarray(g) for g in grads]
+        sums = grads if sums is None else [s + g for s, g in zip(sums, grads, strict=True)]
+    for got, want in zip(masked_grads, sums, strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_lengths_benchmark_runs_at_tiny_sizes(tmp_path):
+    from benchmarks import lengths
+
+    assert lengths.main(["--quick", "--rounds", "1", "--no-torch", "--out", str(tmp_path)]) == 0
+    saved = json.loads(Path(tmp_path, "lengths.json").read_text())
+    assert [run["batch"] for run in saved["runs"]] == ["lognormal", "wide"]
+    for run in saved["runs"]:
+        assert set(run["rows"]) == set(lengths.ROWS) - {r for r in lengths.ROWS if "torch" in r}
+        assert run["rows"][lengths.REFERENCE]["train_ratio"] == 1.0
+        assert all(row["infer_ms"] > 0 for row in run["rows"].values())
