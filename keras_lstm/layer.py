@@ -47,15 +47,16 @@ class GatedLSTM(keras.layers.RNN):
     `keras.layers.LSTM` on a GPU switches to cuDNN and disables
     `jit_compile`).
 
-    How the sequence runs: on the TensorFlow backend, when the cell computes
-    the standard LSTM (tanh and sigmoid, no option that changes the maths;
-    dropout and recurrent dropout are fine), a fused whole-sequence op with its own
-    gradient runs the recurrence (a native CPU kernel, under XLA as a custom
-    call; a `tf.while_loop` on GPU and in exports). The native kernel also
-    computes `peephole`, `cifg`, `cell_clip`, `proj_units`, `zoneout_h` and
-    `zoneout_c`. Otherwise, and on the JAX and
-    torch backends, Keras's step loop calls the cell's `call`, which is also
-    the reference the fused op is tested against. Both give the same numbers.
+    How the sequence runs is decided once per trace by `keras_lstm._routes`
+    (`keras-lstm doctor` prints the choice for this machine, with the reason
+    where it is not the fastest): on a CPU under TensorFlow, a native fused
+    kernel with its own gradient (under XLA as a custom call), which also
+    computes every cell option; on a GPU, for the standard LSTM, the same
+    cuDNN call `keras.layers.LSTM` makes (TensorFlow outside XLA, JAX, torch),
+    else a `tf.while_loop`; in exports, TensorFlow ops in the form each
+    converter takes. Otherwise Keras's step loop calls the cell's `call`,
+    which is also the reference every other route is tested against. All
+    give the same numbers.
 
     The cell's arguments, with the same defaults as `keras.layers.LSTM` and
     the same meaning as in `GatedLSTMCell` (each is also readable on the
@@ -82,9 +83,11 @@ class GatedLSTM(keras.layers.RNN):
         stateful: Carry each sample's last state to the same sample of the
             next batch; needs a fixed batch size. Default: `False`.
         unroll: Unroll the time loop (short sequences only). Default: `False`.
-        use_cudnn: `"auto"` or `False` (the cell always runs as written).
-            `True` raises a `ValueError`, since this layer has no cuDNN
-            kernel. Default: `"auto"`.
+        use_cudnn: `"auto"`: cuDNN on a GPU where it computes the same
+            maths (the standard LSTM, a bias, no recurrent dropout; outside
+            XLA on TensorFlow; no mask on JAX and torch). `True`: the same,
+            and a `ValueError` with the reason where it cannot run. `False`:
+            never. Default: `"auto"`.
         **kwargs: Base layer arguments (`name`, `dtype`, `trainable`, ...),
             `zero_output_for_mask` (as in `keras.layers.RNN`) and
             `implementation` (1 or 2, as in `keras.layers.LSTM`; the same

@@ -40,13 +40,14 @@ def test_unknown_names_say_which_argument(argument, value):
         GatedLSTM(4, **{argument: value})
 
 
-def test_use_cudnn_true_is_refused_with_the_reason():
-    with pytest.raises(ValueError, match=r"`use_cudnn=True` is not supported.*no cuDNN kernel"):
-        GatedLSTM(4, use_cudnn=True)
-    with pytest.raises(ValueError, match=r"`use_cudnn` must be 'auto' or False"):
+def test_use_cudnn_true_says_why_cudnn_cannot_run_here(rng):
+    # As keras.layers.LSTM: accepted, and refused at the call where cuDNN cannot run.
+    layer = GatedLSTM(4, use_cudnn=True)
+    with pytest.raises(ValueError, match=r"`use_cudnn=True` but layer .* cannot run cuDNN here"):
+        layer(rng.normal(size=(2, 5, 3)).astype("float32"))
+    with pytest.raises(ValueError, match=r"`use_cudnn` must be 'auto', True or False"):
         GatedLSTM(4, use_cudnn="yes")
-    GatedLSTM(4, use_cudnn="auto")
-    GatedLSTM(4, use_cudnn=False)
+    GatedLSTM(4, use_cudnn=False)(rng.normal(size=(2, 5, 3)).astype("float32"))
 
 
 @pytest.mark.parametrize("shape", [(4, 3), (2, 4, 5, 3), (3,)])

@@ -32,6 +32,7 @@ from test_fused_options import (
 )
 
 from keras_lstm import GatedLSTM, kernels
+from keras_lstm._routes import Route
 from keras_lstm.kernels import _native
 
 # 13 rows: two threads' blocks of 7 and 6 rows; lengths unsorted, one row
@@ -107,7 +108,7 @@ def fused_calls(monkeypatch):
     real = kernels.lstm_recurrence
 
     def spy(*args, **kwargs):
-        calls.append(kwargs.get("options"))
+        calls.append(args[1].options)  # lstm_recurrence(route, sequence, ...)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(kernels, "lstm_recurrence", spy)
@@ -200,7 +201,7 @@ def test_bidirectional_with_unequal_lengths_matches(rng, fused_calls, merge_mode
     fused.set_weights(weights)
     generic.set_weights(weights)
     for half in (generic.forward_layer, generic.backward_layer):
-        half._runs_fused_kernel = lambda training: False
+        half._pinned_route = Route.STEP_LOOP
     mask = tf.constant(_mask("right"))
 
     def outputs_and_grads(layer):
@@ -262,17 +263,11 @@ def _recurrence_per_row(rng, kind, bf16, jit):
         # weights (B, T): which outputs the loss reads.
         with tf.GradientTape() as tape:
             tape.watch([x, h0, c0, kernel, recurrent, bias])
-            _, outputs, (h, c) = kernels.lstm_recurrence(
-                x,
-                kernel,
-                recurrent,
-                bias,
-                h0,
-                c0,
-                mask=mask,
-                go_backwards=backwards,
-                bf16_products=bf16,
+            sequence = kernels.Sequence(
+                x, kernel, recurrent, bias, h0, c0, mask=mask, bf16_products=bf16
             )
+            route = "native_xla" if jit else "native"
+            _, outputs, (h, c) = kernels.lstm_recurrence(route, sequence, go_backwards=backwards)
             ramp = tf.range(1.0, H + 1.0) / H
             loss = tf.reduce_sum(weights[:, :, None] * outputs * outputs * ramp)
             loss += tf.reduce_sum(weights[:, :1] * (h * h + c) * ramp)
@@ -413,7 +408,8 @@ for name, m in (("masked", mask), ("alone", None)):
         with tf.GradientTape() as tape:
             ws = [tf.constant(v) for v in w]
             tape.watch(ws)
-            last, _, _ = kernels.lstm_recurrence(xr, *ws[:2], ws[2], z, z, mask=m)
+            sequence = kernels.Sequence(xr, ws[0], ws[1], ws[2], z, z, mask=m)
+            last, _, _ = kernels.lstm_recurrence("native", sequence)
             loss = tf.reduce_sum(last[:1] if row is not None else last)
         grads = [np.asarray(g).tolist() for g in tape.gradient(loss, ws)]
         rows.append([np.asarray(last).tolist(), grads])

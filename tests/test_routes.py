@@ -179,14 +179,6 @@ def test_the_layer_reads_its_config_and_this_context(rng):
             pass
 
 
-def test_use_cudnn_true_says_why_cudnn_cannot_run_here(rng):
-    layer = GatedLSTM(4, use_cudnn=True)
-    with pytest.raises(ValueError, match="`use_cudnn=True`.*cannot run cuDNN here"):
-        layer(rng.normal(size=(2, 5, 3)).astype("float32"))
-    with pytest.raises(ValueError, match="`use_cudnn` must be 'auto', True or False"):
-        GatedLSTM(4, use_cudnn="yes")
-
-
 def _leak_inputs(cell, draw):
     return {"cell_clip": cell.leak_clip}
 

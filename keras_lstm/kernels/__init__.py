@@ -328,6 +328,14 @@ def _run_native(steps: Steps):
     return tuple(tf.cast(t, dtype) for t in (h_seq, h_last, c_last))
 
 
+def _run_native_xla(steps: Steps):
+    """The native kernel under XLA: its custom call needs the XLA library loaded."""
+    if _native_xla.xla_library() is None:
+        error = _native_xla._state.get("error")
+        raise RuntimeError(f"the native kernel's XLA library is unavailable here: {error}")
+    return _run_native(steps)
+
+
 def _projected(steps: Steps):
     """`x W + b` of every step in one matmul, time-major (T, B, G H)."""
     x, kernel = steps.x, steps.kernel
@@ -389,7 +397,7 @@ def _run_tflite_fused(steps: Steps):
 # The fused routes, by `_routes.Route` value.
 ROUTES = {
     "native": _run_native,
-    "native_xla": _run_native,
+    "native_xla": _run_native_xla,
     "loop": _run_loop,
     "loop_xla": _run_loop_xla,
     "export_loop": _run_export_loop,
