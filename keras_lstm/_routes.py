@@ -392,11 +392,12 @@ def native_reason(jit_compile: bool = False) -> str:
     return f"{what} is unavailable here ({detail})"
 
 
-def decide(layer, sequences, mask, training) -> Decision:
-    """The decision for `layer`'s call being traced now; an export that loses
-    something says so in one warning naming the layer."""
+def decide(layer, shape, mask, training) -> Decision:
+    """The decision for `layer`'s call on sequences of `shape` (batch, steps; `None`
+    where free) being traced now; an export that loses something says so in one
+    warning naming the layer."""
     context = Context.now(layer.compute_dtype)
-    decision = resolve(Config.of(layer, mask, training, tuple(sequences.shape)), context)
+    decision = resolve(Config.of(layer, mask, training, shape), context)
     if decision.reason and context.export in ("onnx", "litert", "openvino"):
         warn_export(layer.name, decision, context.export)
     return decision
@@ -435,7 +436,7 @@ def follow_routes(rnn) -> None:
 
     def inner_loop(sequences, initial_state, mask, training=False):
         first_mask = mask[0] if keras.tree.is_nested(mask) else mask
-        decision = decide(rnn, sequences, first_mask, training)
+        decision = decide(rnn, tuple(sequences.shape)[:2], first_mask, training)
         if decision.route is not Route.STEP_LOOP_UNROLLED or rnn.unroll:
             return keras_inner_loop(sequences, initial_state, mask, training=training)
         rnn.unroll = True

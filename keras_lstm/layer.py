@@ -232,7 +232,8 @@ class GatedLSTM(keras.layers.RNN):
         # `_routes.decide` picks the path; each branch below only runs it.
         if keras.tree.is_nested(mask):
             mask = mask[0]
-        decision = _routes.decide(self, sequences, mask, training)
+        batch_and_steps = keras.backend.standardize_shape(sequences.shape)[:2]  # None: free
+        decision = _routes.decide(self, batch_and_steps, mask, training)
         if self.use_cudnn is True and decision.route is not Route.CUDNN:
             raise ValueError(
                 f"`use_cudnn=True` but layer '{self.name}' cannot run cuDNN here: "
