@@ -232,7 +232,7 @@ class GatedLSTM(keras.layers.RNN):
         # `_routes.decide` picks the path; each branch below only runs it.
         if keras.tree.is_nested(mask):
             mask = mask[0]
-        batch_and_steps = keras.backend.standardize_shape(sequences.shape)[:2]  # None: free
+        batch_and_steps = tuple(sequences.shape)[:2]  # None where free
         decision = _routes.decide(self, batch_and_steps, mask, training)
         if self.use_cudnn is True and decision.route is not Route.CUDNN:
             raise ValueError(
