@@ -145,7 +145,7 @@ def _route_lines(backend: str, gpu: bool, native: str, native_xla: str) -> list[
     rows = [
         ("eager/graph ", _routes.Config(), {}),
         ("jit_compile ", _routes.Config(), {"xla": True}),
-        ("bfloat16    ", _routes.Config(), {"dtype": "bfloat16"}),
+        ("mixed policy", _routes.Config(), {"dtype": "bfloat16"}),
         ("float64     ", _routes.Config(), {"dtype": "float64"}),
         ("options     ", _routes.Config(changes=fused), {}),
         ("unroll=True ", _routes.Config(unroll=True), {}),
@@ -156,11 +156,13 @@ def _route_lines(backend: str, gpu: bool, native: str, native_xla: str) -> list[
     ]
     if unfused:
         rows.insert(5, ("options     ", _routes.Config(changes=unfused, not_native=unfused), {}))
-    lines = [f"  options      {', '.join(fused)} (the row 'options' below)"]
+    lines = []
     for label, config, changes in rows:
         decision = _routes.resolve(config, dataclasses.replace(here, **changes))
         reason = f": {decision.reason}" if decision.reason else ""
         lines.append(f"  {label} {decision.route.description}{reason}")
+        if label.strip() == "options":
+            lines.append(f"               (any of {', '.join(config.changes)})")
     return lines
 
 
