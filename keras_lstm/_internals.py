@@ -221,117 +221,139 @@ def layers_within(model) -> list:
 # ----------------------------------------------------------------- smoke check
 
 
-def smoke_check() -> list[str]:
-    """Exercise every private use above against the installed Keras and TensorFlow.
+def _probe_dropout_rnn_cell():
+    """`dropout_rnn_cell()` is the mixin that gives a cell `get_dropout_mask`."""
+    assert hasattr(dropout_rnn_cell(), "get_dropout_mask")
 
-    Returns one line per use that broke (its function, and the error), or an
-    empty list. Needs the TensorFlow backend.
-    """
+
+def _probe_never_autocast():
+    """`never_autocast` turns off a variable's `_autocast`."""
     import keras
     import numpy as np
 
-    problems = []
+    variable = keras.Variable(np.zeros(2, "float32"))
+    never_autocast(variable)
+    assert variable._autocast is False
 
-    def check(name, run):
-        try:
-            run()
-        except Exception as error:  # any failure is the news
-            problems.append(f"{name}: {type(error).__name__}: {error}")
 
-    def cell_mixin():
-        assert hasattr(dropout_rnn_cell(), "get_dropout_mask")
+def _probe_keras_mask():
+    """`attach_keras_mask` attaches the mask that `keras_mask` reads back."""
+    import tensorflow as tf
 
-    def variable_autocast():
-        variable = keras.Variable(np.zeros(2, "float32"))
-        never_autocast(variable)
-        assert variable._autocast is False
+    tensor, mask = tf.zeros((1, 3, 2)), tf.ones((1, 3), tf.bool)
+    attach_keras_mask(tensor, mask)
+    assert keras_mask(tensor) is mask
+
+
+def _probe_graph_records():
+    """A functional graph's call arguments, tensor histories and nested layers read back."""
+    import keras
 
     inputs = keras.Input((3, 2))
     masked = keras.layers.Masking()(inputs)
     dense = keras.layers.Dense(1)
     outputs = dense(masked)
     model = keras.Model(inputs, outputs)
+    assert first_call_arguments(dense).args[0] is masked
+    operation, node_index, _ = keras_history(outputs)
+    assert operation is dense and node_output_count(operation, node_index) == 1
+    assert dense in layers_within(model)
 
-    def masks():
-        import tensorflow as tf
 
-        tensor, mask = tf.zeros((1, 3, 2)), tf.ones((1, 3), tf.bool)
-        attach_keras_mask(tensor, mask)
-        assert keras_mask(tensor) is mask
+def _probe_tensorflow_contexts():
+    """The save, oneDNN and XLA context queries answer, and XLA is seen under `jit_compile`."""
+    import tensorflow as tf
 
-    def graph_records():
-        assert first_call_arguments(dense).args[0] is masked
-        operation, node_index, _ = keras_history(outputs)
-        assert operation is dense and node_output_count(operation, node_index) == 1
-        assert dense in layers_within(model)
+    assert in_save_context() is False
+    assert isinstance(onednn_enabled(), bool)
+    seen = []
+    tf.function(
+        lambda: seen.append(in_xla_context(tf.compat.v1.get_default_graph())), jit_compile=True
+    ).get_concrete_function()
+    assert seen == [True]
 
-    def tensorflow_contexts():
-        import tensorflow as tf
 
-        assert in_save_context() is False
-        assert isinstance(onednn_enabled(), bool)
-        seen = []
-        tf.function(
-            lambda: seen.append(in_xla_context(tf.compat.v1.get_default_graph())), jit_compile=True
-        ).get_concrete_function()
-        assert seen == [True]
+def _probe_keep_tensor_list_ops():
+    """TFLite's converter still has the TensorList flag that `keep_tensor_list_ops` sets."""
+    import tensorflow as tf
 
-    def converter_flag():
-        import tensorflow as tf
+    function = tf.function(lambda x: x + 1).get_concrete_function(tf.TensorSpec((1,)))
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([function])
+    assert hasattr(converter, "_experimental_lower_tensor_list_ops")
+    keep_tensor_list_ops(converter)
 
-        function = tf.function(lambda x: x + 1).get_concrete_function(tf.TensorSpec((1,)))
-        converter = tf.lite.TFLiteConverter.from_concrete_functions([function])
-        assert hasattr(converter, "_experimental_lower_tensor_list_ops")
-        keep_tensor_list_ops(converter)
 
-    def flat_buffers():
-        import tensorflow as tf
+def _probe_tflite_flat_buffers():
+    """A converted flat buffer round-trips through TFLite's schema and object tree."""
+    import tensorflow as tf
 
-        function = tf.function(lambda x: x + 1).get_concrete_function(tf.TensorSpec((1,)))
-        flat_buffer = tf.lite.TFLiteConverter.from_concrete_functions([function]).convert()
-        model = tflite_model_object(flat_buffer)
-        assert model.subgraphs and hasattr(
-            tflite_schema().BuiltinOptions, "UnidirectionalSequenceLSTMOptions"
-        )
-        assert tflite_model_bytes(model)
+    function = tf.function(lambda x: x + 1).get_concrete_function(tf.TensorSpec((1,)))
+    flat_buffer = tf.lite.TFLiteConverter.from_concrete_functions([function]).convert()
+    model = tflite_model_object(flat_buffer)
+    assert model.subgraphs and hasattr(
+        tflite_schema().BuiltinOptions, "UnidirectionalSequenceLSTMOptions"
+    )
+    assert tflite_model_bytes(model)
 
-    def lambdas():
-        from keras.src.saving import serialization_lib
-        from keras.src.utils import python_utils
 
-        assert serialization_lib.in_safe_mode() is None
-        code = python_utils.func_dump(lambda x: x + 1)
-        assert python_utils.func_load(*code)(1) == 2
+def _probe_saved_lambda():
+    """Keras's safe-mode flag and lambda (de)serialisation, which `saved_lambda` uses."""
+    from keras.src.saving import serialization_lib
+    from keras.src.utils import python_utils
 
-    def exporters():
-        # Keras's exporters trace under their own modules; ExportArchive under one too.
-        import tensorflow as tf
+    assert serialization_lib.in_safe_mode() is None
+    code = python_utils.func_dump(lambda x: x + 1)
+    assert python_utils.func_load(*code)(1) == 2
 
-        seen = []
 
-        class Probe(keras.layers.Layer):
-            def call(self, x):
-                seen.append(keras_export_target())
-                return x
+def _probe_keras_export_target():
+    """`keras_export_target` names the exporter tracing now; `backend_lstm` is callable."""
+    # Keras's exporters trace under their own modules (here `saved_model.py`).
+    import os
+    import tempfile
 
-        probe = keras.Sequential([keras.Input((2,)), Probe()])
-        archive = keras.export.ExportArchive()
-        archive.track(probe)
-        archive.add_endpoint("serve", probe.call, input_signature=[tf.TensorSpec((None, 2))])
-        assert seen and set(seen) == {"saved_model"}, seen
-        assert keras_export_target() == ""
-        assert callable(backend_lstm())
+    import keras
 
-    for name, run in [
-        ("dropout_rnn_cell", cell_mixin),
-        ("never_autocast", variable_autocast),
-        ("keras_mask/attach_keras_mask", masks),
-        ("first_call_arguments/keras_history/node_output_count/layers_within", graph_records),
-        ("in_save_context/in_xla_context/onednn_enabled", tensorflow_contexts),
-        ("keep_tensor_list_ops", converter_flag),
-        ("tflite_schema/tflite_model_object/tflite_model_bytes", flat_buffers),
-        ("saved_lambda", lambdas),
-        ("keras_export_target/backend_lstm", exporters),
-    ]:
-        check(name, run)
+    seen = []
+
+    class Probe(keras.layers.Layer):
+        def call(self, x):
+            seen.append(keras_export_target())
+            return x
+
+    probe = keras.Sequential([keras.Input((2,)), Probe()])
+    seen.clear()  # building the model called it outside any export
+    with tempfile.TemporaryDirectory() as folder:
+        probe.export(os.path.join(folder, "probe"), format="tf_saved_model", verbose=False)
+    assert seen and set(seen) == {"saved_model"}, seen
+    assert keras_export_target() == ""
+    assert callable(backend_lstm())
+
+
+# What `smoke_check` runs: the private uses each probe covers, and the probe.
+_PROBES = (
+    ("dropout_rnn_cell", _probe_dropout_rnn_cell),
+    ("never_autocast", _probe_never_autocast),
+    ("keras_mask/attach_keras_mask", _probe_keras_mask),
+    ("first_call_arguments/keras_history/node_output_count/layers_within", _probe_graph_records),
+    ("in_save_context/in_xla_context/onednn_enabled", _probe_tensorflow_contexts),
+    ("keep_tensor_list_ops", _probe_keep_tensor_list_ops),
+    ("tflite_schema/tflite_model_object/tflite_model_bytes", _probe_tflite_flat_buffers),
+    ("saved_lambda", _probe_saved_lambda),
+    ("keras_export_target/backend_lstm", _probe_keras_export_target),
+)
+
+
+def smoke_check() -> list[str]:
+    """Exercise every private use above against the installed Keras and TensorFlow.
+
+    Returns one line per use that broke (its function, and the error), or an
+    empty list. Needs the TensorFlow backend.
+    """
+    problems = []
+    for name, probe in _PROBES:
+        try:
+            probe()
+        except Exception as error:  # any failure is the news
+            problems.append(f"{name}: {type(error).__name__}: {error}")
     return problems

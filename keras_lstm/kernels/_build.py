@@ -430,6 +430,28 @@ def _object(work: Path, unit: Unit) -> Path:
     return work / f"{unit.source.stem}.o"
 
 
+def _link(compiler: str, library: Library, objects: list[Path], target: Path, attempts):
+    """Links `objects` into the shared library `target`; `BuildError` if it fails."""
+    link = [
+        compiler,
+        "-shared",
+        *COMMON_FLAGS,
+        *(str(path) for path in objects),
+        "-o",
+        str(target),
+        *library.link_flags,
+    ]
+    work = target.parent
+    log = work / "link.log"
+    status = run_supervised(link, log)
+    if status != 0:
+        error = _failure(compiler, target.name, status, _tail(log), attempts, work.parent)
+        if error.kind == COMPILER:
+            error.reason = f"{Path(compiler).name} failed to link {target.name}"
+            error.args = (error.reason,)
+        raise error
+
+
 def build_library(
     library: Library, target: Path, work: Path, flag_sets: list[FlagSet] | None = None
 ) -> BuildRecord:
@@ -489,23 +511,7 @@ def build_library(
             "\n".join(a.get("log", "") for a in attempts),
             attempts,
         )
-    link = [
-        compiler,
-        "-shared",
-        *COMMON_FLAGS,
-        *(str(objects[unit.source]) for unit in library.units),
-        "-o",
-        str(target),
-        *library.link_flags,
-    ]
-    log = work / "link.log"
-    status = run_supervised(link, log)
-    if status != 0:
-        error = _failure(compiler, target.name, status, _tail(log), attempts, work.parent)
-        if error.kind == COMPILER:
-            error.reason = f"{Path(compiler).name} failed to link {target.name}"
-            error.args = (error.reason,)
-        raise error
+    _link(compiler, library, [objects[unit.source] for unit in library.units], target, attempts)
     return BuildRecord(
         flag_set=chosen.name,
         cpu_flags=list(chosen.flags),

@@ -24,7 +24,7 @@ import sys
 import threading
 import warnings
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import tensorflow as tf
 
@@ -187,68 +187,115 @@ def _register_gradient():
             )
         )
         normalised = _given(layer_norm)
-        dbias = dbias if _given(bias) else None
-        dropped = recurrent_mask if _given(recurrent_mask) else None
         # The c the gates and h read: with zoneout of C, before it mixed in the previous one.
         zoneout_c_on = options["zoneout_c_rate"] > 0 or _given(zoneout_c)
-        c_read = c_computed if zoneout_c_on else c_seq
-
-        def cell_view_of(c_read, norms):
-            # What tanh read on C's way to h: C, or with layer norm LN(C) γc + βc.
-            if not normalised:
-                return c_read
-            # [γx, γh, γc, βc]; norms: x W, h U and C normalised, ...
-            units, width = c_seq.shape[-1], gates.shape[-1]
-            at = 2 * width
-            gain, shift = layer_norm[at : at + units], layer_norm[at + units :]
-            return norms[..., at : at + units] * gain + shift
-
+        backward = _Backward(
+            x=x,
+            kernel=kernel,
+            h0=h0,
+            c0=c0,
+            h_seq=h_seq,
+            c_seq=c_seq,
+            gates=gates,
+            norms=norms if normalised else None,
+            c_read=c_computed if zoneout_c_on else c_seq,
+            dz=dz,
+            # With layer norm the weights' gradients read those of x W and h U,
+            # which the norms stand between.
+            d_input=d_input if normalised else dz,
+            d_recurrent=d_recurrent if normalised else dz,
+            dh_projected=dh_projected,
+            dropped=recurrent_mask if _given(recurrent_mask) else None,
+            peephole=peephole if _given(peephole) else None,
+            projection=projection if _given(projection) else None,
+            layer_norm=layer_norm if normalised else None,
+            cifg=options["cifg"],
+            bf16=bf16,
+        )
         if _given(mask) and not in_xla_context():
-            # The kernel wrote the kept values and their gradients at the steps
-            # the mask keeps only: every gradient below reads those steps alone.
-            kept = _KeptSteps(mask)
-            d_in = kept.of(d_input if normalised else dz)
-            dx, dkernel = projection_grads(kept.of(x), kernel, d_in, bf16=bf16)
-            dx = kept.scatter(dx, x)
-            h_prev = kept.previous(h_seq, h0)
-            if dropped is not None:
-                h_prev = h_prev * kept.rows(dropped)
-            drecurrent = matmul(
-                h_prev, kept.of(d_recurrent if normalised else dz), bf16, transpose_a=True
-            )
-            dpeephole = None
-            if _given(peephole):
-                dpeephole = peephole_grad_at(
-                    kept.previous(c_seq, c0), kept.of(dz), options["cifg"], kept.of(c_read)
-                )
-            dprojection = None
-            if _given(projection):
-                dprojection = projection_kernel_grad(
-                    cell_view_of(kept.of(c_read), kept.of(norms) if normalised else None),
-                    kept.of(gates),
-                    kept.of(dh_projected),
-                )
+            dx, dkernel, drecurrent, dpeephole, dprojection = _grads_at_kept_steps(backward, mask)
         else:
-            # The input and weight gradients as single matmuls over all steps; the
-            # bias gradient the kernel summed as it went. With layer norm they read
-            # the gradients of x W and h U, which the norms stand between.
-            dx, dkernel = projection_grads(x, kernel, d_input if normalised else dz, bf16=bf16)
-            drecurrent = recurrent_kernel_grad(
-                h0, h_seq, d_recurrent if normalised else dz, dropped, bf16=bf16
-            )
-            dpeephole = None
-            if _given(peephole):
-                dpeephole = peephole_grad(c0, c_seq, dz, options["cifg"], c_read)
-            dprojection = None
-            if _given(projection):
-                dprojection = projection_kernel_grad(
-                    cell_view_of(c_read, norms), gates, dh_projected
-                )
+            dx, dkernel, drecurrent, dpeephole, dprojection = _grads_at_all_steps(backward)
+        dbias = dbias if _given(bias) else None
+        dlayer_norm = dlayer_norm if normalised else None
         return (dx, dkernel, dbias, drecurrent, dh0, dc0, None, None, dpeephole, dprojection) + (
             None,
             None,
-            dlayer_norm if normalised else None,
+            dlayer_norm,
         )
+
+
+class _Backward(NamedTuple):
+    """What the op's gradient needs after the native backward pass: the forward
+    pass's inputs and kept values, and the gradients of its pre-activations. An
+    option's tensor is `None` where it is off."""
+
+    x: Any
+    kernel: Any
+    h0: Any
+    c0: Any
+    h_seq: Any
+    c_seq: Any
+    gates: Any
+    norms: Any  # with layer norm: x W, h U and C normalised, ...
+    c_read: Any  # the C the gates and h read
+    dz: Any
+    d_input: Any  # the gradient of x W (of its norm's input with layer norm)
+    d_recurrent: Any  # the gradient of h U (likewise)
+    dh_projected: Any
+    dropped: Any  # the recurrent dropout mask
+    peephole: Any
+    projection: Any
+    layer_norm: Any  # [γx, γh, γc, βc]
+    cifg: bool
+    bf16: bool
+
+
+def _grads_at_all_steps(b: _Backward):
+    """`(dx, dkernel, drecurrent, dpeephole, dprojection)` as single matmuls over all
+    steps (the bias gradient the kernel summed as it went)."""
+    dx, dkernel = projection_grads(b.x, b.kernel, b.d_input, bf16=b.bf16)
+    drecurrent = recurrent_kernel_grad(b.h0, b.h_seq, b.d_recurrent, b.dropped, bf16=b.bf16)
+    dpeephole = dprojection = None
+    if b.peephole is not None:
+        dpeephole = peephole_grad(b.c0, b.c_seq, b.dz, b.cifg, b.c_read)
+    if b.projection is not None:
+        cell_view = _cell_view(b, b.c_read, b.norms)
+        dprojection = projection_kernel_grad(cell_view, b.gates, b.dh_projected)
+    return dx, dkernel, drecurrent, dpeephole, dprojection
+
+
+def _grads_at_kept_steps(b: _Backward, mask):
+    """The same, from the steps `mask` keeps alone: the kernel wrote the kept values
+    and their gradients there only."""
+    kept = _KeptSteps(mask)
+    dx, dkernel = projection_grads(kept.of(b.x), b.kernel, kept.of(b.d_input), bf16=b.bf16)
+    dx = kept.scatter(dx, b.x)
+    h_prev = kept.previous(b.h_seq, b.h0)
+    if b.dropped is not None:
+        h_prev = h_prev * kept.rows(b.dropped)
+    drecurrent = matmul(h_prev, kept.of(b.d_recurrent), b.bf16, transpose_a=True)
+    dpeephole = dprojection = None
+    if b.peephole is not None:
+        dpeephole = peephole_grad_at(
+            kept.previous(b.c_seq, b.c0), kept.of(b.dz), b.cifg, kept.of(b.c_read)
+        )
+    if b.projection is not None:
+        norms = None if b.norms is None else kept.of(b.norms)
+        dprojection = projection_kernel_grad(
+            _cell_view(b, kept.of(b.c_read), norms), kept.of(b.gates), kept.of(b.dh_projected)
+        )
+    return dx, dkernel, drecurrent, dpeephole, dprojection
+
+
+def _cell_view(b: _Backward, c_read, norms):
+    """What tanh read on C's way to h: C, or with layer norm LN(C) γc + βc."""
+    if b.layer_norm is None:
+        return c_read
+    units, width = b.c_seq.shape[-1], b.gates.shape[-1]
+    at = 2 * width  # norms: x W, h U, then C normalised
+    gain, shift = b.layer_norm[at : at + units], b.layer_norm[at + units :]
+    return norms[..., at : at + units] * gain + shift
 
 
 class _KeptSteps:

@@ -39,37 +39,18 @@ def export_for_serving(
     when they were killed are removed (only those whose writing process is
     gone: see docs/serving.md, "Leftovers of interrupted exports").
 
-    To roll out a new model, export it as a new version (the default) and
-    let the server switch to it; do not replace a version a server is
-    serving or loading.
+    Signatures (docs/serving.md, "Signatures"; inputs and outputs are named
+    after the model's, and `<layer>_h` / `<layer>_c` for each recurrent
+    layer's states): `serving_default`, whole sequences of any batch and
+    length in, the model's outputs out; with streaming, `step`, one step and
+    the states in, that step's outputs and the new states out (step by step
+    from zero states it reproduces `serving_default`), and `initial_state`,
+    a scalar int32 `batch_size` in, zero states out.
 
-    Signatures (the names of inputs and outputs are those of the model's
-    input and output layers, and `<layer>_h` / `<layer>_c` for the states of
-    each recurrent layer):
-
-    - `serving_default`: each input with its batch and time axes `None`
-      and its feature size fixed; returns the model's outputs. A request
-      whose feature size differs is refused (`InvalidArgumentError` naming
-      the input), as is one that swaps two inputs of different sizes.
-    - `step` (streaming): each input without its time axis, plus every
-      recurrent layer's states; returns the outputs for that step (what the
-      model would return for the sequence so far) and the new states.
-      Feeding a sequence one step at a time, starting from zero states,
-      reproduces `serving_default` on the whole sequence.
-    - `initial_state` (streaming): a scalar int32 `batch_size`; returns zero
-      states of the right shapes.
-
-    Streaming needs a functional or Sequential model with one sequence input
-    whose recurrent layers are `GatedLSTM`, `keras.layers.RNN` of a
-    `GatedLSTMCell` (or a Keras LSTM, GRU or SimpleRNN), reading forwards, and
-    whose other layers between input and recurrent layers work on each step
-    alone (Dense, Masking, Dropout, normalisation over features, merges, ...).
-    Layers that mix time steps (Bidirectional, Conv1D, attention, Flatten on
-    a sequence) rule it out.
-
-    A model with `stateful=True` recurrent layers is served stateless: it is
-    rebuilt from its config with `stateful=False` and the same weights (the
-    state a stateful layer would carry belongs to the client of `step`).
+    Streaming needs recurrent layers that read forwards and, between them
+    and the input, layers that work on each step alone (docs/serving.md,
+    "Which models stream"). Stateful layers are served stateless, rebuilt
+    with the same weights (docs/serving.md, "Stateful models").
 
     Args:
         model: A built functional or Sequential `keras.Model` (a subclassed
@@ -95,11 +76,9 @@ def export_for_serving(
             load time so the first real request does not pay for tracing
             and XLA compilation. Default: `True`.
         overwrite: Replace an existing `base_dir/<version>` (once the new
-            one is complete). Unsafe while a server serves or loads that
-            version: a load in progress fails, and a server that has loaded
-            the version keeps serving its old copy, since it tells versions
-            apart by number. Roll out a new version number instead.
-            Default: `False` (an existing version raises `FileExistsError`).
+            one is complete); unsafe while a server serves or loads it
+            (docs/serving.md, "Rolling out a new version"). Default: `False`
+            (an existing version raises `FileExistsError`).
 
     Returns:
         The path of the version folder, `base_dir/<version>`.
@@ -114,14 +93,35 @@ def export_for_serving(
     ['initial_state', 'serving_default', 'step']
     """
     _graph.require_tensorflow_backend("export_for_serving")
+    _check_streaming(streaming)
+    model = _graph.servable_model(model)
+    base_dir = _checked_base_dir(base_dir)
+    if warmup:
+        _warmup.serving_protos()  # say what is missing before any tracing
+    version, version_dir = _checked_version_dir(base_dir, version, overwrite)
+    plan = _stream_plan(model, streaming)
+    archive = _tensorflow_only_archive(model, plan, jit_compile)
+    writer = _version_writer(base_dir, version_dir, version, overwrite)
+    _write_version(writer, archive, model, plan, base_dir, warmup)
+    return writer.path
+
+
+def _check_streaming(streaming):
+    """Refuse a `streaming` that is not True, False or "auto"."""
     if streaming not in (True, False, "auto"):
         raise ValueError(f"`streaming` must be True, False or 'auto', got {streaming!r}.")
-    model = _graph.servable_model(model)
+
+
+def _checked_base_dir(base_dir):
+    """`base_dir` as an absolute path, refused if it names a file."""
     base_dir = os.path.abspath(os.fspath(base_dir))
     if os.path.exists(base_dir) and not os.path.isdir(base_dir):
         raise ValueError(f"`base_dir` must be a folder, but `{base_dir}` is a file.")
-    if warmup:
-        _warmup.serving_protos()  # say what is missing before any tracing
+    return base_dir
+
+
+def _checked_version_dir(base_dir, version, overwrite):
+    """`(version, version_dir)`: the checked version (or `None`) and the folder to write."""
     version = None if version is None else _version(version)
     number = _next_version(base_dir) if version is None else version
     version_dir = os.path.join(base_dir, str(number))
@@ -130,34 +130,51 @@ def export_for_serving(
             f"Version {number} already exists at `{version_dir}`; pass a new `version`, "
             "leave it None for the next free one, or pass overwrite=True to replace it."
         )
+    return version, version_dir
 
-    plan = None
-    if streaming:
-        plan, reason = _streaming.stream_plan(model)
-        if plan is None and streaming is True:
-            raise ValueError(
-                f"This model cannot be exported with a streaming `step` signature: {reason} "
-                "Pass streaming=False (or 'auto') to export serving_default only."
-            )
 
+def _stream_plan(model, streaming):
+    """The plan of the `step` and `initial_state` signatures, or `None` for none."""
+    if not streaming:
+        return None
+    plan, reason = _streaming.stream_plan(model)
+    if plan is None and streaming is True:
+        raise ValueError(
+            f"This model cannot be exported with a streaming `step` signature: {reason} "
+            "Pass streaming=False (or 'auto') to export serving_default only."
+        )
+    return plan
+
+
+def _tensorflow_only_archive(model, plan, jit_compile):
+    """`_archive`, traced so that the export does not need our native kernel's library."""
     from keras_lstm import _routes
 
-    # TensorFlow ops only: the export must not need our native kernel's library.
     with _routes.exporting("saved_model"):
-        archive = _archive(model, plan, jit_compile)
-    created_base = not os.path.exists(base_dir)
-    remove_stale_temporaries(base_dir, targets=r"[0-9]+")
+        return _archive(model, plan, jit_compile)
+
+
+def _version_writer(base_dir, version_dir, version, overwrite):
+    """The `atomic_directory` that writes `version_dir` (a free number if `version` is None)."""
 
     def next_free_version():
         return os.path.join(base_dir, str(_next_version(base_dir)))
 
     # With no `version` given, a number that another export takes while this
     # one is written is skipped, never replaced.
-    writer = atomic_directory(
+    return atomic_directory(
         version_dir,
         overwrite=overwrite and version is not None,
         next_path=next_free_version if version is None else None,
     )
+
+
+def _write_version(writer, archive, model, plan, base_dir, warmup):
+    """Write the archive (and warmup requests) through `writer`, leaving no new empty `base_dir`."""
+    from keras_lstm import _routes
+
+    created_base = not os.path.exists(base_dir)
+    remove_stale_temporaries(base_dir, targets=r"[0-9]+")
     try:
         with _routes.exporting("saved_model"), writer as tmp:
             with _graph.quiet_tensorflow_logger():
@@ -168,7 +185,6 @@ def export_for_serving(
         if created_base and os.path.isdir(base_dir) and not os.listdir(base_dir):
             shutil.rmtree(base_dir, ignore_errors=True)
         raise
-    return writer.path
 
 
 def _version(version):

@@ -8,6 +8,7 @@ own `UNIDIRECTIONAL_SEQUENCE_LSTM` op.
 from __future__ import annotations
 
 import os
+import tempfile
 import warnings
 
 import keras
@@ -161,11 +162,21 @@ def export_tflite(
     True
     """
     _graph.require_tensorflow_backend("export_tflite")
-    import tensorflow as tf
-
     model = _graph.servable_model(model)
     representative = _representative_inputs(model, quantize, representative_data)
     fused = _checks.boolean("fused", fused)
+    timesteps, batch_size = _checked_lengths(model, timesteps, batch_size)
+    path = _checked_path(path)
+    fixed_model, fusable = _export_copy(model, batch_size, timesteps, fused)
+    flat_buffer = _converted(
+        fixed_model, fusable, batch_size, timesteps, quantize, representative, allow_flex
+    )
+    _write_flat_buffer(path, _with_fused_lstms_unclipped(flat_buffer, len(fusable)))
+    return path
+
+
+def _checked_lengths(model, timesteps, batch_size):
+    """`(timesteps, batch_size)` checked, `timesteps` defaulting to the model's fixed length."""
     if timesteps is not None:
         timesteps = _checks.positive_int("timesteps", timesteps)
     if batch_size is not None:
@@ -179,10 +190,19 @@ def export_tflite(
         )
     if timesteps is None and len(fixed) == 1:
         timesteps = fixed.pop()
+    return timesteps, batch_size
+
+
+def _checked_path(path):
+    """`path` as a string, refused if it names a folder."""
     path = os.fspath(path)
     if os.path.isdir(path):
         raise ValueError(f"`path` must be a file name, but `{path}` is a folder.")
+    return path
 
+
+def _export_copy(model, batch_size, timesteps, fused):
+    """`(fixed_model, fusable)`: the stateless copy to convert and its layers to fuse."""
     fixed_model = _graph.rebuilt(model, stateful=False, batch_size=batch_size, timesteps=timesteps)
     fusable = []
     if fused:
@@ -193,80 +213,131 @@ def export_tflite(
             if decision.route is _routes.Route.TFLITE_FUSED:
                 fusable.append(layer)
             else:
+                # stacklevel 3: the warning points at the caller of `export_tflite`.
                 warnings.warn(
-                    _routes.export_warning(layer.name, decision, "tflite_fused"), stacklevel=2
+                    _routes.export_warning(layer.name, decision, "tflite_fused"), stacklevel=3
                 )
     if timesteps is not None:  # the other recurrent layers unroll into builtin ops
-        for layer in _graph.all_layers(fixed_model):
-            if isinstance(layer, keras.layers.RNN) and layer not in fusable:
-                layer.unroll = True
+        _unroll_recurrent_layers(fixed_model, skip=fusable)
+    return fixed_model, fusable
+
+
+def _unroll_recurrent_layers(fixed_model, skip):
+    """Set `unroll=True` on every recurrent layer of `fixed_model` not in `skip`."""
+    for layer in _graph.all_layers(fixed_model):
+        if isinstance(layer, keras.layers.RNN) and layer not in skip:
+            layer.unroll = True
+
+
+def _input_signature(fixed_model, batch_size, timesteps):
+    """The `tf.TensorSpec`s of the model's inputs at the export's batch size and length."""
+    import tensorflow as tf
+
     specs = []
     for spec in _graph.input_specs(fixed_model):
         shape = [batch_size, *spec.shape[1:]]
         if len(shape) == 3:
             shape[1] = timesteps
         specs.append(tf.TensorSpec(shape, spec.dtype, name=spec.name))
+    return specs
 
-    import tempfile
 
+def _converted(fixed_model, fusable, batch_size, timesteps, quantize, representative, allow_flex):
+    """The TFLite flat buffer of `fixed_model`, converted through a temporary SavedModel."""
+    specs = _input_signature(fixed_model, batch_size, timesteps)
     with tempfile.TemporaryDirectory() as saved_model_dir:
-        # The SavedModel route freezes the variables into constants; tracing
-        # a concrete function directly leaves TFLite resource variables.
-        archive = keras.export.ExportArchive()
-        archive.track(fixed_model)
-        serve = _graph.serve_function(fixed_model, _graph.output_names(fixed_model))
+        _write_saved_model(fixed_model, specs, saved_model_dir, fused=bool(fusable))
+        converter = _converter(saved_model_dir, quantize, representative, batch_size, allow_flex)
+        return _convert(converter, bool(fusable), quantize, allow_flex)
 
-        # TFLite has no kernel for our native op, nor builtins for TensorList
-        # ops at a free batch size.
-        with _routes.exporting("tflite_fused" if fusable else "tflite"):
-            archive.add_endpoint("serving_default", serve, input_signature=specs)
-            with _graph.quiet_tensorflow_logger():
-                archive.write_out(saved_model_dir, verbose=False)
-        converter = tf.lite.TFLiteConverter.from_saved_model(saved_model_dir)
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
-        if quantize is not None:
-            converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        if representative is not None:
-            converter.representative_dataset = _calibration(representative, batch_size or 1)
-            converter.target_spec.supported_ops = [getattr(tf.lite.OpsSet, QUANTIZED_OPS[quantize])]
-        if allow_flex:
-            converter.target_spec.supported_ops.append(tf.lite.OpsSet.SELECT_TF_OPS)
-            _internals.keep_tensor_list_ops(converter)
-        try:
-            flat_buffer = converter.convert()
-        except Exception as error:
-            if fusable and "not yet supported for op: 'UNIDIRECTIONAL_SEQUENCE_LSTM'" in str(error):
-                raise ValueError(
-                    f"`quantize={quantize!r}` is not supported by TFLite's converter for the "
-                    "fused LSTM op: pass fused=False."
-                ) from None
-            if quantize is not None and "calibration" in str(error).lower():
-                raise ValueError(
-                    f"`quantize={quantize!r}` cannot calibrate this model's time loop: "
-                    "give a fixed `timesteps` (the loop is then unrolled)."
-                ) from None
-            if allow_flex or "tensor list" not in str(error).lower():
-                raise
-            raise ValueError(
-                "With a free sequence length and a free batch size, a layer that runs Keras's "
-                "step loop (a cell option, or keras.layers.RNN(GatedLSTMCell)) needs TensorFlow "
-                "(Flex) ops: pass batch_size=1, a `timesteps`, or allow_flex=True (the model "
-                "then needs the Flex delegate)."
-            ) from None
 
-    if fusable:
-        flat_buffer, count = _unclipped_fused_lstms(flat_buffer)
-        if count < len(fusable):  # what only tracing shows: a mask
-            warnings.warn(
-                f"{len(fusable) - count} of the {len(fusable)} GatedLSTM layers that "
-                "UNIDIRECTIONAL_SEQUENCE_LSTM could express stay a loop in the TFLite "
-                "model: they are masked, and the op takes no mask.",
-                stacklevel=2,
-            )
+def _write_saved_model(fixed_model, specs, saved_model_dir, fused):
+    """Write `fixed_model` as a SavedModel with one `serving_default` endpoint over `specs`."""
+    # The SavedModel route freezes the variables into constants; tracing
+    # a concrete function directly leaves TFLite resource variables.
+    archive = keras.export.ExportArchive()
+    archive.track(fixed_model)
+    serve = _graph.serve_function(fixed_model, _graph.output_names(fixed_model))
+
+    # TFLite has no kernel for our native op, nor builtins for TensorList
+    # ops at a free batch size.
+    with _routes.exporting("tflite_fused" if fused else "tflite"):
+        archive.add_endpoint("serving_default", serve, input_signature=specs)
+        with _graph.quiet_tensorflow_logger():
+            archive.write_out(saved_model_dir, verbose=False)
+
+
+def _converter(saved_model_dir, quantize, representative, batch_size, allow_flex):
+    """A `TFLiteConverter` of the SavedModel, set for the quantization and op sets asked for."""
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_saved_model(saved_model_dir)
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    if quantize is not None:
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if representative is not None:
+        converter.representative_dataset = _calibration(representative, batch_size or 1)
+        converter.target_spec.supported_ops = [getattr(tf.lite.OpsSet, QUANTIZED_OPS[quantize])]
+    if allow_flex:
+        converter.target_spec.supported_ops.append(tf.lite.OpsSet.SELECT_TF_OPS)
+        _internals.keep_tensor_list_ops(converter)
+    return converter
+
+
+def _convert(converter, fused, quantize, allow_flex):
+    """The converter's flat buffer; a known failure becomes a `ValueError` saying what to pass."""
+    try:
+        return converter.convert()
+    except Exception as error:
+        message = _conversion_advice(str(error), fused, quantize, allow_flex)
+        if message is None:
+            raise
+        raise ValueError(message) from None
+
+
+def _conversion_advice(error, fused, quantize, allow_flex):
+    """What to pass instead, for a conversion failure we recognise in `error`, or `None`."""
+    if fused and "not yet supported for op: 'UNIDIRECTIONAL_SEQUENCE_LSTM'" in error:
+        return (
+            f"`quantize={quantize!r}` is not supported by TFLite's converter for the "
+            "fused LSTM op: pass fused=False."
+        )
+    if quantize is not None and "calibration" in error.lower():
+        return (
+            f"`quantize={quantize!r}` cannot calibrate this model's time loop: "
+            "give a fixed `timesteps` (the loop is then unrolled)."
+        )
+    if allow_flex or "tensor list" not in error.lower():
+        return None
+    return (
+        "With a free sequence length and a free batch size, a layer that runs Keras's "
+        "step loop (a cell option, or keras.layers.RNN(GatedLSTMCell)) needs TensorFlow "
+        "(Flex) ops: pass batch_size=1, a `timesteps`, or allow_flex=True (the model "
+        "then needs the Flex delegate)."
+    )
+
+
+def _with_fused_lstms_unclipped(flat_buffer, fusable_count):
+    """`flat_buffer` with its fused LSTMs unclipped; warns if fewer than `fusable_count` fused."""
+    if not fusable_count:
+        return flat_buffer
+    flat_buffer, count = _unclipped_fused_lstms(flat_buffer)
+    if count < fusable_count:  # what only tracing shows: a mask
+        # stacklevel 3: the warning points at the caller of `export_tflite`.
+        warnings.warn(
+            f"{fusable_count - count} of the {fusable_count} GatedLSTM layers that "
+            "UNIDIRECTIONAL_SEQUENCE_LSTM could express stay a loop in the TFLite "
+            "model: they are masked, and the op takes no mask.",
+            stacklevel=3,
+        )
+    return flat_buffer
+
+
+def _write_flat_buffer(path, flat_buffer):
+    """Write `flat_buffer` to `path` atomically, replacing any file there."""
     with atomic_file(path) as tmp:
         with open(tmp, "wb") as f:
             f.write(flat_buffer)
-    return path
 
 
 def _fused_decision(layer, batch_size, timesteps):
