@@ -37,7 +37,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from benchmarks.run import _log, _machine, _time_per_call  # noqa: E402
+from benchmarks.run import _log, _machine, _time_per_call, interleave  # noqa: E402
 
 OURS = "GatedLSTM"
 ROWS = (
@@ -241,16 +241,7 @@ def _bench(lengths, features, units, rounds, target_s, with_torch, jit):
             start = time.perf_counter()
             fn()
             results[name][f"warm_{kind}_s"] = time.perf_counter() - start
-    names = list(contenders)
-    for r in range(rounds):
-        order = names[r % len(names) :] + names[: r % len(names)]
-        for name in order:
-            train, infer = contenders[name]
-            for kind, fn in (("train", train), ("infer", infer)):
-                warm = results[name][f"warm_{kind}_s"]
-                repeats = max(1, min(50, round(target_s / max(warm, 1e-6))))
-                results[name][f"{kind}_s"].append(_time_per_call(fn, repeats))
-        _log(f"    round {r + 1}/{rounds} done")
+    interleave(contenders, results, rounds, target_s, most_repeats=50)
     summary = {
         name: {
             "train_ms": 1e3 * statistics.median(res["train_s"]),

@@ -245,6 +245,23 @@ def _matmul_limit(size):
     return train, forward
 
 
+def interleave(contenders, results, rounds, target_s, most_repeats):
+    """Times each contender's `(train, infer)` in `rounds` rounds, the order rotating
+    each round so that no contender always runs first; each timing repeats a call
+    for about `target_s` (by its warm time). Appends to `results[name]["train_s"]`
+    and `["infer_s"]`."""
+    names = list(contenders)
+    for r in range(rounds):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for name in order:
+            train, infer = contenders[name]
+            for kind, fn in (("train", train), ("infer", infer)):
+                warm = results[name][f"warm_{kind}_s"]
+                repeats = max(1, min(most_repeats, round(target_s / max(warm, 1e-6))))
+                results[name][f"{kind}_s"].append(_time_per_call(fn, repeats))
+        _log(f"    round {r + 1}/{rounds} done")
+
+
 def _time_per_call(fn, repeats: int) -> float:
     start = time.perf_counter()
     for _ in range(repeats):
@@ -288,16 +305,7 @@ def _bench_size(size, mode, rounds, with_torch, target_s, options=(), dtypes=("f
         with probe:
             train()
         results[name]["peak_train_mib"] = probe.peak / 2**20
-    names = list(contenders)
-    for r in range(rounds):
-        order = names[r % len(names) :] + names[: r % len(names)]
-        for name in order:
-            train, infer = contenders[name]
-            for kind, fn in (("train", train), ("infer", infer)):
-                warm = results[name][f"warm_{kind}_s"]
-                repeats = max(1, min(200, round(target_s / max(warm, 1e-6))))
-                results[name][f"{kind}_s"].append(_time_per_call(fn, repeats))
-        _log(f"    round {r + 1}/{rounds} done")
+    interleave(contenders, results, rounds, target_s, most_repeats=200)
 
     batch = size[0]
     summary = {}

@@ -106,11 +106,7 @@ class Config:
         `GatedLSTMCell`) for a call on sequences of `shape` (batch, steps, ...;
         `None` where free) with `mask`."""
         cell = layer.cell
-        changes = options.maths_changes(cell)
-        for name, standard in (("activation", "tanh"), ("recurrent_activation", "sigmoid")):
-            value = keras.activations.serialize(getattr(cell, name))
-            if value != standard:
-                changes.append(f"{name}={value!r}")
+        changes = options.maths_changes(cell) + options.activation_changes(cell)
         return cls(
             changes=tuple(changes),
             not_native=tuple(options.not_in_native_kernel(cell))

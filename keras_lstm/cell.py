@@ -327,10 +327,7 @@ class GatedLSTMCell(keras.layers.Layer, _internals.dropout_rnn_cell()):
     @property
     def has_standard_activations(self) -> bool:
         """Whether the activations are the LSTM's own: tanh and sigmoid."""
-        return (
-            keras.activations.serialize(self.activation) == "tanh"
-            and keras.activations.serialize(self.recurrent_activation) == "sigmoid"
-        )
+        return not options.activation_changes(self)
 
     def options_changing_maths(self) -> list[str]:
         """The names of the options turned on that change the equations (not

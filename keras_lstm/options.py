@@ -462,6 +462,18 @@ def not_in_native_kernel(cell) -> list[str]:
     ]
 
 
+def activation_changes(cell) -> list[str]:
+    """`["activation='relu'", ...]` for each activation of `cell` that is not the LSTM's
+    own (tanh, and sigmoid for the gates). By name: no backend module is loaded."""
+    changes = []
+    for name, standard in (("activation", "tanh"), ("recurrent_activation", "sigmoid")):
+        function = getattr(cell, name)
+        value = getattr(function, "__name__", type(function).__name__)
+        if value != standard:
+            changes.append(f"{name}={value!r}")
+    return changes
+
+
 def native_inputs(cell, draw) -> dict:
     """The `kernels.CellOptions` fields of the options on in `cell` (see `Option`)."""
     fields = {}

@@ -39,3 +39,19 @@ def _seeded():
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """The `options` of each fused-op call made (a list that fills as layers run)."""
+    calls = []
+    from keras_lstm import kernels
+
+    real = kernels.lstm_recurrence
+
+    def spy(*args, **kwargs):
+        calls.append(args[1].options)  # lstm_recurrence(route, sequence, ...)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "lstm_recurrence", spy)
+    return calls

@@ -118,20 +118,6 @@ def _gradient_names(layer):
     return ["x", "h0", "c0", *(w.path.rsplit("/", 1)[-1] for w in layer.trainable_weights)]
 
 
-@pytest.fixture
-def fused_calls(monkeypatch):
-    """The `options` of each fused-op call made (a list that fills as layers run)."""
-    calls = []
-    real = kernels.lstm_recurrence
-
-    def spy(*args, **kwargs):
-        calls.append(args[1].options)  # lstm_recurrence(route, sequence, ...)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(kernels, "lstm_recurrence", spy)
-    return calls
-
-
 def _slow_unless(default):
     return () if default else (pytest.mark.slow,)
 

@@ -101,20 +101,6 @@ def _cases():
             yield pytest.param(options, kind, backwards, id=f"{mask_id}-{cell_id}", marks=marks)
 
 
-@pytest.fixture
-def fused_calls(monkeypatch):
-    """The `options` of each fused-op call made (a list that fills as layers run)."""
-    calls = []
-    real = kernels.lstm_recurrence
-
-    def spy(*args, **kwargs):
-        calls.append(args[1].options)  # lstm_recurrence(route, sequence, ...)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(kernels, "lstm_recurrence", spy)
-    return calls
-
-
 @pytest.fixture(autouse=True)
 def _native_only():
     if not kernels.native_available():
