@@ -115,9 +115,11 @@ def _native_states(states, disabled, cache_problem, status):
     from the cache without building (`""` where a library runs or will build on first use)."""
     from keras_lstm.kernels import _native, _native_xla
 
-    if disabled is not None or cache_problem is not None:
-        reason = disabled or cache_problem
-        return reason, reason, status if disabled is not None else 1
+    if disabled is not None:
+        return disabled, disabled, status
+    if cache_problem is not None:
+        reason = "the native kernel is not loaded from an unsafe cache (see Cache above)"
+        return reason, reason, 1
     reasons = {}
     for key, loader, what in (
         ("native", _native.native_module, "the native kernel"),

@@ -369,7 +369,7 @@ def test_overwrite_is_documented_as_unsafe_while_a_server_reads_the_version(caps
     from keras_lstm import cli
 
     doc = " ".join(export_for_serving.__doc__.split())
-    assert "Unsafe while a server serves or loads that version" in doc
+    assert "unsafe while a server serves or loads it" in doc
     with pytest.raises(SystemExit):
         cli.main(["export", "--help"])
     assert "unsafe while a server serves or loads it" in " ".join(capsys.readouterr().out.split())
