@@ -368,3 +368,14 @@ def test_a_compiler_with_a_huge_version_makes_a_small_record(cache, tiny, tmp_pa
     _, record = _cache.load_or_build(tiny, _name(tiny), _load)
     assert len(record["compiler"]) <= len(str(chatty.path)) + 2 + _build.VERSION_CHARS
     assert (cache / f"{_name(tiny)}.json").stat().st_size < 20000
+
+
+def test_a_filesystem_without_file_locks_is_one_cache_error(tmp_path, monkeypatch):
+    # Some NFS and Lustre mounts refuse flock: one line naming the lock and the way out.
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(_cache.fcntl, "flock", no_locks)
+    with pytest.raises(_cache.CacheError, match=r"cannot lock .*x\.lock.*no file locks.*"):
+        with _cache._lock(tmp_path / "x.lock"):
+            pass

@@ -239,6 +239,11 @@ def _lock(path: Path, wait: bool = True):
         except BlockingIOError:
             yield False
             return
+        except OSError as error:  # a filesystem without file locks (some NFS, Lustre mounts)
+            raise CacheError(
+                f"cannot lock {path} ({error.strerror}): the cache's filesystem has no file "
+                "locks; set KERAS_LSTM_CACHE_DIR to a local folder"
+            ) from error
         yield True
     finally:
         os.close(fd)
