@@ -118,7 +118,7 @@ def _native_states(states, disabled, cache_problem, status):
     if disabled is not None:
         return disabled, disabled, status
     if cache_problem is not None:
-        reason = "the native kernel is not loaded from an unsafe cache (see Cache above)"
+        reason = "the native kernel is not loaded from this cache (see Cache above)"
         return reason, reason, 1
     reasons = {}
     for key, loader, what in (

@@ -539,4 +539,4 @@ def test_doctor_names_the_problem_when_the_cache_is_unsafe(tmp_path):
     assert f"{shared} is writable by others" in doctor.stdout
     # The routes' reason for the fallback is the cache's problem.
     fallback = "eager/graph  TensorFlow ops (tf.while_loop with its own gradient): "
-    assert fallback + "the native kernel is not loaded from an unsafe cache" in doctor.stdout
+    assert fallback + "the native kernel is not loaded from this cache" in doctor.stdout
