@@ -391,8 +391,12 @@ class GatedLSTM(keras.layers.RNN):
     def __getattr__(self, name):
         # Only for names not found otherwise: each cell argument (options
         # included) is readable on the layer, as `layer.units`, `layer.peephole`.
-        if name in cell_arguments() and "cell" in self.__dict__:
+        if name in cell_arguments():
             return getattr(self.cell, name)
+        # The torch backend's layers are torch modules, which find their submodules here.
+        parent = getattr(super(), "__getattr__", None)
+        if parent is not None:
+            return parent(name)
         raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
 
 
