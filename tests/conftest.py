@@ -33,7 +33,18 @@ def _native_libraries_built_at_once():
 def _seeded():
     keras.utils.set_random_seed(1234)
     yield
-    keras.backend.clear_session()
+    _clear_session()
+
+
+def _clear_session():
+    """Keras's global state reset after each test, without the full garbage
+    collection Keras adds to it by default (Python's own collector still runs):
+    that collection, over the whole suite's TensorFlow objects, took most of a
+    short test's time."""
+    try:
+        keras.backend.clear_session(free_memory=False)
+    except TypeError:  # an older Keras takes no argument
+        keras.backend.clear_session()
 
 
 @pytest.fixture
