@@ -28,6 +28,7 @@ import dataclasses
 import enum
 import functools
 import threading
+import types
 import warnings
 from typing import NamedTuple
 
@@ -98,6 +99,8 @@ class Config:
     fixed_batch: bool = True
     fixed_length: bool = True
     returns_state: bool = False
+    go_backwards: bool = False
+    return_sequences: bool = False
     pinned: Route | None = None  # set by tests and benchmarks: this route, whatever else
 
     @classmethod
@@ -120,6 +123,8 @@ class Config:
             fixed_batch=shape[0] is not None,
             fixed_length=shape[1] is not None,
             returns_state=bool(layer.return_state),
+            go_backwards=bool(layer.go_backwards),
+            return_sequences=bool(layer.return_sequences),
             pinned=getattr(layer, "_pinned_route", None),
         )
 
@@ -138,8 +143,9 @@ class Context:
     native_xla: str = ""
 
     @classmethod
-    def now(cls, dtype) -> Context:
-        """The context of the graph being traced now (or of this eager call)."""
+    def now(cls, dtype, native: bool = True) -> Context:
+        """The context of the graph being traced now (or of this eager call); with
+        `native=False` the native libraries are not asked about (nor built)."""
         backend = keras.backend.backend()
         device = "gpu" if _gpu_present(backend) else "cpu"
         dtype = keras.backend.standardize_dtype(dtype)
@@ -149,7 +155,7 @@ class Context:
 
         xla, export = in_xla_context(), export_target()
         native = native_xla = ""
-        if device == "cpu" and not export and dtype in NATIVE_DTYPES:
+        if native and device == "cpu" and not export and dtype in NATIVE_DTYPES:
             native = native_reason()
             if xla and not native:
                 native_xla = native_reason(jit_compile=True)
@@ -164,14 +170,14 @@ class Decision(NamedTuple):
 def resolve(config: Config, context: Context) -> Decision:
     """The route for a call of a layer with `config` in `context`, with the reason
     in one sentence where it is not the fastest the context has."""
-    if config.pinned is not None:
+    if config.pinned is not None and not (context.export and config.pinned in _NATIVE):
         return Decision(config.pinned, "pinned")
     if context.export:
         return _in_export(config, context)
     if config.unroll:
         return Decision(Route.STEP_LOOP, "unroll=True writes every step out")
     if config.in_keras_rnn:
-        return Decision(Route.STEP_LOOP, _KERAS_RNN)
+        return Decision(Route.STEP_LOOP, _KERAS_RNN_FUSED)
     if context.backend != "tensorflow":
         return _on_other_backend(config, context)
     if context.device == "gpu":
@@ -179,10 +185,9 @@ def resolve(config: Config, context: Context) -> Decision:
     return _on_cpu(config, context)
 
 
-_KERAS_RNN = (
-    "keras.layers.RNN runs Keras's step loop around the cell; GatedLSTM with the same "
-    "arguments runs fused"
-)
+_NATIVE = (Route.NATIVE, Route.NATIVE_XLA)  # never in an export: no runtime has the op
+_KERAS_RNN = "keras.layers.RNN runs Keras's step loop around the cell"
+_KERAS_RNN_FUSED = f"{_KERAS_RNN}; GatedLSTM with the same arguments runs fused"
 
 
 def _cudnn_refusal(config: Config, context: Context) -> str:
@@ -195,8 +200,12 @@ def _cudnn_refusal(config: Config, context: Context) -> str:
         return "cuDNN has no recurrent dropout"
     if config.use_cudnn is False:
         return "use_cudnn=False"
-    if config.masked and context.backend != "tensorflow":
-        return f"Keras's cuDNN LSTM on {context.backend} takes no mask"
+    if config.masked and context.backend == "tensorflow":
+        return "it is masked: cuDNN takes right-padded lengths and zeroes the masked outputs"
+    if config.masked:
+        return f"it is masked, and Keras's cuDNN LSTM on {context.backend} takes no mask"
+    if context.backend == "jax" and config.go_backwards and config.return_sequences:
+        return "Keras's cuDNN LSTM on jax returns go_backwards sequences in input order"
     return ""
 
 
@@ -243,8 +252,7 @@ def _in_export(config: Config, context: Context) -> Decision:
 def _export_step_loop(config: Config, context: Context) -> Decision | None:
     """The decision for an export of a layer that runs Keras's step loop, or `None`."""
     if config.in_keras_rnn:
-        why = "keras.layers.RNN runs Keras's step loop around the cell; GatedLSTM with the "
-        why += "same arguments exports as the LSTM op"
+        why = f"{_KERAS_RNN}; GatedLSTM with the same arguments exports as the LSTM op"
     elif config.unroll:
         why = "unroll=True writes every step out"
     elif config.changes:
@@ -276,7 +284,7 @@ def _tflite_step_loop(config: Config) -> Decision:
     if config.unroll:
         return Decision(Route.STEP_LOOP, "unroll=True")
     if config.in_keras_rnn:
-        why = "keras.layers.RNN runs Keras's step loop; use GatedLSTM with the same arguments"
+        why = f"{_KERAS_RNN}; use GatedLSTM with the same arguments"
     else:
         why = "a cell option or activation the op does not compute"
     return Decision(Route.STEP_LOOP_UNROLLED if config.fixed_length else Route.STEP_LOOP, why)
@@ -392,11 +400,28 @@ def decide(layer, shape, mask, training) -> Decision:
     """The decision for `layer`'s call on sequences of `shape` (batch, steps; `None`
     where free) being traced now; an export that loses something says so in one
     warning naming the layer."""
-    context = Context.now(layer.compute_dtype)
-    decision = resolve(Config.of(layer, mask, training, shape), context)
+    config = Config.of(layer, mask, training, shape)
+    context = Context.now(layer.compute_dtype, native=_may_run_native(config))
+    decision = resolve(config, context)
     if decision.reason and context.export in ("onnx", "litert", "openvino"):
         warn_export(layer.name, decision, context.export)
+    if config.use_cudnn is True and decision.route is not Route.CUDNN and not context.export:
+        refuse_cudnn(layer.name, decision)
     return decision
+
+
+def _may_run_native(config: Config) -> bool:
+    """Whether the native kernel's state matters to `config`'s route (asking builds it)."""
+    return not (config.in_keras_rnn or config.unroll or config.not_native or config.pinned)
+
+
+def refuse_cudnn(name: str, decision: Decision):
+    """`use_cudnn=True` where cuDNN does not run: one `ValueError` with the reason."""
+    raise ValueError(
+        f"`use_cudnn=True` but layer '{name}' cannot run cuDNN here: it runs "
+        f"{decision.route.description} ({decision.reason or 'the fastest route here'}). "
+        "Pass use_cudnn='auto' to fall back."
+    )
 
 
 def export_warning(name: str, decision: Decision, target: str) -> str:
@@ -428,18 +453,22 @@ def follow_routes(rnn) -> None:
     """
     if "inner_loop" in rnn.__dict__:
         return
-    keras_inner_loop = rnn.inner_loop
+    # A method bound to the layer: a copy of the layer (copy, deepcopy) binds its own.
+    rnn.inner_loop = types.MethodType(_routed_inner_loop, rnn)
 
-    def inner_loop(sequences, initial_state, mask, training=False):
-        first_mask = mask[0] if keras.tree.is_nested(mask) else mask
-        decision = decide(rnn, tuple(sequences.shape)[:2], first_mask, training)
-        if decision.route is not Route.STEP_LOOP_UNROLLED or rnn.unroll:
-            return keras_inner_loop(sequences, initial_state, mask, training=training)
-        rnn.unroll = True
-        try:
-            return keras_inner_loop(sequences, initial_state, mask, training=training)
-        finally:
-            rnn.unroll = False
 
-    inner_loop.keras_lstm_routes = True
-    rnn.inner_loop = inner_loop
+def _routed_inner_loop(rnn, sequences, initial_state, mask, training=False):
+    """`keras.layers.RNN.inner_loop`, once `decide` has said which way it runs."""
+    first_mask = mask[0] if keras.tree.is_nested(mask) else mask
+    decision = decide(rnn, tuple(sequences.shape)[:2], first_mask, training)
+    keras_inner_loop = type(rnn).inner_loop
+    if decision.route is not Route.STEP_LOOP_UNROLLED or rnn.unroll:
+        return keras_inner_loop(rnn, sequences, initial_state, mask, training=training)
+    rnn.unroll = True
+    try:
+        return keras_inner_loop(rnn, sequences, initial_state, mask, training=training)
+    finally:
+        rnn.unroll = False
+
+
+_routed_inner_loop.keras_lstm_routes = True

@@ -84,10 +84,11 @@ class GatedLSTM(keras.layers.RNN):
             next batch; needs a fixed batch size. Default: `False`.
         unroll: Unroll the time loop (short sequences only). Default: `False`.
         use_cudnn: `"auto"`: cuDNN on a GPU where it computes the same
-            maths (the standard LSTM, a bias, no recurrent dropout; outside
-            XLA on TensorFlow; no mask on JAX and torch). `True`: the same,
-            and a `ValueError` with the reason where it cannot run. `False`:
-            never. Default: `"auto"`.
+            maths (the standard LSTM, a bias, no recurrent dropout, no mask;
+            outside XLA on TensorFlow). `True`: the same, a `ValueError`
+            with the reason where a call cannot run it, and, as in
+            `keras.layers.LSTM`, no XLA for the model around it on
+            TensorFlow. `False`: never. Default: `"auto"`.
         **kwargs: Base layer arguments (`name`, `dtype`, `trainable`, ...),
             `zero_output_for_mask` (as in `keras.layers.RNN`) and
             `implementation` (1 or 2, as in `keras.layers.LSTM`; the same
@@ -167,6 +168,10 @@ class GatedLSTM(keras.layers.RNN):
             **kwargs,
         )
         self.use_cudnn = use_cudnn
+        if use_cudnn is True and keras.backend.backend() == "tensorflow":
+            # As keras.layers.LSTM: cuDNN does not run under XLA, so a model
+            # around the layer compiles without it (jit_compile="auto").
+            self.supports_jit = False
         # Shapes are checked in build() and call(), with messages that name the argument.
         self.input_spec = None
 
@@ -234,11 +239,6 @@ class GatedLSTM(keras.layers.RNN):
             mask = mask[0]
         batch_and_steps = tuple(sequences.shape)[:2]  # None where free
         decision = _routes.decide(self, batch_and_steps, mask, training)
-        if self.use_cudnn is True and decision.route is not Route.CUDNN:
-            raise ValueError(
-                f"`use_cudnn=True` but layer '{self.name}' cannot run cuDNN here: "
-                f"{decision.reason}. Pass use_cudnn='auto' to fall back."
-            )
         if decision.route is Route.CUDNN:
             return self._cudnn_loop(sequences, initial_state, mask, training)
         if decision.route is Route.STEP_LOOP_UNROLLED:
@@ -256,11 +256,12 @@ class GatedLSTM(keras.layers.RNN):
     def _cudnn_loop(self, sequences, initial_state, mask, training):
         """The backend's cuDNN LSTM, which `keras.layers.LSTM.inner_loop` calls too."""
         cell = self.cell
+        dropped = sequences
         if training and cell.dropout > 0:
-            sequences = sequences * cell.get_dropout_mask(sequences[:, 0, :])[:, None, :]
+            dropped = sequences * cell.get_dropout_mask(sequences[:, 0, :])[:, None, :]
         try:
             return _internals.backend_lstm()(
-                sequences,
+                dropped,
                 initial_state[0],
                 initial_state[1],
                 mask,
@@ -274,9 +275,12 @@ class GatedLSTM(keras.layers.RNN):
                 unroll=self.unroll,
             )
         except NotImplementedError:  # the backend found it cannot, at trace time
+            fallback = _routes.Decision(Route.STEP_LOOP, "the backend's cuDNN LSTM refused")
             if self.use_cudnn is True:
-                raise
-            return super().inner_loop(sequences, initial_state, mask, training=training)
+                _routes.refuse_cudnn(self.name, fallback)
+            if keras.backend.backend() == "tensorflow":
+                return self._fused_loop(Route.LOOP, sequences, initial_state, mask, training)
+            return self._step_loop(sequences, initial_state, mask, training)
 
     def _fused_loop(self, route, sequences, initial_state, mask, training):
         """One of `kernels.lstm_recurrence`'s routes over the whole sequence."""

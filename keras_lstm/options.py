@@ -464,14 +464,20 @@ def not_in_native_kernel(cell) -> list[str]:
 
 def activation_changes(cell) -> list[str]:
     """`["activation='relu'", ...]` for each activation of `cell` that is not the LSTM's
-    own (tanh, and sigmoid for the gates). By name: no backend module is loaded."""
+    own (tanh, and sigmoid for the gates): by name and the library that defines it, so
+    that no backend module is loaded to ask."""
     changes = []
     for name, standard in (("activation", "tanh"), ("recurrent_activation", "sigmoid")):
         function = getattr(cell, name)
         value = getattr(function, "__name__", type(function).__name__)
-        if value != standard:
+        library = (getattr(function, "__module__", None) or "").split(".")[0]
+        if value != standard or library not in _ACTIVATION_LIBRARIES:
             changes.append(f"{name}={value!r}")
     return changes
+
+
+# Where a `tanh` or `sigmoid` is the function of that name.
+_ACTIVATION_LIBRARIES = ("keras", "numpy", "jax", "jaxlib", "torch", "tensorflow")
 
 
 def native_inputs(cell, draw) -> dict:

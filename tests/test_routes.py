@@ -17,7 +17,7 @@ import keras
 import numpy as np
 import pytest
 
-from keras_lstm import GatedLSTM, GatedLSTMCell, _routes, options
+from keras_lstm import GatedLSTM, GatedLSTMCell, _internals, _routes, options
 from keras_lstm._routes import Config, Context, Route
 
 CPU = Context()
@@ -48,9 +48,16 @@ TABLE = [
     ("cpu unroll", Config(unroll=True), CPU, Route.STEP_LOOP, "unroll=True"),
     ("cpu keras RNN", Config(in_keras_rnn=True), CPU, Route.STEP_LOOP, "keras.layers.RNN"),
     ("pinned", Config(pinned=Route.LOOP), CPU, Route.LOOP, "pinned"),
+    (
+        "pinned native in an export",
+        Config(pinned=Route.NATIVE),
+        Context(export="saved_model"),
+        Route.EXPORT_LOOP,
+        "",
+    ),
     # TensorFlow on a GPU: cuDNN where it computes the same, outside XLA.
     ("gpu", Config(), GPU, Route.CUDNN, ""),
-    ("gpu masked", Config(masked=True), GPU, Route.CUDNN, ""),
+    ("gpu masked", Config(masked=True), GPU, Route.LOOP, "zeroes the masked outputs"),
     ("gpu xla", Config(), Context(device="gpu", xla=True), Route.LOOP_XLA, "not run under XLA"),
     ("gpu no bias", Config(use_bias=False), GPU, Route.LOOP, "use_bias=False"),
     ("gpu recurrent dropout", Config(recurrent_dropout=True), GPU, Route.LOOP, "recurrent"),
@@ -62,6 +69,14 @@ TABLE = [
     ("jax gpu under jit", Config(), Context("jax", "gpu", xla=True), Route.CUDNN, ""),
     ("jax gpu masked", Config(masked=True), Context("jax", "gpu"), Route.STEP_LOOP, "no mask"),
     ("jax gpu options", PEEPHOLE, Context("jax", "gpu"), Route.STEP_LOOP, "peephole"),
+    (
+        "jax gpu backwards sequences",
+        Config(go_backwards=True, return_sequences=True),
+        Context("jax", "gpu"),
+        Route.STEP_LOOP,
+        "go_backwards sequences in input order",
+    ),
+    ("jax gpu backwards last", Config(go_backwards=True), Context("jax", "gpu"), Route.CUDNN, ""),
     ("jax cpu", Config(), Context("jax"), Route.STEP_LOOP, "this one is jax"),
     ("torch gpu", Config(), Context("torch", "gpu"), Route.CUDNN, ""),
     ("torch cpu", Config(), Context("torch"), Route.STEP_LOOP, "this one is torch"),
@@ -213,3 +228,51 @@ def _clip(name, value):
     if not value > 0:
         raise ValueError(f"`{name}` must be positive, got {value!r}.")
     return float(value)
+
+
+def test_cudnn_refused_at_trace_time_falls_back_with_dropout_applied_once(monkeypatch, rng):
+    # The backend's LSTM may find at trace time that it cannot run (no cuDNN op, a
+    # mask it rejects): the layer then runs the TensorFlow loop on the inputs as
+    # given, and the dropout mask is applied once, as the loop applies it itself.
+    def refuses(*args, **kwargs):
+        raise NotImplementedError
+
+    monkeypatch.setattr(_internals, "backend_lstm", lambda: refuses)
+    x = rng.normal(size=(2, 5, 3)).astype("float32")
+    outputs = []
+    for route in (Route.CUDNN, Route.LOOP):
+        keras.utils.set_random_seed(7)
+        layer = GatedLSTM(4, dropout=0.5, seed=3, return_sequences=True)
+        layer.build(x.shape)
+        layer.set_weights([np.full(w.shape, 0.1, "float32") for w in layer.get_weights()])
+        layer._pinned_route = route
+        outputs.append(np.asarray(layer(x, training=True)))
+    np.testing.assert_allclose(outputs[0], outputs[1], atol=1e-6)
+    layer = GatedLSTM(4, use_cudnn=True)
+    layer._pinned_route = Route.CUDNN
+    with pytest.raises(ValueError, match="`use_cudnn=True`.*cuDNN LSTM refused"):
+        layer(x)
+
+
+def test_a_copy_of_a_keras_rnn_around_the_cell_runs_itself(rng):
+    import copy
+
+    rnn = keras.layers.RNN(GatedLSTMCell(4))
+    x = rng.normal(size=(2, 5, 3)).astype("float32")
+    rnn(x)
+    for twin in (copy.copy(rnn), copy.deepcopy(rnn)):
+        twin.cell.kernel.assign(np.zeros(twin.cell.kernel.shape, "float32"))
+        assert not np.allclose(np.asarray(twin(x)), np.asarray(rnn(x)))
+        hook = vars(twin).get("inner_loop")  # Keras copies by config: built anew, or none
+        assert hook is None or hook.__self__ is twin
+
+
+def test_use_cudnn_true_refuses_calls_where_cudnn_cannot_run_but_not_exports():
+    # Exports run TensorFlow loops by design, so they take no cuDNN.
+    layer = GatedLSTM(4, use_cudnn=True)
+    layer.build((2, 5, 3))
+    assert layer.supports_jit is False  # as keras.layers.LSTM's: cuDNN runs outside XLA
+    with pytest.raises(ValueError, match="`use_cudnn=True` but layer .* cannot run cuDNN"):
+        _routes.decide(layer, (2, 5), None, False)
+    with _routes.exporting("saved_model"):
+        assert _routes.decide(layer, (2, 5), None, False).route is Route.EXPORT_LOOP
