@@ -143,9 +143,9 @@ class Context:
     native_xla: str = ""
 
     @classmethod
-    def now(cls, dtype, native: bool = True) -> Context:
+    def now(cls, dtype, ask_native: bool = True) -> Context:
         """The context of the graph being traced now (or of this eager call); with
-        `native=False` the native libraries are not asked about (nor built)."""
+        `ask_native=False` the native libraries are not asked about (nor built)."""
         backend = keras.backend.backend()
         device = "gpu" if _gpu_present(backend) else "cpu"
         dtype = keras.backend.standardize_dtype(dtype)
@@ -155,7 +155,7 @@ class Context:
 
         xla, export = in_xla_context(), export_target()
         native = native_xla = ""
-        if native and device == "cpu" and not export and dtype in NATIVE_DTYPES:
+        if ask_native and device == "cpu" and not export and dtype in NATIVE_DTYPES:
             native = native_reason()
             if xla and not native:
                 native_xla = native_reason(jit_compile=True)
@@ -401,7 +401,7 @@ def decide(layer, shape, mask, training) -> Decision:
     where free) being traced now; an export that loses something says so in one
     warning naming the layer."""
     config = Config.of(layer, mask, training, shape)
-    context = Context.now(layer.compute_dtype, native=_may_run_native(config))
+    context = Context.now(layer.compute_dtype, ask_native=_may_run_native(config))
     decision = resolve(config, context)
     if decision.reason and context.export in ("onnx", "litert", "openvino"):
         warn_export(layer.name, decision, context.export)

@@ -276,3 +276,19 @@ def test_use_cudnn_true_refuses_calls_where_cudnn_cannot_run_but_not_exports():
         _routes.decide(layer, (2, 5), None, False)
     with _routes.exporting("saved_model"):
         assert _routes.decide(layer, (2, 5), None, False).route is Route.EXPORT_LOOP
+
+
+def test_the_context_asks_the_native_libraries_only_where_the_route_needs_them(monkeypatch):
+    asked = []
+    monkeypatch.setattr(
+        _routes, "native_reason", lambda jit_compile=False: asked.append(1) or "no compiler"
+    )
+    assert Context.now("float32").native == "no compiler"
+    layer = GatedLSTM(4)
+    layer.build((2, 5, 3))
+    assert _routes.decide(layer, (2, 5), None, False) == (Route.LOOP, "no compiler")
+    asked.clear()
+    rnn = keras.layers.RNN(GatedLSTMCell(4))
+    rnn.build((2, 5, 3))
+    assert _routes.decide(rnn, (2, 5), None, False).route is Route.STEP_LOOP
+    assert Context.now("float32", ask_native=False).native == "" and not asked
