@@ -47,6 +47,7 @@ class Route(enum.Enum):
     LOOP = "loop"
     LOOP_XLA = "loop_xla"
     EXPORT_LOOP = "export_loop"
+    EXPORT_LENGTHS = "export_lengths"
     NO_TENSOR_LISTS = "no_tensor_lists"
     TFLITE_FUSED = "tflite_fused"
     STEP_LOOP = "step_loop"
@@ -69,6 +70,10 @@ _DESCRIPTIONS = {
     Route.LOOP: "TensorFlow ops (tf.while_loop with its own gradient)",
     Route.LOOP_XLA: "TensorFlow ops under XLA (tf.while_loop, each step projecting its input)",
     Route.EXPORT_LOOP: "a lean tf.while_loop (the form tf2onnx makes ONNX's LSTM op of)",
+    Route.EXPORT_LENGTHS: (
+        "each row's kept steps gathered to its front, then a lean tf.while_loop over "
+        "their number (ONNX's LSTM op with sequence_lens)"
+    ),
     Route.NO_TENSOR_LISTS: "a loop without TensorList ops (a builtin WHILE, an OpenVINO Loop)",
     Route.TFLITE_FUSED: "TFLite's UNIDIRECTIONAL_SEQUENCE_LSTM",
     Route.STEP_LOOP: "Keras's step loop around GatedLSTMCell",
@@ -228,11 +233,7 @@ def _in_export(config: Config, context: Context) -> Decision:
     if step_loop is not None:
         return step_loop
     if target == "onnx":
-        if config.masked:
-            return Decision(
-                Route.EXPORT_LOOP, "it is masked, and the op takes sequence lengths, not masks"
-            )
-        return Decision(Route.EXPORT_LOOP)
+        return Decision(Route.EXPORT_LENGTHS if config.masked else Route.EXPORT_LOOP)
     if target == "saved_model":
         return Decision(Route.EXPORT_LOOP)
     if target == "tflite_fused":

@@ -182,10 +182,9 @@ def test_keras_rnn_around_the_cell_calls_the_one_hook(monkeypatch):
 
 # The models whose every recurrent layer becomes ONNX's LSTM op (tf2onnx fuses
 # GatedLSTM's export loop); the others keep an ONNX Loop and say why.
-ONNX_LSTM_OP = {"stacked_bidirectional", "sequential", "stacked", "free_length"}
+ONNX_LSTM_OP = {"stacked_bidirectional", "sequential", "stacked", "masked", "free_length"}
 ONNX_LOOP_REASONS = {
     "functional_cell": "keras.layers.RNN runs Keras's step loop",
-    "masked": "it is masked",
     "cell_option": r"its cell \(peephole\) is not the maths",
 }
 
@@ -209,6 +208,37 @@ def test_onnx_export_runs_in_onnxruntime_and_matches_predict(shape, tmp_path):
     else:
         assert "Loop" in ops, ops
         assert said and re.search(ONNX_LOOP_REASONS[shape], said[0]), said
+    session = ort.InferenceSession(str(path))
+    (got,) = session.run(None, {session.get_inputs()[0].name: x})
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_masked_onnx_export_is_the_lstm_op_with_lengths_for_every_mask(tmp_path):
+    # Right and left padding, holes and a row with no kept step, through a
+    # Bidirectional layer and a go_backwards one: each GatedLSTM becomes ONNX's
+    # LSTM op with sequence_lens, not a Loop, and onnxruntime matches predict.
+    onnx = pytest.importorskip("onnx", reason="the ONNX export needs the `onnx` extra")
+    ort = pytest.importorskip("onnxruntime", reason="the ONNX export needs the `onnx` extra")
+    model = keras.Sequential(
+        [
+            keras.Input((None, D)),
+            keras.layers.Masking(0.0),
+            keras.layers.Bidirectional(GatedLSTM(6, return_sequences=True)),
+            GatedLSTM(5, return_sequences=True, go_backwards=True),
+            keras.layers.Dense(1),
+        ]
+    )
+    x = np.random.default_rng(1).normal(size=(5, 9, D)).astype("float32")
+    x[1, 5:] = x[2, :4] = x[3, 2] = x[3, 6:8] = x[4] = 0.0
+    expected = model.predict(x, verbose=0)
+    path = tmp_path / "model.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no layer says it stays a Loop
+        model.export(str(path), format="onnx", verbose=False)
+    graph = onnx.load(str(path)).graph
+    lstms = [node for node in graph.node if node.op_type == "LSTM"]
+    assert {node.op_type for node in graph.node}.isdisjoint({"Loop", "Scan"})
+    assert len(lstms) >= 2 and all(node.input[4] for node in lstms)  # sequence_lens given
     session = ort.InferenceSession(str(path))
     (got,) = session.run(None, {session.get_inputs()[0].name: x})
     np.testing.assert_allclose(got, expected, atol=1e-5)

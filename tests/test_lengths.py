@@ -440,3 +440,24 @@ def test_lengths_benchmark_runs_at_tiny_sizes(tmp_path):
         assert set(run["rows"]) == set(lengths.ROWS) - {r for r in lengths.ROWS if "torch" in r}
         assert run["rows"][lengths.REFERENCE]["train_ratio"] == 1.0
         assert all(row["infer_ms"] > 0 for row in run["rows"].values())
+
+
+@pytest.mark.parametrize("kind", ["right", "left", "holes"])
+def test_recurrence_by_lengths_is_the_masked_recurrence(kind):
+    # ONNX exports of a masked layer run each row over its kept steps gathered
+    # to its front (ONNX's LSTM op with sequence_lens); that must be the masked
+    # loop's result for every mask, non-zero initial states included.
+    from keras_lstm.kernels import _while_loop
+
+    rng = np.random.default_rng(3)
+    x, h0, c0 = _data(rng)
+    mask = _mask(kind, rng)
+    kernel = rng.normal(scale=0.4, size=(D, 4 * H)).astype("float32")
+    recurrent_kernel = rng.normal(scale=0.4, size=(H, 4 * H)).astype("float32")
+    bias = rng.normal(size=(4 * H,)).astype("float32")
+    time_major = tf.transpose(x, (1, 0, 2)), tf.transpose(mask)
+    arguments = (kernel, bias, recurrent_kernel, h0, c0)
+    got = _while_loop.lstm_sequence_by_lengths(time_major[0], *arguments, time_major[1])
+    want = _while_loop.lstm_sequence_for_inference(time_major[0], *arguments, mask=time_major[1])
+    for a, b, what in zip(got, want, ("h_seq", "h_last", "c_last"), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6, err_msg=what)

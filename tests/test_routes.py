@@ -84,7 +84,7 @@ TABLE = [
     ("saved_model", Config(), Context(export="saved_model"), Route.EXPORT_LOOP, ""),
     ("saved_model options", PEEPHOLE, Context(export="saved_model"), Route.STEP_LOOP, ""),
     ("onnx", Config(), Context(export="onnx"), Route.EXPORT_LOOP, ""),
-    ("onnx masked", Config(masked=True), Context(export="onnx"), Route.EXPORT_LOOP, "masked"),
+    ("onnx masked", Config(masked=True), Context(export="onnx"), Route.EXPORT_LENGTHS, ""),
     ("onnx options", PEEPHOLE, Context(export="onnx"), Route.STEP_LOOP, r"\(peephole\)"),
     ("onnx keras RNN", Config(in_keras_rnn=True), Context(export="onnx"), Route.STEP_LOOP, "RNN"),
     ("onnx on a gpu", Config(), Context(device="gpu", export="onnx"), Route.EXPORT_LOOP, ""),

@@ -17,7 +17,7 @@ unit taking the time-major `Steps` and returning `(h_seq, h_last, c_last)`:
 - `loop` / `loop_xla`: TensorFlow ops in two `tf.while_loop`s with a custom
   gradient (on GPU, float64, where the native kernel cannot be built); under
   XLA each step projects its own input, which XLA's CPU backend runs faster;
-- `export_loop`, `no_tensor_lists`, `tflite_fused`: forward loops in the forms
+- `export_loop`, `export_lengths`, `no_tensor_lists`, `tflite_fused`: forward loops in the forms
   the exports' converters take (see `_while_loop`).
 
 The weight and input gradients are large matmuls over all steps at once. This
@@ -380,6 +380,13 @@ def _run_export_loop(steps: Steps):
     )
 
 
+def _run_export_lengths(steps: Steps):
+    steps = _cast(steps, steps.x.dtype)
+    return _while_loop.lstm_sequence_by_lengths(
+        steps.x, steps.kernel, steps.bias, steps.recurrent_kernel, steps.h0, steps.c0, steps.mask
+    )
+
+
 def _run_without_lists(steps: Steps):
     steps = _cast(steps, steps.x.dtype)
     return _while_loop.lstm_sequence_without_lists(
@@ -401,6 +408,7 @@ ROUTES = {
     "loop": _run_loop,
     "loop_xla": _run_loop_xla,
     "export_loop": _run_export_loop,
+    "export_lengths": _run_export_lengths,
     "no_tensor_lists": _run_without_lists,
     "tflite_fused": _run_tflite_fused,
 }

@@ -229,17 +229,21 @@ def lstm_sequence_for_tflite_fusion(x, kernel, bias, recurrent_kernel, h0, c0):
     return h_seq, last_output, c_last
 
 
-def lstm_sequence_for_inference(x, kernel, bias, recurrent_kernel, h0, c0, mask=None):
+def lstm_sequence_for_inference(x, kernel, bias, recurrent_kernel, h0, c0, mask=None, lengths=None):
     """The forward recurrence alone, lean, for exported graphs.
 
     It keeps only `h` of each step (the training loop also keeps the gates
     and `c` for its backward pass), so a served model does less work;
     TensorFlow can still differentiate it (without our faster gradient).
-    Unmasked, it is written in the form tf2onnx recognises from
+    Without a mask it is written in the form tf2onnx recognises from
     `keras.layers.LSTM` (`tf2onnx/rewriter/lstm_tf2_rewriter.py`) and fuses
     into ONNX's `LSTM` op: each step `x_t W + h R`, `BiasAdd` of `b`, a
     four-way `Split`, `c = f * c + i * g`, `h = o * tanh(c)`, `h` written to
-    a `TensorArray`. Time-major `x` (T, B, D). Returns `(h_seq, h_last, c_last)`.
+    a `TensorArray`. With `lengths` (B,) instead, each row stops at its
+    length: its state holds and its outputs are zeros from then on, the
+    `Select(t >= lengths, 0, h)` of `dynamic_rnn` that tf2onnx fuses into the
+    op with `sequence_lens`. Time-major `x` (T, B, D).
+    Returns `(h_seq, h_last, c_last)`.
     """
     steps = tf.shape(x)[0]
     x_ta = tf.TensorArray(x.dtype, size=steps).unstack(x)
@@ -254,12 +258,56 @@ def lstm_sequence_for_inference(x, kernel, bias, recurrent_kernel, h0, c0, mask=
         _, _, _, _, c, h = _cell_step(z, c_prev)
         if mask_ta is not None:
             h, c = _keep(mask_ta.read(t)[:, None], (h, c), (h_prev, c_prev))
+        if lengths is not None:
+            ended = tf.greater_equal(t, lengths)  # (B,): `Select` picks whole rows
+            output = tf.raw_ops.Select(condition=ended, x=tf.zeros_like(h), y=h)
+            h = tf.raw_ops.Select(condition=ended, x=h_prev, y=h)
+            c = tf.raw_ops.Select(condition=ended, x=c_prev, y=c)
+            return t + 1, h, c, h_ta.write(t, output)
         return t + 1, h, c, h_ta.write(t, h)
 
     _, h_last, c_last, h_ta = tf.while_loop(
         lambda t, *_: t < steps, body, (tf.constant(0), h0, c0, h_ta)
     )
     return h_ta.stack(), h_last, c_last
+
+
+def lstm_sequence_by_lengths(x, kernel, bias, recurrent_kernel, h0, c0, mask):
+    """A masked recurrence as a recurrence over sequence lengths, for ONNX exports.
+
+    Each row's kept steps are gathered to its front, in order; the loop runs
+    each row for its number of kept steps (`lstm_sequence_for_inference`
+    with `lengths`, which tf2onnx makes ONNX's `LSTM` op with `sequence_lens`
+    of); each step's output is then gathered back from the row's latest kept
+    step (`h0` before any). That is the masked recurrence for every mask:
+    a masked step changes nothing. For right padding both gathers keep the
+    order they find. Time-major `x` (T, B, D) and `mask` (T, B).
+    Returns `(h_seq, h_last, c_last)` as `lstm_sequence_for_inference` does
+    with `mask`.
+    """
+    steps, batch = tf.shape(x)[0], tf.shape(x)[1]
+    keep = tf.transpose(mask)  # (B, T)
+    t = tf.range(steps)[None, :]
+    # Kept steps first, each part in step order: the keys are distinct, so
+    # top_k's order is the sort's.
+    _, order = tf.math.top_k(-tf.where(keep, t, t + steps), k=steps)  # (B, T)
+    lengths = tf.reduce_sum(tf.cast(keep, tf.int32), axis=1)
+    rows = tf.range(batch)[:, None]
+
+    def time_major_gather(sequence, step_of):
+        """`sequence[step_of[b, t], b]` as (T, B, ...), one flat `Gather`."""
+        flat = tf.reshape(sequence, tf.concat([[-1], tf.shape(sequence)[2:]], 0))
+        return tf.gather(flat, tf.transpose(step_of * batch + rows))
+
+    compact = time_major_gather(x, order)
+    compact.set_shape(x.shape)
+    h_seq, h_last, c_last = lstm_sequence_for_inference(
+        compact, kernel, bias, recurrent_kernel, h0, c0, lengths=lengths
+    )
+    kept_so_far = tf.math.cumsum(tf.cast(keep, tf.int32), axis=1)  # (B, T)
+    carried = time_major_gather(h_seq, tf.maximum(kept_so_far - 1, 0))
+    h_seq = tf.where(tf.transpose(kept_so_far > 0)[:, :, None], carried, h0[None])
+    return h_seq, h_last, c_last
 
 
 def lstm_sequence_from_projected(xz, recurrent_kernel, h0, c0, mask=None, recurrent_mask=None):
