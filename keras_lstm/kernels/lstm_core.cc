@@ -36,25 +36,113 @@ using Row = Eigen::Array<float, 1, Eigen::Dynamic>;
 using RowMap = Eigen::Map<Row>;
 using ConstRowMap = Eigen::Map<const Row>;
 
-// Below this many rows a matrix product repacks the whole weight matrix for
-// little work; row-by-row vector-matrix products skip the packing.
+// A batch of at most this many rows projects every step's input first (one
+// product over the whole sequence), so that its steps multiply by U alone.
 constexpr int64_t kMaxRowsForGemv = 4;
 
-// out (+)= a * b, by GEMV when `a` has few rows.
-template <typename A, typename B>
-void MultiplyInto(MatrixMap out, const A& a, const B& b, bool accumulate) {
-  if (a.rows() <= kMaxRowsForGemv) {
-    for (Eigen::Index r = 0; r < a.rows(); ++r) {
-      if (accumulate) {
-        out.row(r).noalias() += a.row(r) * b;
-      } else {
-        out.row(r).noalias() = a.row(r) * b;
+// ---------------------------------------------------------------------------
+// The steps' float32 products, with the weights packed once per call.
+//
+// Eigen's matrix product packs both operands at every call, so each step of
+// a sequence would pack the whole weight matrix again: a fixed cost that a
+// step of a few rows (a short batch, or the rows still running in a masked
+// one) pays in full. Here B is packed once per call into panels of kPanel
+// columns, each (K, kPanel), and blocks of up to kBlockRowsF32 rows of A pass
+// over a panel while it is in cache, their sums in registers. The vectors
+// are Eigen's packets (AVX-512, AVX, SSE or NEON: what the build targets)
+// and its fused multiply-add.
+
+using Packet = Eigen::internal::packet_traits<float>::type;
+constexpr int kLanes = Eigen::internal::unpacket_traits<Packet>::size;
+// Six rows by four vectors (24 sums, four B vectors and a broadcast) where
+// there are 32 vector registers, six by two where there are 16.
+constexpr int kPanelVectors = EIGEN_ARCH_DEFAULT_NUMBER_OF_REGISTERS >= 32 ? 4 : 2;
+constexpr int kPanel = kPanelVectors * kLanes;
+constexpr int kBlockRowsF32 = 6;
+
+// B (K, N) in panels, or with `transposed` the transpose of a (N, K) row-major
+// matrix (dz U^T reads U that way); a last partial panel is padded with zeros.
+class PackedF32 {
+ public:
+  void Pack(const float* b, int64_t K, int64_t N, bool transposed) {
+    k_ = K;
+    n_ = N;
+    data_.assign(((N + kPanel - 1) / kPanel) * K * kPanel, 0.f);
+    for (int64_t n = 0; n < N; ++n) {
+      float* column = data_.data() + (n / kPanel) * K * kPanel + n % kPanel;
+      for (int64_t k = 0; k < K; ++k) {
+        column[k * kPanel] = transposed ? b[n * K + k] : b[k * N + n];
       }
     }
-  } else if (accumulate) {
-    out.noalias() += a * b;
-  } else {
-    out.noalias() = a * b;
+  }
+  int64_t k() const { return k_; }
+  int64_t n() const { return n_; }
+  const float* panel(int64_t p) const { return data_.data() + p * k_ * kPanel; }
+
+ private:
+  int64_t k_ = 0, n_ = 0;
+  std::vector<float> data_;
+};
+
+// C (MR rows, `width` <= kPanel columns, row stride ldc) += A (MR, K) times
+// one panel of B.
+template <int MR>
+void PanelBlock(const float* a, int64_t lda, const float* panel, int64_t K, float* c, int64_t ldc,
+                int64_t width) {
+  using Eigen::internal::pmadd;
+  using Eigen::internal::pset1;
+  using Eigen::internal::ploadu;
+  using Eigen::internal::pstoreu;
+  // A partial panel's sums go through `tile`, whose columns past `width` are unused.
+  float tile[MR * kPanel];
+  float* out = c;
+  int64_t stride = ldc;
+  if (width < kPanel) {
+    for (int m = 0; m < MR; ++m) {
+      std::copy(c + m * ldc, c + m * ldc + width, tile + m * kPanel);
+    }
+    out = tile;
+    stride = kPanel;
+  }
+  Packet acc[MR][kPanelVectors];
+  for (int m = 0; m < MR; ++m) {
+    for (int j = 0; j < kPanelVectors; ++j) {
+      acc[m][j] = ploadu<Packet>(out + m * stride + j * kLanes);
+    }
+  }
+  for (int64_t k = 0; k < K; ++k, panel += kPanel) {
+    Packet b[kPanelVectors];
+    for (int j = 0; j < kPanelVectors; ++j) b[j] = ploadu<Packet>(panel + j * kLanes);
+    for (int m = 0; m < MR; ++m) {
+      const Packet broadcast = pset1<Packet>(a[m * lda + k]);
+      for (int j = 0; j < kPanelVectors; ++j) acc[m][j] = pmadd(broadcast, b[j], acc[m][j]);
+    }
+  }
+  for (int m = 0; m < MR; ++m) {
+    for (int j = 0; j < kPanelVectors; ++j) pstoreu(out + m * stride + j * kLanes, acc[m][j]);
+  }
+  if (width < kPanel) {
+    for (int m = 0; m < MR; ++m) {
+      std::copy(tile + m * kPanel, tile + m * kPanel + width, c + m * ldc);
+    }
+  }
+}
+
+using PanelBlockFn = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t,
+                              int64_t);
+constexpr PanelBlockFn kPanelBlocks[kBlockRowsF32] = {PanelBlock<1>, PanelBlock<2>, PanelBlock<3>,
+                                                      PanelBlock<4>, PanelBlock<5>, PanelBlock<6>};
+
+// C (M, B.n(), row stride ldc) += A (M, B.k(), row stride lda) B. Panels
+// outside, so that one panel stays in cache while every row block passes it.
+void PackedProduct(const float* a, int64_t lda, int64_t M, const PackedF32& b, float* c,
+                   int64_t ldc) {
+  for (int64_t n0 = 0, p = 0; n0 < b.n(); n0 += kPanel, ++p) {
+    const int64_t width = std::min<int64_t>(b.n() - n0, kPanel);
+    for (int64_t m = 0; m < M; m += kBlockRowsF32) {
+      const int64_t rows = std::min<int64_t>(M - m, kBlockRowsF32);
+      kPanelBlocks[rows - 1](a + m * lda, lda, b.panel(p), b.k(), c + m * ldc + n0, ldc, width);
+    }
   }
 }
 
@@ -426,17 +514,37 @@ bool UseBf16Products(const Options& options, int64_t batch) {
   return options.bf16_products && kBf16Instructions[0] != '\0' && batch > kMaxRowsForGemv;
 }
 
-// A step's product out (+)= a b (a's rows contiguous): with bfloat16
-// operands when `bf16` holds b packed, else Eigen's float32 MultiplyInto.
-template <typename A, typename B>
-void StepProduct(std::optional<Bf16Products>& bf16, MatrixMap out, const A& a, const B& b,
-                 bool accumulate) {
-  if (!bf16) {
-    MultiplyInto(out, a, b, accumulate);
-    return;
+// A weight matrix every step of a call multiplies by, packed once for the
+// call: float32, or bfloat16 operands (UseBf16Products).
+class StepWeights {
+ public:
+  // B (K, N), or the transpose of a (N, K) matrix; A of up to `rows` rows.
+  StepWeights(const float* b, int64_t K, int64_t N, bool transposed, int64_t rows, bool bf16) {
+    if (bf16) {
+      bf16_.emplace(b, K, N, transposed, rows);
+    } else {
+      f32_.Pack(b, K, N, transposed);
+    }
   }
-  if (!accumulate) out.setZero();
-  bf16->MultiplyInto(a.data(), a.cols(), a.rows(), out.data(), out.cols());
+  // out (+)= a B, `a` out.rows() rows of K floats with row stride `lda`.
+  void MultiplyInto(MatrixMap out, const float* a, int64_t lda, bool accumulate) {
+    if (!accumulate) out.setZero();
+    if (bf16_) {
+      bf16_->MultiplyInto(a, lda, out.rows(), out.data(), out.cols());
+    } else {
+      PackedProduct(a, lda, out.rows(), f32_, out.data(), out.cols());
+    }
+  }
+
+ private:
+  PackedF32 f32_;
+  std::optional<Bf16Products> bf16_;
+};
+
+// A step's product out (+)= a B, `a` a row-major block of contiguous rows.
+template <typename A>
+void StepProduct(StepWeights& weights, MatrixMap out, const A& a, bool accumulate) {
+  weights.MultiplyInto(out, a.data(), a.cols(), accumulate);
 }
 }  // namespace
 
@@ -457,20 +565,28 @@ void ForwardRows(const Forward& a, const float* kernels, int64_t row_begin,
   const LayerNorm ln{G, H};
   const int64_t NW = a.options.norms_width(H);
   if (rows <= 0) return;
-  ConstMatrixMap weights(kernels, K, G), input_kernel(kernels, D, G),
-      recurrent(kernels + D * G, R, G);
-  // Packed for bfloat16 products: [W; U] for [x_t, h_{t-1}], or with layer
-  // norm U for h_{t-1} and W for x_t apart.
-  std::optional<Bf16Products> bf16, bf16_input;
-  if (UseBf16Products(a.options, B) && !layer_norm) {
-    bf16.emplace(kernels, K, G, /*transposed=*/false, rows);
-  } else if (UseBf16Products(a.options, B)) {
-    bf16.emplace(recurrent.data(), R, G, /*transposed=*/false, rows);
-    bf16_input.emplace(kernels, D, G, /*transposed=*/false, rows);
-  }
+  const float* recurrent = kernels + D * G;  // U, under W in [W; U]
   // A batch of a few rows (one block): one product projects the inputs of
-  // every step first, so that each step's vector-matrix products read U only.
+  // every step first, so that each step's products read U only.
   const bool project_first = !layer_norm && rows == B && rows <= kMaxRowsForGemv;
+  // The weights the steps multiply by, packed once: [W; U] for [x_t, h_{t-1}];
+  // U alone when the inputs are projected first; with layer norm, U for
+  // h_{t-1} and W for x_t apart.
+  const bool bf16 = UseBf16Products(a.options, B);
+  std::optional<StepWeights> step_weights, input_weights;
+  if (layer_norm) {
+    step_weights.emplace(recurrent, R, G, /*transposed=*/false, rows, bf16);
+    input_weights.emplace(kernels, D, G, /*transposed=*/false, rows, bf16);
+  } else if (project_first) {
+    step_weights.emplace(recurrent, R, G, /*transposed=*/false, rows, /*bf16=*/false);
+  } else {
+    step_weights.emplace(kernels, K, G, /*transposed=*/false, rows, bf16);
+  }
+  // W_hr, which turns o * tanh(c) into h.
+  std::optional<StepWeights> projection_weights;
+  if (projection) {
+    projection_weights.emplace(projection, H, R, /*transposed=*/false, rows, /*bf16=*/false);
+  }
   std::vector<float> projected(project_first && !a.gates ? a.steps * rows * G : 0);
   if (project_first) {
     MatrixMap xz(a.gates ? a.gates : projected.data(), a.steps * rows, G);
@@ -500,6 +616,7 @@ void ForwardRows(const Forward& a, const float* kernels, int64_t row_begin,
 
   const float* h_prev = a.h0 + row_begin * R;
   const float* c_prev = a.c0 + row_begin * H;
+  int64_t previous_run = rows;
   for (int64_t t = 0; t < a.steps; ++t) {
     const int64_t at = t * B + row_begin;
     float* z = a.gates ? a.gates + at * G : project_first ? projected.data() + at * G : z_scratch;
@@ -522,9 +639,9 @@ void ForwardRows(const Forward& a, const float* kernels, int64_t row_begin,
         ArrayMap(h_dropped.data(), run, R) = ConstArrayMap(h_prev, run, R) * r.topRows(run);
         h_in = h_dropped.data();
       }
-      StepProduct(bf16_input, MatrixMap(xw.data(), run, G), ConstMatrixMap(x_t, run, D),
-                  input_kernel, /*accumulate=*/false);
-      StepProduct(bf16, MatrixMap(hu.data(), run, G), ConstMatrixMap(h_in, run, R), recurrent,
+      StepProduct(*input_weights, MatrixMap(xw.data(), run, G), ConstMatrixMap(x_t, run, D),
+                  /*accumulate=*/false);
+      StepProduct(*step_weights, MatrixMap(hu.data(), run, G), ConstMatrixMap(h_in, run, R),
                   /*accumulate=*/false);
       for (int64_t r = 0; r < run; ++r) {
         float* nr = norm + r * NW;
@@ -538,9 +655,9 @@ void ForwardRows(const Forward& a, const float* kernels, int64_t row_begin,
     } else if (project_first && a.recurrent_mask) {
       MatrixMap dropped(h_dropped.data(), run, R);
       dropped.array() = ConstArrayMap(h_prev, run, R) * r.topRows(run);
-      MultiplyInto(Z, dropped, recurrent, /*accumulate=*/true);
+      StepProduct(*step_weights, Z, dropped, /*accumulate=*/true);
     } else if (project_first) {
-      MultiplyInto(Z, ConstMatrixMap(h_prev, run, R), recurrent, /*accumulate=*/true);
+      StepProduct(*step_weights, Z, ConstMatrixMap(h_prev, run, R), /*accumulate=*/true);
     } else {
       MatrixMap xh_run(xh.data(), run, K);
       xh_run.leftCols(D) = ConstMatrixMap(a.x + at * D, run, D);
@@ -554,7 +671,7 @@ void ForwardRows(const Forward& a, const float* kernels, int64_t row_begin,
       } else {
         Z.setZero();
       }
-      StepProduct(bf16, Z, xh_run, weights, /*accumulate=*/true);
+      StepProduct(*step_weights, Z, xh_run, /*accumulate=*/true);
     }
 
     // Pre-activations become activations in place: they are what the
@@ -578,8 +695,8 @@ void ForwardRows(const Forward& a, const float* kernels, int64_t row_begin,
       h_new = o * c_row.tanh();
     }
     if (projection && run > 0) {
-      MultiplyInto(MatrixMap(h, run, R), MatrixMap(unprojected.data(), run, H),
-                   ConstMatrixMap(projection, H, R), /*accumulate=*/false);
+      StepProduct(*projection_weights, MatrixMap(h, run, R),
+                  MatrixMap(unprojected.data(), run, H), /*accumulate=*/false);
     }
     if (zoneout_c.on()) {
       std::copy(c_new, c_new + run * H, c);
@@ -588,12 +705,17 @@ void ForwardRows(const Forward& a, const float* kernels, int64_t row_begin,
     if (zoneout_h.on()) MixZoneout(zoneout_h, at, run, R, h_prev, h);
     if (a.mask) {
       const float* m = a.mask + at;
-      for (int64_t r = 0; r < rows; ++r) {
+      // A state not kept lives in two buffers used in turn: from step 2 on, a
+      // row the step before skipped too already holds its state in both.
+      const int64_t settled = t >= 2 ? std::max(run, previous_run) : rows;
+      const int64_t h_end = a.h_seq ? rows : settled, c_end = a.c_seq ? rows : settled;
+      for (int64_t r = 0; r < std::max(h_end, c_end); ++r) {
         if (r >= run || m[r] == 0.f) {
-          std::copy(h_prev + r * R, h_prev + (r + 1) * R, h + r * R);
-          std::copy(c_prev + r * H, c_prev + (r + 1) * H, c + r * H);
+          if (r < h_end) std::copy(h_prev + r * R, h_prev + (r + 1) * R, h + r * R);
+          if (r < c_end) std::copy(c_prev + r * H, c_prev + (r + 1) * H, c + r * H);
         }
       }
+      previous_run = run;
       if (a.fill_skipped && run < rows) {
         // What a skipped row keeps for the gradient, as zeros (lstm_core.h).
         const int64_t skipped = rows - run;
@@ -630,11 +752,13 @@ void BackwardRows(const Backward& a, int64_t row_begin, int64_t row_end, float* 
   // The gradients of [γx, γh, γc, βc] follow the bias's in `db`.
   float* d_gains = layer_norm && db ? db + G : nullptr;
   if (rows <= 0) return;
-  ConstMatrixMap U(a.recurrent_kernel, R, G);
-  // dz U^T reads U as the transpose of the (R, G) matrix it is.
-  std::optional<Bf16Products> bf16;
-  if (UseBf16Products(a.options, B)) {
-    bf16.emplace(a.recurrent_kernel, G, R, /*transposed=*/true, rows);
+  // dz U^T reads U as the transpose of the (R, G) matrix it is; with a
+  // projection, dh W_hr^T reads W_hr (H, R) so.
+  StepWeights u_transposed(a.recurrent_kernel, G, R, /*transposed=*/true, rows,
+                           UseBf16Products(a.options, B));
+  std::optional<StepWeights> projection_transposed;
+  if (projection) {
+    projection_transposed.emplace(projection, R, H, /*transposed=*/true, rows, /*bf16=*/false);
   }
   ArrayMap dh(a.dh0 + row_begin * R, rows, R), dc(a.dc0 + row_begin * H, rows, H);
   if (a.dh_last) {
@@ -682,8 +806,8 @@ void BackwardRows(const Backward& a, int64_t row_begin, int64_t row_end, float* 
     if (projection) {
       MatrixMap dh_step(a.dh_projected + at * R, run, R);
       dh_step = ConstMatrixMap(dh.data(), run, R);
-      MultiplyInto(MatrixMap(d_unprojected.data(), run, H), dh_step,
-                   ConstMatrixMap(projection, H, R).transpose(), /*accumulate=*/false);
+      StepProduct(*projection_transposed, MatrixMap(d_unprojected.data(), run, H), dh_step,
+                  /*accumulate=*/false);
     }
     for (int64_t r = 0; r < run; ++r) {
       const float* g = a.gates + (at + r) * G;
@@ -730,12 +854,11 @@ void BackwardRows(const Backward& a, int64_t row_begin, int64_t row_end, float* 
     const ConstMatrixMap d_step(d_product + at * G, run, G);
     ArrayMap dh_run(dh.data(), run, R);
     if (!a.recurrent_mask) {
-      StepProduct(bf16, MatrixMap(dh.data(), run, R), d_step, U.transpose(),
-                  /*accumulate=*/true);
+      StepProduct(u_transposed, MatrixMap(dh.data(), run, R), d_step, /*accumulate=*/true);
     } else {
       // h_{t-1} reached U through r: dh_{t-1} = (dz_t U^T) * r. A masked row's
       // dz is zero, so its carried dh gains nothing.
-      StepProduct(bf16, MatrixMap(dh_through_u.data(), run, R), d_step, U.transpose(),
+      StepProduct(u_transposed, MatrixMap(dh_through_u.data(), run, R), d_step,
                   /*accumulate=*/false);
       dh_run += ArrayMap(dh_through_u.data(), run, R) * r.topRows(run);
     }
