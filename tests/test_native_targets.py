@@ -17,6 +17,13 @@ break showed (about 5 s a target). The slow suite (`pytest -m slow`) compiles
 every target to an object file, which adds code generation and the inlining of
 intrinsics, where a target mismatch shows only then (about 20 s a target with
 AVX-512).
+
+Where this CPU can run a narrower target, the slow suite also runs the maths
+built for it: the steps' products are written over the build's vector width
+(`PackedProduct` in lstm_core.cc: SSE, AVX2 and AVX-512 pack and block them
+differently), so `tests/lstm_core_driver.cc` runs a forward and a backward
+pass built for each x86-64 level this CPU has, and the results must match a
+NumPy reference and each other.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from keras_lstm.kernels import _build, _native
@@ -168,3 +176,129 @@ def test_syntax_only_catches_the_avx512fp16_break_the_first_flag_set_avoids(tmp_
     if result.returncode == 0:
         pytest.skip("this TensorFlow's Eigen compiles AVX512-FP16: the break is fixed upstream")
     assert "PacketMathFP16.h" in result.stderr
+
+
+DRIVER = Path(__file__).with_name("lstm_core_driver.cc")
+# The x86-64 levels and the CPU flags (as /proc/cpuinfo names them) each needs
+# beyond the one before.
+LEVELS = {
+    "x86-64-v2": {"sse4_2", "popcnt", "ssse3"},
+    "x86-64-v3": {"avx2", "fma", "bmi2", "movbe"},
+    "x86-64-v4": {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"},
+}
+
+
+def _runnable_levels() -> list[str]:
+    if _build.machine() != "x86_64":
+        return []
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = set(next((line for line in text.splitlines() if line.startswith("flags")), "").split())
+    levels, needed = [], set()
+    for level, adds in LEVELS.items():
+        needed |= adds
+        if needed <= flags:
+            levels.append(level)
+    return levels
+
+
+@pytest.fixture(scope="module")
+def driver_results(tmp_path_factory) -> dict:
+    """{(level, case): {name: values}} from the driver built for each runnable level."""
+    folder = tmp_path_factory.mktemp("driver")
+    compiler = _build.find_compiler()
+    levels = [level for level in _runnable_levels() if _accepts(compiler, (f"-march={level}",))]
+
+    def build_and_run(level):
+        binary = folder / f"driver-{level}"
+        command = [
+            compiler,
+            *_build.COMMON_FLAGS,
+            *_build.MATHS_FLAGS,
+            *_build.flags_for_target(level),
+            *_native.library().compile_flags,
+            str(DRIVER),
+            str(MATHS),
+            "-o",
+            str(binary),
+        ]
+        built = subprocess.run(command, capture_output=True, text=True, check=False)
+        assert built.returncode == 0, " ".join(command) + "\n" + built.stderr[-3000:]
+        found = {}
+        for case in ("plain", "projection"):
+            run = subprocess.run([str(binary), case], capture_output=True, text=True, check=True)
+            values: dict[str, list[float]] = {}
+            for line in run.stdout.splitlines():
+                name, _, value = line.split()
+                values.setdefault(name, []).append(float(value))
+            found[(level, case)] = {name: np.array(v) for name, v in values.items()}
+        return found
+
+    results = {}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        for found in pool.map(build_and_run, levels):
+            results.update(found)
+    return results
+
+
+def _driver_values(count, seed, scale):
+    """The driver's `Values`: the same numbers, in float32."""
+    out, state = np.empty(count, np.float32), (seed * 2654435761 + 1) % 2**32
+    for i in range(count):
+        state = (state * 1664525 + 1013904223) % 2**32
+        out[i] = np.float32(scale) * (np.float32(state >> 8) / np.float32(8388608) - 1)
+    return out
+
+
+def _driver_forward(projection: bool):
+    """The driver's forward pass in NumPy: h_seq (T, B, P) and c_last (B, H)."""
+    steps, batch, inputs, units = 6, 13, 3, 7
+    width = 5 if projection else units
+    lengths = np.array([6, 2, 5, 0, 6, 1, 3, 4, 6, 2, 5, 3, 1])
+    mask = np.arange(steps)[:, None] < lengths[None, :]
+    mask[2, 0] = mask[4, 8] = False
+    x = _driver_values(steps * batch * inputs, 1, 1.5).reshape(steps, batch, inputs)
+    kernel = _driver_values(inputs * 4 * units, 2, 0.5).reshape(inputs, 4 * units)
+    recurrent = _driver_values(width * 4 * units, 3, 0.5).reshape(width, 4 * units)
+    bias = _driver_values(4 * units, 4, 0.5)
+    h = _driver_values(batch * width, 5, 1.0).reshape(batch, width).astype(np.float64)
+    c = _driver_values(batch * units, 6, 1.0).reshape(batch, units).astype(np.float64)
+    proj = _driver_values(units * width, 7, 0.5).reshape(units, width)
+
+    def sigmoid(v):
+        return 1 / (1 + np.exp(-v))
+
+    h_seq = []
+    for t in range(steps):
+        z = x[t] @ kernel + h @ recurrent + bias
+        i, f, g, o = np.split(z, 4, axis=1)
+        c_new = sigmoid(f) * c + sigmoid(i) * np.tanh(g)
+        h_new = sigmoid(o) * np.tanh(c_new)
+        if projection:
+            h_new = h_new @ proj
+        keep = mask[t][:, None]
+        h, c = np.where(keep, h_new, h), np.where(keep, c_new, c)
+        h_seq.append(h)
+    return np.stack(h_seq).ravel(), c.ravel()
+
+
+@on_linux
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["plain", "projection"])
+def test_the_kernel_maths_built_for_each_vector_width_this_cpu_runs_agrees(driver_results, case):
+    results = driver_results
+    levels = sorted({level for level, _ in results})
+    if not levels:
+        pytest.skip("this CPU runs none of the x86-64 levels (or is not x86-64)")
+    h_seq, c_last = _driver_forward(case == "projection")
+    widest = results[(levels[-1], case)]
+    for level in levels:
+        got = results[(level, case)]
+        np.testing.assert_allclose(got["h_seq"], h_seq, atol=2e-5, err_msg=level)
+        np.testing.assert_allclose(got["c_last"], c_last, atol=2e-5, err_msg=level)
+        for name in ("dz", "dh0", "dc0", "db"):
+            np.testing.assert_allclose(
+                got[name], widest[name], atol=2e-5, err_msg=f"{level} {name}"
+            )
