@@ -68,10 +68,26 @@ class PackedF32 {
     k_ = K;
     n_ = N;
     data_.assign(((N + kPanel - 1) / kPanel) * K * kPanel, 0.f);
-    for (int64_t n = 0; n < N; ++n) {
-      float* column = data_.data() + (n / kPanel) * K * kPanel + n % kPanel;
-      for (int64_t k = 0; k < K; ++k) {
-        column[k * kPanel] = transposed ? b[n * K + k] : b[k * N + n];
+    // Each source row read in order: B's rows, or the transposed matrix's.
+    if (transposed) {
+      // In tiles of 16 k's, so that both the rows read and the rows written stay in cache.
+      for (int64_t n0 = 0; n0 < N; n0 += kPanel) {
+        float* panel = data_.data() + n0 * K;
+        for (int64_t k0 = 0; k0 < K; k0 += 16) {
+          for (int64_t n = n0; n < std::min<int64_t>(n0 + kPanel, N); ++n) {
+            for (int64_t k = k0; k < std::min<int64_t>(k0 + 16, K); ++k) {
+              panel[k * kPanel + (n - n0)] = b[n * K + k];
+            }
+          }
+        }
+      }
+      return;
+    }
+    for (int64_t k = 0; k < K; ++k) {
+      for (int64_t n0 = 0; n0 < N; n0 += kPanel) {
+        const float* row = b + k * N + n0;
+        float* to = data_.data() + n0 * K + k * kPanel;  // panel n0 / kPanel, row k
+        std::copy(row, row + std::min<int64_t>(kPanel, N - n0), to);
       }
     }
   }
@@ -518,12 +534,16 @@ bool UseBf16Products(const Options& options, int64_t batch) {
 // call: float32, or bfloat16 operands (UseBf16Products).
 class StepWeights {
  public:
-  // B (K, N), or the transpose of a (N, K) matrix; A of up to `rows` rows.
-  StepWeights(const float* b, int64_t K, int64_t N, bool transposed, int64_t rows, bool bf16) {
+  // B (K, N), or the transpose of a (N, K) matrix; A of up to `rows` rows,
+  // in `steps` products.
+  StepWeights(const float* b, int64_t K, int64_t N, bool transposed, int64_t rows, int64_t steps,
+              bool bf16)
+      : b_(b), k_(K), n_(N), transposed_(transposed) {
     if (bf16) {
       bf16_.emplace(b, K, N, transposed, rows);
-    } else {
-      f32_.Pack(b, K, N, transposed);
+    } else if (steps >= kMinStepsToPack) {
+      f32_.emplace();
+      f32_->Pack(b, K, N, transposed);
     }
   }
   // out (+)= a B, `a` out.rows() rows of K floats with row stride `lda`.
@@ -531,13 +551,38 @@ class StepWeights {
     if (!accumulate) out.setZero();
     if (bf16_) {
       bf16_->MultiplyInto(a, lda, out.rows(), out.data(), out.cols());
+    } else if (f32_) {
+      PackedProduct(a, lda, out.rows(), *f32_, out.data(), out.cols());
     } else {
-      PackedProduct(a, lda, out.rows(), f32_, out.data(), out.cols());
+      const Eigen::Map<const Matrix, 0, Eigen::OuterStride<>> rows(a, out.rows(), k_,
+                                                                   Eigen::OuterStride<>(lda));
+      if (transposed_) {
+        EigenProduct(out, rows, ConstMatrixMap(b_, n_, k_).transpose());
+      } else {
+        EigenProduct(out, rows, ConstMatrixMap(b_, k_, n_));
+      }
     }
   }
 
  private:
-  PackedF32 f32_;
+  // Packing costs about two passes over B: a call of a few steps multiplies
+  // by B as it is, with Eigen (which packs it per product, or for a few rows
+  // runs vector-matrix products that need no packing).
+  static constexpr int64_t kMinStepsToPack = 4;
+
+  template <typename A, typename B>
+  static void EigenProduct(MatrixMap out, const A& a, const B& b) {
+    if (a.rows() <= kMaxRowsForGemv) {
+      for (Eigen::Index r = 0; r < a.rows(); ++r) out.row(r).noalias() += a.row(r) * b;
+    } else {
+      out.noalias() += a * b;
+    }
+  }
+
+  const float* b_;
+  int64_t k_, n_;
+  bool transposed_;
+  std::optional<PackedF32> f32_;
   std::optional<Bf16Products> bf16_;
 };
 
@@ -575,17 +620,18 @@ void ForwardRows(const Forward& a, const float* kernels, int64_t row_begin,
   const bool bf16 = UseBf16Products(a.options, B);
   std::optional<StepWeights> step_weights, input_weights;
   if (layer_norm) {
-    step_weights.emplace(recurrent, R, G, /*transposed=*/false, rows, bf16);
-    input_weights.emplace(kernels, D, G, /*transposed=*/false, rows, bf16);
+    step_weights.emplace(recurrent, R, G, /*transposed=*/false, rows, a.steps, bf16);
+    input_weights.emplace(kernels, D, G, /*transposed=*/false, rows, a.steps, bf16);
   } else if (project_first) {
-    step_weights.emplace(recurrent, R, G, /*transposed=*/false, rows, /*bf16=*/false);
+    step_weights.emplace(recurrent, R, G, /*transposed=*/false, rows, a.steps, /*bf16=*/false);
   } else {
-    step_weights.emplace(kernels, K, G, /*transposed=*/false, rows, bf16);
+    step_weights.emplace(kernels, K, G, /*transposed=*/false, rows, a.steps, bf16);
   }
   // W_hr, which turns o * tanh(c) into h.
   std::optional<StepWeights> projection_weights;
   if (projection) {
-    projection_weights.emplace(projection, H, R, /*transposed=*/false, rows, /*bf16=*/false);
+    projection_weights.emplace(projection, H, R, /*transposed=*/false, rows, a.steps,
+                               /*bf16=*/false);
   }
   std::vector<float> projected(project_first && !a.gates ? a.steps * rows * G : 0);
   if (project_first) {
@@ -754,11 +800,12 @@ void BackwardRows(const Backward& a, int64_t row_begin, int64_t row_end, float* 
   if (rows <= 0) return;
   // dz U^T reads U as the transpose of the (R, G) matrix it is; with a
   // projection, dh W_hr^T reads W_hr (H, R) so.
-  StepWeights u_transposed(a.recurrent_kernel, G, R, /*transposed=*/true, rows,
+  StepWeights u_transposed(a.recurrent_kernel, G, R, /*transposed=*/true, rows, a.steps,
                            UseBf16Products(a.options, B));
   std::optional<StepWeights> projection_transposed;
   if (projection) {
-    projection_transposed.emplace(projection, R, H, /*transposed=*/true, rows, /*bf16=*/false);
+    projection_transposed.emplace(projection, R, H, /*transposed=*/true, rows, a.steps,
+                                  /*bf16=*/false);
   }
   ArrayMap dh(a.dh0 + row_begin * R, rows, R), dc(a.dc0 + row_begin * H, rows, H);
   if (a.dh_last) {
