@@ -487,11 +487,9 @@ def _row_order(mask):
     at every step, and the kernel stops each step's work at the last of them
     (lstm_core.h, "Skipped rows"). The kernel splits the batch into
     contiguous blocks, one a thread (lstm_sequence.cc's ForEachChunk): the
-    sorted rows are dealt to the blocks round by round, each round in the
-    opposite direction to the one before (0, 1, 1, 0, 0, 1, ... for two
-    blocks), so that each block holds long and short rows alike, their sums
-    of lengths close, and stays sorted itself. Any order gives the same
-    results; this one only decides the cost. `mask` is (T, B).
+    sorted rows are dealt to the blocks in turn, so that each block holds
+    long and short rows alike and stays sorted itself. Any order gives the
+    same results; this one only decides the cost. `mask` is (T, B).
     """
     batch = tf.shape(mask)[1]
     lengths = tf.reduce_sum(mask, axis=0)
@@ -500,10 +498,8 @@ def _row_order(mask):
     blocks = tf.maximum(1, tf.minimum(_worker_threads(), batch // 4))
     per_block = (batch + blocks - 1) // blocks
     position = tf.range(batch)
-    block, place = position // per_block, position % per_block
-    # Round j deals ranks j * blocks ... to the j-th place of each block,
-    # forwards in even rounds and backwards in odd ones.
-    deal = place * blocks + tf.where(place % 2 == 0, block, blocks - 1 - block)
+    # Rank j * blocks + k goes to the j-th place of block k.
+    deal = (position % per_block) * blocks + position // per_block
     order = tf.gather(by_length, tf.argsort(tf.argsort(deal)))
     return order, tf.argsort(order)
 
