@@ -6,7 +6,8 @@
 // blocks of 6, 6 and 1, and 5, 4, 3, 2 rows as a mask trims them), 7 units
 // (28 gate columns: a partial panel at every vector width), a mask with right
 // padding, holes and an empty row, and with `projection` a projection to 5.
-// `short` runs 3 of the 6 steps: too few to pack the weights for.
+// `short` runs 3 of the 6 steps: too few to pack the weights for. Then the
+// kept steps' gradients (KeptStepGrads) from the backward pass's dz.
 
 #include <cstdio>
 #include <cstring>
@@ -79,5 +80,19 @@ int main(int argc, char** argv) {
   Print("dh0", dh0);
   Print("dc0", dc0);
   Print("db", db);
+
+  // The kept steps' gradients from dz, split in two ranges as two threads would.
+  std::vector<int64_t> kept(T * B);
+  const int64_t n = KeptPositions(mask.data(), T * B, kept.data());
+  std::vector<float> dx(T * B * D, -1.f), dkernels((D + P) * G, 0.f), second((D + P) * G, 0.f);
+  KeptGrads k;
+  k.steps = T, k.batch = B, k.input_size = D, k.hidden = P, k.width = G;
+  k.x = x.data(), k.kernel = kernel.data(), k.h0 = h0.data(), k.h_seq = h_seq.data();
+  k.d_input = dz.data(), k.dx = dx.data();
+  KeptStepGrads(k, kept.data(), n, 0, n / 3, dkernels.data());
+  KeptStepGrads(k, kept.data(), n, n / 3, n, second.data());
+  for (size_t i = 0; i < dkernels.size(); ++i) dkernels[i] += second[i];
+  Print("dx", dx);
+  Print("dkernels", dkernels);
   return 0;
 }

@@ -461,3 +461,63 @@ def test_recurrence_by_lengths_is_the_masked_recurrence(kind):
     want = _while_loop.lstm_sequence_for_inference(time_major[0], *arguments, mask=time_major[1])
     for a, b, what in zip(got, want, ("h_seq", "h_last", "c_last"), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6, err_msg=what)
+
+
+@pytest.mark.parametrize("kind", ["right", "holes", "none_kept"])
+@pytest.mark.parametrize("dropped", [False, True], ids=["", "recurrent_mask"])
+@pytest.mark.parametrize("apart", [False, True], ids=["dz", "layer_norm"])
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "xla"])
+def test_kept_step_gradients_are_those_of_the_kept_steps(kind, dropped, apart, jit):
+    # The native op behind masked gradients: dx = d_input W^T at the kept
+    # steps, zeros elsewhere, and the weights' gradients summed over the kept
+    # steps only, with h_{t-1} (times r with recurrent dropout) the state the
+    # step started from. Enough steps that the sum is split across threads.
+    module = _native.native_module()
+    if module is None:
+        pytest.skip("native kernel unavailable")
+    rng = np.random.default_rng(5)
+    steps, batch, features, hidden, width = 90, 12, 3, 5, 20
+    x = rng.normal(size=(steps, batch, features)).astype("float32")
+    kernel = rng.normal(size=(features, width)).astype("float32")
+    h0 = rng.normal(size=(batch, hidden)).astype("float32")
+    h_seq = rng.normal(size=(steps, batch, hidden)).astype("float32")
+    d_input = rng.normal(size=(steps, batch, width)).astype("float32")
+    d_recurrent = rng.normal(size=(steps, batch, width)).astype("float32") if apart else d_input
+    r = (rng.random((batch, hidden)) < 0.7).astype("float32") / 0.7 if dropped else None
+    if kind == "right":
+        mask = np.arange(steps)[:, None] < rng.integers(1, steps, batch)[None, :]
+    elif kind == "holes":
+        mask = rng.random((steps, batch)) < 0.6
+    else:
+        mask = np.zeros((steps, batch), bool)
+    mask = mask.astype("float32")
+
+    h_prev = np.concatenate([h0[None], h_seq[:-1]])
+    if dropped:
+        h_prev = h_prev * r
+    kept = mask[..., None]
+    want_dx = (d_input @ kernel.T) * kept
+    want_dkernel = np.einsum("tbd,tbg->dg", x * kept, d_input)
+    want_drecurrent = np.einsum("tbr,tbg->rg", h_prev * kept, d_recurrent)
+
+    empty = tf.zeros((0,))
+
+    def grads(*args):
+        return module.keras_lstm_kept_grads(*args)
+
+    if jit:
+        grads = tf.function(grads, jit_compile=True)
+    got = grads(
+        x,
+        kernel,
+        h0,
+        h_seq,
+        mask,
+        empty if r is None else r,
+        d_input,
+        d_recurrent if apart else empty,
+    )
+    for value, expected, what in zip(
+        got, (want_dx, want_dkernel, want_drecurrent), ("dx", "dkernel", "drecurrent"), strict=True
+    ):
+        np.testing.assert_allclose(value, expected, rtol=1e-4, atol=1e-4, err_msg=what)

@@ -253,14 +253,22 @@ def _driver_values(count, seed, scale):
     return out
 
 
+def _driver_mask(steps):
+    """The driver's mask, (steps, 13): right padding, an empty row and holes."""
+    lengths = np.array([6, 2, 5, 0, 6, 1, 3, 4, 6, 2, 5, 3, 1])
+    mask = np.arange(steps)[:, None] < lengths[None, :]
+    mask[2, 0] = False
+    if steps > 4:
+        mask[4, 8] = False
+    return mask
+
+
 def _driver_forward(case: str):
     """The driver's forward pass in NumPy: h_seq (T, B, P) and c_last (B, H)."""
     projection = case == "projection"
     batch, inputs, units = 13, 3, 7
     width = 5 if projection else units
-    lengths = np.array([6, 2, 5, 0, 6, 1, 3, 4, 6, 2, 5, 3, 1])
-    mask = np.arange(6)[:, None] < lengths[None, :]
-    mask[2, 0] = mask[4, 8] = False
+    mask = _driver_mask(6)
     x = _driver_values(6 * batch * inputs, 1, 1.5).reshape(6, batch, inputs)
     steps = 3 if case == "short" else 6  # the short case runs the first 3 steps
     kernel = _driver_values(inputs * 4 * units, 2, 0.5).reshape(inputs, 4 * units)
@@ -301,7 +309,29 @@ def test_the_kernel_maths_built_for_each_vector_width_this_cpu_runs_agrees(drive
         got = results[(level, case)]
         np.testing.assert_allclose(got["h_seq"], h_seq, atol=2e-5, err_msg=level)
         np.testing.assert_allclose(got["c_last"], c_last, atol=2e-5, err_msg=level)
-        for name in ("dz", "dh0", "dc0", "db"):
+        for name in ("dz", "dh0", "dc0", "db", "dx", "dkernels"):
             np.testing.assert_allclose(
                 got[name], widest[name], atol=2e-5, err_msg=f"{level} {name}"
             )
+        _check_kept_step_grads(got, case)
+
+
+def _check_kept_step_grads(got, case):
+    """The driver's KeptStepGrads against NumPy, from its own h_seq and dz."""
+    steps, batch, inputs, units = (3 if case == "short" else 6), 13, 3, 7
+    width = 5 if case == "projection" else units
+    mask = _driver_mask(steps)
+    x = _driver_values(6 * batch * inputs, 1, 1.5)[: steps * batch * inputs]
+    x = x.reshape(steps, batch, inputs).astype(np.float64)
+    kernel = _driver_values(inputs * 4 * units, 2, 0.5).reshape(inputs, 4 * units)
+    h0 = _driver_values(batch * width, 5, 1.0).reshape(1, batch, width)
+    h_seq = np.asarray(got["h_seq"]).reshape(steps, batch, width)
+    dz = np.asarray(got["dz"]).reshape(steps, batch, 4 * units) * mask[..., None]
+    h_prev = np.concatenate([h0, h_seq[:-1]])
+    keep = mask[..., None]
+    dx = (dz @ kernel.T.astype(np.float64)) * keep
+    dkernels = np.concatenate(
+        [np.einsum("tbd,tbg->dg", x * keep, dz), np.einsum("tbr,tbg->rg", h_prev * keep, dz)]
+    )
+    np.testing.assert_allclose(got["dx"], dx.ravel(), atol=1e-4)
+    np.testing.assert_allclose(got["dkernels"], dkernels.ravel(), atol=1e-4)

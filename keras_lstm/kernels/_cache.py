@@ -82,6 +82,7 @@ REQUIRED_SYMBOLS = {
         "keras_lstm_bf16_products",
         "keras_lstm_forward_rows",
         "keras_lstm_backward_rows",
+        "keras_lstm_kept_step_grads",
     ),
     "lstm_sequence_xla": ("keras_lstm_xla_init",),
 }

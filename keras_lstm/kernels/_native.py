@@ -131,7 +131,7 @@ def load(force: bool = False):
 
     def load_ops(path):
         module = tf.load_op_library(str(path))
-        for op in ("keras_lstm_sequence", "keras_lstm_sequence_grad"):
+        for op in ("keras_lstm_sequence", "keras_lstm_sequence_grad", "keras_lstm_kept_grads"):
             if not hasattr(module, op):
                 raise RuntimeError(f"{path.name} loaded but defines no op {op}")
         return module, path
@@ -212,7 +212,11 @@ def _register_gradient():
             cifg=options["cifg"],
             bf16=bf16,
         )
-        if _given(mask) and not in_xla_context():
+        if _given(mask) and not bf16:
+            dx, dkernel, drecurrent, dpeephole, dprojection = _native_kept_grads(
+                module, backward, mask
+            )
+        elif _given(mask) and not in_xla_context():
             dx, dkernel, drecurrent, dpeephole, dprojection = _grads_at_kept_steps(backward, mask)
         else:
             dx, dkernel, drecurrent, dpeephole, dprojection = _grads_at_all_steps(backward)
@@ -251,11 +255,14 @@ class _Backward(NamedTuple):
     bf16: bool
 
 
-def _grads_at_all_steps(b: _Backward):
+def _grads_at_all_steps(b: _Backward, weights=True):
     """`(dx, dkernel, drecurrent, dpeephole, dprojection)` as single matmuls over all
-    steps (the bias gradient the kernel summed as it went)."""
-    dx, dkernel = projection_grads(b.x, b.kernel, b.d_input, bf16=b.bf16)
-    drecurrent = recurrent_kernel_grad(b.h0, b.h_seq, b.d_recurrent, b.dropped, bf16=b.bf16)
+    steps (the bias gradient the kernel summed as it went); without `weights`,
+    the options' alone (the first three `None`)."""
+    dx = dkernel = drecurrent = None
+    if weights:
+        dx, dkernel = projection_grads(b.x, b.kernel, b.d_input, bf16=b.bf16)
+        drecurrent = recurrent_kernel_grad(b.h0, b.h_seq, b.d_recurrent, b.dropped, bf16=b.bf16)
     dpeephole = dprojection = None
     if b.peephole is not None:
         dpeephole = peephole_grad(b.c0, b.c_seq, b.dz, b.cifg, b.c_read)
@@ -265,16 +272,18 @@ def _grads_at_all_steps(b: _Backward):
     return dx, dkernel, drecurrent, dpeephole, dprojection
 
 
-def _grads_at_kept_steps(b: _Backward, mask):
+def _grads_at_kept_steps(b: _Backward, mask, weights=True):
     """The same, from the steps `mask` keeps alone: the kernel wrote the kept values
     and their gradients there only."""
     kept = _KeptSteps(mask)
-    dx, dkernel = projection_grads(kept.of(b.x), b.kernel, kept.of(b.d_input), bf16=b.bf16)
-    dx = kept.scatter(dx, b.x)
-    h_prev = kept.previous(b.h_seq, b.h0)
-    if b.dropped is not None:
-        h_prev = h_prev * kept.rows(b.dropped)
-    drecurrent = matmul(h_prev, kept.of(b.d_recurrent), b.bf16, transpose_a=True)
+    dx = dkernel = drecurrent = None
+    if weights:
+        dx, dkernel = projection_grads(kept.of(b.x), b.kernel, kept.of(b.d_input), bf16=b.bf16)
+        dx = kept.scatter(dx, b.x)
+        h_prev = kept.previous(b.h_seq, b.h0)
+        if b.dropped is not None:
+            h_prev = h_prev * kept.rows(b.dropped)
+        drecurrent = matmul(h_prev, kept.of(b.d_recurrent), b.bf16, transpose_a=True)
     dpeephole = dprojection = None
     if b.peephole is not None:
         dpeephole = peephole_grad_at(
@@ -285,6 +294,32 @@ def _grads_at_kept_steps(b: _Backward, mask):
         dprojection = projection_kernel_grad(
             _cell_view(b, kept.of(b.c_read), norms), kept.of(b.gates), kept.of(b.dh_projected)
         )
+    return dx, dkernel, drecurrent, dpeephole, dprojection
+
+
+def _native_kept_grads(module, b: _Backward, mask):
+    """`_grads_at_kept_steps` with dx, dW and dU from the native op, which
+    gathers the kept steps a tile at a time (lstm_core.h's KeptGrads): eagerly,
+    and under XLA, whose static shapes would otherwise multiply every step.
+    (With bfloat16 products TensorFlow's matmuls make them, as it was asked.)"""
+    empty = tf.zeros((0,), b.x.dtype)
+    dx, dkernel, drecurrent = module.keras_lstm_kept_grads(
+        b.x,
+        b.kernel,
+        b.h0,
+        b.h_seq,
+        mask,
+        empty if b.dropped is None else b.dropped,
+        b.d_input,
+        empty if b.norms is None else b.d_recurrent,
+    )
+    dpeephole = dprojection = None
+    if b.peephole is not None or b.projection is not None:
+        if in_xla_context():
+            # Static shapes: these two read every step (zeros where a row skipped one).
+            _, _, _, dpeephole, dprojection = _grads_at_all_steps(b, weights=False)
+        else:
+            _, _, _, dpeephole, dprojection = _grads_at_kept_steps(b, mask, weights=False)
     return dx, dkernel, drecurrent, dpeephole, dprojection
 
 

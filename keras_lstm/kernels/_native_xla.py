@@ -3,8 +3,8 @@
 `lstm_sequence_xla.cc` gives the ops of `lstm_sequence.cc` kernels for XLA's
 CPU compiler (`jit_compile=True`): each op becomes a custom call into this
 library. The library holds glue only: the custom calls run the main
-library's own maths (`keras_lstm_forward_rows` and
-`keras_lstm_backward_rows`), whose addresses it is given on loading, so the
+library's own maths (`keras_lstm_forward_rows`, `keras_lstm_backward_rows`
+and `keras_lstm_kept_step_grads`), whose addresses it is given on loading, so the
 maths is compiled once and for this CPU. It is built and cached like the main
 library (see `_build` and `_cache`), only when a function is first compiled
 with XLA or by `keras-lstm build`, and only after the main library loaded
@@ -32,7 +32,7 @@ _state_lock = threading.Lock()
 
 @functools.cache
 def library() -> _build.Library:
-    """The XLA library: XLA kernels for the two ops and the custom calls they emit."""
+    """The XLA library: XLA kernels for the three ops and the custom calls they emit."""
     include = Path(tf.sysconfig.get_include())
     return _build.Library(
         stem="lstm_sequence_xla",
@@ -64,6 +64,7 @@ def _load_library(target: Path, main: Path) -> Path:
     ctypes.CDLL(str(target)).keras_lstm_xla_init(
         ctypes.cast(maths.keras_lstm_forward_rows, ctypes.c_void_p),
         ctypes.cast(maths.keras_lstm_backward_rows, ctypes.c_void_p),
+        ctypes.cast(maths.keras_lstm_kept_step_grads, ctypes.c_void_p),
         ctypes.c_int(threads),
     )
     return target

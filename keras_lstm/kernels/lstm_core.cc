@@ -916,6 +916,60 @@ void BackwardRows(const Backward& a, int64_t row_begin, int64_t row_end, float* 
   }
 }
 
+// The kept steps are gathered a tile at a time, [x_t, h_{t-1}] and the
+// gradients side by side, so that each tile is one product with the weights'
+// gradients while it is in cache.
+void KeptStepGrads(const KeptGrads& a, const int64_t* kept, int64_t n, int64_t begin,
+                   int64_t end, float* dkernels) {
+  const int64_t B = a.batch, D = a.input_size, R = a.hidden, G = a.width, K = D + R;
+  // dx is zero at the steps the mask drops, from the step after the one
+  // before this range to its own last step.
+  int64_t position = begin == 0 ? 0 : kept[begin - 1] + 1;
+  const int64_t last = end == n ? a.steps * B : kept[end - 1] + 1;
+  for (int64_t k = begin; k < end; ++k) {
+    std::fill(a.dx + position * D, a.dx + kept[k] * D, 0.f);
+    position = kept[k] + 1;
+  }
+  std::fill(a.dx + position * D, a.dx + last * D, 0.f);
+  if (end <= begin) return;
+
+  constexpr int64_t kTile = 128;
+  const bool apart = a.d_recurrent != nullptr && a.d_recurrent != a.d_input;
+  const int64_t tile = std::min(kTile, end - begin);
+  Matrix xh(tile, K), d_in(tile, G), d_rec(apart ? tile : 0, G), dx(tile, D);
+  MatrixMap dwu(dkernels, K, G);
+  const ConstMatrixMap w(a.kernel, D, G);
+  for (int64_t first = begin; first < end; first += tile) {
+    const int64_t m = std::min(tile, end - first);
+    for (int64_t k = 0; k < m; ++k) {
+      const int64_t at = kept[first + k], t = at / B, b = at % B;
+      const float* h_prev = t > 0 ? a.h_seq + (at - B) * R : a.h0 + b * R;
+      float* row = xh.data() + k * K;
+      std::copy(a.x + at * D, a.x + (at + 1) * D, row);
+      if (a.recurrent_mask) {
+        RowMap(row + D, R) = ConstRowMap(h_prev, R) * ConstRowMap(a.recurrent_mask + b * R, R);
+      } else {
+        std::copy(h_prev, h_prev + R, row + D);
+      }
+      std::copy(a.d_input + at * G, a.d_input + (at + 1) * G, d_in.data() + k * G);
+      if (apart) std::copy(a.d_recurrent + at * G, a.d_recurrent + (at + 1) * G,
+                           d_rec.data() + k * G);
+    }
+    const auto rows = xh.topRows(m);
+    const auto d_rows = d_in.topRows(m);
+    if (apart) {
+      dwu.topRows(D).noalias() += rows.leftCols(D).transpose() * d_rows;
+      dwu.bottomRows(R).noalias() += rows.rightCols(R).transpose() * d_rec.topRows(m);
+    } else {
+      dwu.noalias() += rows.transpose() * d_rows;
+    }
+    dx.topRows(m).noalias() = d_rows * w.transpose();
+    for (int64_t k = 0; k < m; ++k) {
+      std::copy(dx.data() + k * D, dx.data() + (k + 1) * D, a.dx + kept[first + k] * D);
+    }
+  }
+}
+
 }  // namespace keras_lstm
 
 const char* keras_lstm::BfloatProducts() { return kBf16Instructions; }
@@ -930,4 +984,9 @@ void keras_lstm_forward_rows(const keras_lstm::Forward* a, const float* kernels,
 void keras_lstm_backward_rows(const keras_lstm::Backward* a, int64_t row_begin, int64_t row_end,
                               float* db) {
   keras_lstm::BackwardRows(*a, row_begin, row_end, db);
+}
+
+void keras_lstm_kept_step_grads(const keras_lstm::KeptGrads* a, const int64_t* kept, int64_t n,
+                                int64_t begin, int64_t end, float* dkernels) {
+  keras_lstm::KeptStepGrads(*a, kept, n, begin, end, dkernels);
 }

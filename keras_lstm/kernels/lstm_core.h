@@ -188,13 +188,51 @@ void ForwardRows(const Forward& a, const float* kernels, int64_t row_begin, int6
 // of [γx, γh, γc, βc] (the layout of Options::layer_norm).
 void BackwardRows(const Backward& a, int64_t row_begin, int64_t row_end, float* db = nullptr);
 
+// The input's and the weights' gradients from the steps a mask keeps alone:
+// dx_t = d_input_t W^T, and [dW; dU] = sum over kept steps of
+// [x_t, h_{t-1}]^T [d_input_t, d_recurrent_t] (x_t with d_input, h_{t-1}
+// with d_recurrent; both are dz but with layer norm). A step the mask drops
+// adds nothing to either weight and its dx is zero, so a right-padded batch
+// pays for its real steps only, under XLA too, where shapes are static.
+struct KeptGrads {
+  int64_t steps = 0, batch = 0, input_size = 0, hidden = 0, width = 0;  // T, B, D, R, G H
+  const float* x = nullptr;               // (T, B, D)
+  const float* kernel = nullptr;          // W (D, G H)
+  const float* h0 = nullptr;              // (B, R)
+  const float* h_seq = nullptr;           // (T, B, R): h after each step
+  const float* recurrent_mask = nullptr;  // (B, R), or null: U saw h_{t-1} * r
+  const float* d_input = nullptr;         // (T, B, G H)
+  const float* d_recurrent = nullptr;     // (T, B, G H), or null: d_input
+  float* dx = nullptr;                    // (T, B, D)
+};
+
+// The positions t B + b of the steps `mask` (T, B) keeps, in order, into
+// `kept` (room for T B); returns how many.
+inline int64_t KeptPositions(const float* mask, int64_t positions, int64_t* kept) {
+  int64_t n = 0;
+  for (int64_t p = 0; p < positions; ++p) {
+    if (mask[p] != 0.f) kept[n++] = p;
+  }
+  return n;
+}
+
+// KeptGrads over kept[begin, end) of the `n` kept positions: adds their
+// [dW; dU] to `dkernels` ((D + R, G H)) and writes dx from the position
+// after kept[begin - 1] (0 for the first) up to kept[end - 1] (T B for the
+// last), zeros at the dropped ones. Callers split [0, n) into ranges, one a
+// thread, each with its own `dkernels` to add up after.
+void KeptStepGrads(const KeptGrads& a, const int64_t* kept, int64_t n, int64_t begin,
+                   int64_t end, float* dkernels);
+
 // The instructions this build runs bfloat16 products with ("avx512_bf16"),
 // or "" where it has none and `Options::bf16_products` keeps float32.
 const char* BfloatProducts();
 
-// The same two functions as C symbols of the main library, for the XLA one.
+// The same three functions as C symbols of the main library, for the XLA one.
 using ForwardRowsFn = void (*)(const Forward*, const float*, int64_t, int64_t);
 using BackwardRowsFn = void (*)(const Backward*, int64_t, int64_t, float*);
+using KeptStepGradsFn = void (*)(const KeptGrads*, const int64_t*, int64_t, int64_t, int64_t,
+                                 float*);
 
 }  // namespace keras_lstm
 
@@ -204,6 +242,8 @@ void keras_lstm_forward_rows(const keras_lstm::Forward* a, const float* kernels,
                              int64_t row_end);
 void keras_lstm_backward_rows(const keras_lstm::Backward* a, int64_t row_begin, int64_t row_end,
                               float* db);
+void keras_lstm_kept_step_grads(const keras_lstm::KeptGrads* a, const int64_t* kept, int64_t n,
+                                int64_t begin, int64_t end, float* dkernels);
 }
 
 #endif  // KERAS_LSTM_KERNELS_LSTM_CORE_H_

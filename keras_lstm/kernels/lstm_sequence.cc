@@ -6,7 +6,8 @@
 // while it is in cache instead of as a (T, B, G H) tensor. KerasLstmSequenceGrad carries the gradient back
 // through the steps and returns the gradient of the pre-activations, dz,
 // and the bias gradient db, from which the caller makes dx, dW and dU as
-// large matrix products over all steps. Of the cell options the kernel
+// large matrix products over all steps; with a mask, KerasLstmKeptGrads makes
+// them from the steps the mask keeps alone. Of the cell options the kernel
 // covers, cifg and cell_clip are attributes; the peephole and projection
 // weights and zoneout's masks are inputs (empty when off) and zoneout's rates
 // attributes (and `bf16_products`, bfloat16 operands for the steps' products);
@@ -43,17 +44,21 @@ using tensorflow::errors::InvalidArgument;
 // Fewer rows than this per thread costs more in scheduling than it saves.
 constexpr int64_t kMinRowsPerChunk = 4;
 
+// Kept steps (KerasLstmKeptGrads) fewer than this per thread: one thread.
+constexpr int64_t kMinKeptPerChunk = 256;
+
 // How many chunks ForEachChunk cuts `rows` into.
-int64_t NumChunks(OpKernelContext* ctx, int64_t rows) {
+int64_t NumChunks(OpKernelContext* ctx, int64_t rows, int64_t min_per_chunk = kMinRowsPerChunk) {
   auto* workers = ctx->device()->tensorflow_cpu_worker_threads();
-  return std::max<int64_t>(1, std::min<int64_t>(workers->num_threads, rows / kMinRowsPerChunk));
+  return std::max<int64_t>(1, std::min<int64_t>(workers->num_threads, rows / min_per_chunk));
 }
 
 // Runs work(chunk, row_begin, row_end) over [0, rows) on the op's CPU worker
-// pool, chunk numbering the NumChunks(ctx, rows) chunks.
+// pool, chunk numbering the NumChunks(ctx, rows, min_per_chunk) chunks.
 void ForEachChunk(OpKernelContext* ctx, int64_t rows,
-                  const std::function<void(int64_t, int64_t, int64_t)>& work) {
-  const int64_t chunks = NumChunks(ctx, rows);
+                  const std::function<void(int64_t, int64_t, int64_t)>& work,
+                  int64_t min_per_chunk = kMinRowsPerChunk) {
+  const int64_t chunks = NumChunks(ctx, rows, min_per_chunk);
   if (chunks == 1) {
     work(0, 0, rows);
     return;
@@ -381,6 +386,82 @@ class LstmSequenceGradOp : public OpKernel {
   keras_lstm::Options options_;
 };
 
+// dx and the weights' gradients from the steps the mask keeps (lstm_core.h's
+// KeptGrads), the kept steps split evenly across the worker threads.
+class LstmKeptGradsOp : public OpKernel {
+ public:
+  explicit LstmKeptGradsOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& x = ctx->input(0);
+    const Tensor& kernel = ctx->input(1);
+    const Tensor& h0 = ctx->input(2);
+    const Tensor& h_seq = ctx->input(3);
+    const Tensor& mask = ctx->input(4);
+    const Tensor& recurrent_mask = ctx->input(5);
+    const Tensor& d_input = ctx->input(6);
+    const Tensor& d_recurrent = ctx->input(7);
+    OP_REQUIRES(ctx, x.dims() == 3 && h0.dims() == 2 && kernel.dims() == 2,
+                InvalidArgument("x must be (T, batch, D), h0 (batch, R) and kernel (D, GH), got ",
+                                x.shape().DebugString(), ", ", h0.shape().DebugString(), " and ",
+                                kernel.shape().DebugString()));
+    const int64_t steps = x.dim_size(0), batch = x.dim_size(1), features = x.dim_size(2);
+    const int64_t hidden = h0.dim_size(1), width = kernel.dim_size(1);
+    const TensorShape products({steps, batch, width});
+    OP_REQUIRES(
+        ctx,
+        kernel.dim_size(0) == features && h0.dim_size(0) == batch &&
+            h_seq.shape() == TensorShape({steps, batch, hidden}) &&
+            mask.shape() == TensorShape({steps, batch}) && d_input.shape() == products &&
+            (d_recurrent.NumElements() == 0 || d_recurrent.shape() == products) &&
+            (recurrent_mask.NumElements() == 0 || recurrent_mask.shape() == h0.shape()),
+        InvalidArgument("inconsistent shapes in the LSTM's kept-step gradients"));
+    Tensor *dx_out, *dkernel_out, *drecurrent_out;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x.shape(), &dx_out));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, kernel.shape(), &dkernel_out));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({hidden, width}), &drecurrent_out));
+
+    keras_lstm::KeptGrads args;
+    args.steps = steps;
+    args.batch = batch;
+    args.input_size = features;
+    args.hidden = hidden;
+    args.width = width;
+    args.x = DataOrNull(x);
+    args.kernel = DataOrNull(kernel);
+    args.h0 = DataOrNull(h0);
+    args.h_seq = DataOrNull(h_seq);
+    args.recurrent_mask = DataOrNull(recurrent_mask);
+    args.d_input = DataOrNull(d_input);
+    args.d_recurrent = DataOrNull(d_recurrent);
+    args.dx = DataOrNull(dx_out);
+    std::vector<int64_t> kept(steps * batch);
+    const int64_t n = steps * batch ? keras_lstm::KeptPositions(mask.flat<float>().data(),
+                                                                steps * batch, kept.data())
+                                    : 0;
+    const int64_t size = (features + hidden) * width;
+    const int64_t chunks = NumChunks(ctx, n, kMinKeptPerChunk);
+    std::vector<float> sums(chunks * size, 0.f);
+    ForEachChunk(
+        ctx, n,
+        [&](int64_t chunk, int64_t begin, int64_t end) {
+          keras_lstm::KeptStepGrads(args, kept.data(), n, begin, end, sums.data() + chunk * size);
+        },
+        kMinKeptPerChunk);
+    float* dkernel = DataOrNull(dkernel_out);
+    float* drecurrent = DataOrNull(drecurrent_out);
+    for (int64_t j = 0; j < size; ++j) {
+      float sum = 0.f;
+      for (int64_t k = 0; k < chunks; ++k) sum += sums[k * size + j];
+      if (j < features * width) {
+        dkernel[j] = sum;
+      } else {
+        drecurrent[j - features * width] = sum;
+      }
+    }
+  }
+};
+
 // Whether an optional input is known, while tracing, to be the empty (0,)
 // tensor that means "absent" (a given one may have sizes still unknown).
 bool IsAbsent(tensorflow::shape_inference::InferenceContext* c,
@@ -515,3 +596,25 @@ REGISTER_OP("KerasLstmSequenceGrad")
 REGISTER_KERNEL_BUILDER(Name("KerasLstmSequence").Device(tensorflow::DEVICE_CPU), LstmSequenceOp);
 REGISTER_KERNEL_BUILDER(Name("KerasLstmSequenceGrad").Device(tensorflow::DEVICE_CPU),
                         LstmSequenceGradOp);
+
+REGISTER_OP("KerasLstmKeptGrads")
+    .Input("x: float")
+    .Input("kernel: float")
+    .Input("h0: float")
+    .Input("h: float")
+    .Input("mask: float")
+    .Input("recurrent_mask: float")
+    .Input("d_input: float")
+    .Input("d_recurrent: float")
+    .Output("dx: float")
+    .Output("dkernel: float")
+    .Output("drecurrent: float")
+    .SetShapeFn([](tensorflow::shape_inference::InferenceContext* c) {
+      c->set_output(0, c->input(0));
+      c->set_output(1, c->input(1));
+      c->set_output(2, c->Matrix(c->Dim(c->input(2), 1), c->Dim(c->input(1), 1)));
+      return absl::OkStatus();
+    });
+
+REGISTER_KERNEL_BUILDER(Name("KerasLstmKeptGrads").Device(tensorflow::DEVICE_CPU),
+                        LstmKeptGradsOp);

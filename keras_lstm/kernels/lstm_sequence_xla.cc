@@ -1,11 +1,11 @@
 // XLA lowering of the native LSTM ops, for `jit_compile=True` on CPU.
 //
 // XLA cannot run a TensorFlow op kernel, so under `jit_compile=True` the
-// ops KerasLstmSequence and KerasLstmSequenceGrad get XLA kernels here that
-// emit one custom call each. The custom-call targets are host functions of
+// ops KerasLstmSequence, KerasLstmSequenceGrad and KerasLstmKeptGrads get XLA
+// kernels here that emit one custom call each. The custom-call targets are host functions of
 // this library, registered with XLA's custom-call registry under the names
 // below; they run the same maths as the TensorFlow kernels: the main
-// library's own ForwardRows and BackwardRows (lstm_core.h), whose addresses
+// library's own ForwardRows, BackwardRows and KeptStepGrads (lstm_core.h), whose addresses
 // keras_lstm_xla_init hands this library once it is loaded, so the maths is
 // compiled once, for this CPU, and both paths give the same bits.
 //
@@ -52,9 +52,12 @@ namespace {
 
 constexpr char kForwardTarget[] = "keras_lstm_sequence_forward";
 constexpr char kBackwardTarget[] = "keras_lstm_sequence_backward";
+constexpr char kKeptGradsTarget[] = "keras_lstm_kept_grads";
 
 // Fewer rows than this per thread costs more in scheduling than it saves.
 constexpr int64_t kMinRowsPerChunk = 4;
+// Likewise for the kept steps of KerasLstmKeptGrads.
+constexpr int64_t kMinKeptPerChunk = 256;
 
 // ---------------------------------------------------------------------------
 // Threads
@@ -106,6 +109,7 @@ class WorkerPool {
 // intra-op thread setting, when one was made (0: none).
 keras_lstm::ForwardRowsFn forward_rows = nullptr;
 keras_lstm::BackwardRowsFn backward_rows = nullptr;
+keras_lstm::KeptStepGradsFn kept_step_grads = nullptr;
 int intra_op_threads = 0;
 
 int MaxThreads() {
@@ -120,14 +124,15 @@ WorkerPool& Workers() {
 }
 
 // How many chunks ForEachChunk cuts `rows` into.
-int64_t NumChunks(int64_t rows) {
-  return std::max<int64_t>(1, std::min<int64_t>(MaxThreads(), rows / kMinRowsPerChunk));
+int64_t NumChunks(int64_t rows, int64_t min_per_chunk = kMinRowsPerChunk) {
+  return std::max<int64_t>(1, std::min<int64_t>(MaxThreads(), rows / min_per_chunk));
 }
 
-// Runs work(chunk, row_begin, row_end) over [0, rows), in NumChunks(rows)
-// chunks; the calling thread takes the first chunk.
-void ForEachChunk(int64_t rows, const std::function<void(int64_t, int64_t, int64_t)>& work) {
-  const int64_t chunks = NumChunks(rows);
+// Runs work(chunk, row_begin, row_end) over [0, rows), in
+// NumChunks(rows, min_per_chunk) chunks; the calling thread takes the first.
+void ForEachChunk(int64_t rows, const std::function<void(int64_t, int64_t, int64_t)>& work,
+                  int64_t min_per_chunk = kMinRowsPerChunk) {
+  const int64_t chunks = NumChunks(rows, min_per_chunk);
   if (chunks == 1) {
     work(0, 0, rows);
     return;
@@ -184,6 +189,11 @@ struct Sizes {
     return o;
   }
   bool zoneout_c() const { return zoneout_c_mask || zoneout_c_rate > 0.f; }
+  // Whether what a skipped row keeps for the gradient must be zeros (lstm_core.h):
+  // the weights' gradients come from the kept steps alone (KerasLstmKeptGrads)
+  // but with bfloat16 products, and the peephole's and projection's, which
+  // under XLA's static shapes read every step, where they are on.
+  bool FillSkipped() const { return bf16_products || peephole || proj_units > 0; }
 };
 
 // One format each for writing and reading.
@@ -277,9 +287,7 @@ void ForwardTarget(void* out, const void** in, const char* opaque, size_t opaque
   args.mask = s.mask ? inputs[6] : nullptr;
   args.recurrent_mask = s.recurrent_mask ? inputs[7] : nullptr;
   args.options = s.options(inputs[8], inputs[9], inputs[10], inputs[11], inputs[12]);
-  // Under XLA the gradient's matmuls read every step (shapes are static):
-  // zeros where a row skipped a step.
-  args.fill_skipped = true;
+  args.fill_skipped = s.FillSkipped();
   args.h_seq = s.keep || s.sequences ? outputs[0] : nullptr;
   args.c_seq = s.keep ? outputs[1] : nullptr;
   args.gates = s.keep ? outputs[2] : nullptr;
@@ -316,7 +324,7 @@ void BackwardTarget(void* out, const void** in, const char* opaque, size_t opaqu
   args.dc_last = s.dc_last ? inputs[9] : nullptr;
   args.recurrent_mask = s.recurrent_mask ? inputs[10] : nullptr;
   args.options = s.options(inputs[11], inputs[12], inputs[13], inputs[14], inputs[16]);
-  args.fill_skipped = true;  // as in ForwardTarget
+  args.fill_skipped = s.FillSkipped();
   args.c_computed = s.zoneout_c() ? inputs[15] : nullptr;
   args.norms = s.layer_norm ? inputs[17] : nullptr;
   args.d_input = s.layer_norm ? outputs[5] : nullptr;
@@ -343,7 +351,59 @@ void BackwardTarget(void* out, const void** in, const char* opaque, size_t opaqu
   }
 }
 
+// Operands x, kernel, h0, h_seq, mask, recurrent_mask, d_input, d_recurrent;
+// results dx, dkernel, drecurrent (lstm_core.h's KeptGrads).
+constexpr char kKeptGradsFormat[] = "T=%lld B=%lld D=%lld R=%lld G=%lld rmask=%d apart=%d";
+
+void KeptGradsTarget(void* out, const void** in, const char* opaque, size_t opaque_length,
+                     XlaCustomCallStatus* /*status*/) {
+  long long steps, batch, features, hidden, width;
+  int rmask, apart;
+  const std::string text(opaque, opaque_length);
+  if (std::sscanf(text.c_str(), kKeptGradsFormat, &steps, &batch, &features, &hidden, &width,
+                  &rmask, &apart) != 7) {
+    return;
+  }
+  float** outputs = static_cast<float**>(out);
+  const float* const* inputs = reinterpret_cast<const float* const*>(in);
+  keras_lstm::KeptGrads args;
+  args.steps = steps;
+  args.batch = batch;
+  args.input_size = features;
+  args.hidden = hidden;
+  args.width = width;
+  args.x = inputs[0];
+  args.kernel = inputs[1];
+  args.h0 = inputs[2];
+  args.h_seq = inputs[3];
+  args.recurrent_mask = rmask ? inputs[5] : nullptr;
+  args.d_input = inputs[6];
+  args.d_recurrent = apart ? inputs[7] : nullptr;
+  args.dx = outputs[0];
+  std::vector<int64_t> kept(steps * batch);
+  const int64_t n = keras_lstm::KeptPositions(inputs[4], steps * batch, kept.data());
+  const int64_t size = (features + hidden) * width, chunks = NumChunks(n, kMinKeptPerChunk);
+  std::vector<float> sums(chunks * size, 0.f);
+  ForEachChunk(
+      n,
+      [&](int64_t chunk, int64_t begin, int64_t end) {
+        kept_step_grads(&args, kept.data(), n, begin, end, sums.data() + chunk * size);
+      },
+      kMinKeptPerChunk);
+  float *dkernel = outputs[1], *drecurrent = outputs[2];
+  for (int64_t j = 0; j < size; ++j) {
+    float sum = 0.f;
+    for (int64_t k = 0; k < chunks; ++k) sum += sums[k * size + j];
+    if (j < features * width) {
+      dkernel[j] = sum;
+    } else {
+      drecurrent[j - features * width] = sum;
+    }
+  }
+}
+
 XLA_CPU_REGISTER_CUSTOM_CALL_TARGET_WITH_SYM(kForwardTarget, ForwardTarget);
+XLA_CPU_REGISTER_CUSTOM_CALL_TARGET_WITH_SYM(kKeptGradsTarget, KeptGradsTarget);
 XLA_CPU_REGISTER_CUSTOM_CALL_TARGET_WITH_SYM(kBackwardTarget, BackwardTarget);
 
 // ---------------------------------------------------------------------------
@@ -554,6 +614,38 @@ class LstmSequenceGradXlaOp : public XlaOpKernel {
   Sizes options_;
 };
 
+class KeptGradsXlaOp : public XlaOpKernel {
+ public:
+  explicit KeptGradsXlaOp(tensorflow::OpKernelConstruction* ctx) : XlaOpKernel(ctx) {}
+
+  void Compile(XlaOpKernelContext* ctx) override {
+    const TensorShape x = ctx->InputShape(0), kernel = ctx->InputShape(1),
+                      h0 = ctx->InputShape(2), h_seq = ctx->InputShape(3),
+                      mask = ctx->InputShape(4), recurrent_mask = ctx->InputShape(5),
+                      d_input = ctx->InputShape(6), d_recurrent = ctx->InputShape(7);
+    OP_REQUIRES(ctx, x.dims() == 3 && h0.dims() == 2 && kernel.dims() == 2,
+                InvalidArgument("x must be (T, batch, D), h0 (batch, R) and kernel (D, GH), got ",
+                                x.DebugString(), ", ", h0.DebugString(), " and ",
+                                kernel.DebugString()));
+    const int64_t steps = x.dim_size(0), batch = x.dim_size(1), features = x.dim_size(2);
+    const int64_t hidden = h0.dim_size(1), width = kernel.dim_size(1);
+    const TensorShape products({steps, batch, width});
+    OP_REQUIRES(ctx,
+                kernel.dim_size(0) == features && h0.dim_size(0) == batch &&
+                    h_seq == TensorShape({steps, batch, hidden}) &&
+                    mask == TensorShape({steps, batch}) && d_input == products &&
+                    (!Present(d_recurrent) || d_recurrent == products) &&
+                    (!Present(recurrent_mask) || recurrent_mask == h0),
+                InvalidArgument("inconsistent shapes in the LSTM's kept-step gradients"));
+    char opaque[256];
+    std::snprintf(opaque, sizeof(opaque), kKeptGradsFormat, static_cast<long long>(steps),
+                  static_cast<long long>(batch), static_cast<long long>(features),
+                  static_cast<long long>(hidden), static_cast<long long>(width),
+                  static_cast<int>(Present(recurrent_mask)), static_cast<int>(Present(d_recurrent)));
+    EmitCustomCall(ctx, kKeptGradsTarget, opaque, {x, kernel, TensorShape({hidden, width})});
+  }
+};
+
 // Registered straight into TensorFlow's kernel registry for the XLA CPU JIT
 // device, not through REGISTER_XLA_OP: XLA turns REGISTER_XLA_OP entries into
 // kernels once per process, at its first compilation, so a library loaded
@@ -562,14 +654,19 @@ REGISTER_KERNEL_BUILDER(Name("KerasLstmSequence").Device(tensorflow::DEVICE_CPU_
                         LstmSequenceXlaOp);
 REGISTER_KERNEL_BUILDER(Name("KerasLstmSequenceGrad").Device(tensorflow::DEVICE_CPU_XLA_JIT),
                         LstmSequenceGradXlaOp);
+REGISTER_KERNEL_BUILDER(Name("KerasLstmKeptGrads").Device(tensorflow::DEVICE_CPU_XLA_JIT),
+                        KeptGradsXlaOp);
 
 }  // namespace
 
 // Called once from Python after loading, before any custom call runs, with
-// the main library's keras_lstm_forward_rows and keras_lstm_backward_rows.
+// the main library's keras_lstm_forward_rows, keras_lstm_backward_rows and
+// keras_lstm_kept_step_grads.
 extern "C" void keras_lstm_xla_init(keras_lstm::ForwardRowsFn forward,
-                                    keras_lstm::BackwardRowsFn backward, int threads) {
+                                    keras_lstm::BackwardRowsFn backward,
+                                    keras_lstm::KeptStepGradsFn kept, int threads) {
   forward_rows = forward;
   backward_rows = backward;
+  kept_step_grads = kept;
   intra_op_threads = threads;
 }
