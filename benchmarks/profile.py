@@ -58,7 +58,9 @@ def profile(size):
         none = tf.zeros((0,))
         bias = tf.zeros((4 * units,))
         xs = tf.reshape(x, (steps, batch, features))
-        h, c, g, *_ = module.keras_lstm_sequence(xs, w, bias, u, h0, c0, *[none] * 7)
+        h, c, g, *_ = module.keras_lstm_sequence(
+            xs, w, bias, u, h0, c0, *[none] * 7, tf.zeros((0,), tf.int32)
+        )
         parts["native forward, projection included (training)"] = lambda: _native.lstm_sequence(
             xs, w, bias, u, h0, c0
         )[2].numpy()

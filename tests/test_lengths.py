@@ -122,6 +122,21 @@ def test_unequal_lengths_match_the_cells_own_loop(rng, fused_calls, cell_options
     _assert_same(got, want, _gradient_names(fused))
 
 
+@pytest.mark.parametrize("cell_options", [{}, {"layer_norm": True}], ids=["plain", "layer_norm"])
+def test_a_few_unequal_rows_match_the_cells_own_loop(rng, fused_calls, cell_options):
+    # Three rows (lengths 3, 9, 1) make one block, which projects every step's
+    # input first (or, with layer norm, apart each step): the kernel reads x
+    # through the rows' sorted order there too.
+    x, h0, c0 = (v[:3] for v in _data(rng))
+    mask = _mask("right")[:3]
+    fused, generic = _twins(rng, return_sequences=True, return_state=True, **cell_options)
+    got = _outputs_and_grads(fused, x, h0, c0, mask, training=False)
+    assert fused_calls, "the fused op did not run"
+    fused_calls.clear()
+    want = _outputs_and_grads(generic, x, h0, c0, mask, training=False)
+    _assert_same(got, want, _gradient_names(fused))
+
+
 @pytest.mark.parametrize(
     "cell_options",
     [
@@ -467,11 +482,13 @@ def test_recurrence_by_lengths_is_the_masked_recurrence(kind):
 @pytest.mark.parametrize("dropped", [False, True], ids=["", "recurrent_mask"])
 @pytest.mark.parametrize("apart", [False, True], ids=["dz", "layer_norm"])
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "xla"])
-def test_kept_step_gradients_are_those_of_the_kept_steps(kind, dropped, apart, jit):
+@pytest.mark.parametrize("permuted", [False, True], ids=["", "x_rows"])
+def test_kept_step_gradients_are_those_of_the_kept_steps(kind, dropped, apart, jit, permuted):
     # The native op behind masked gradients: dx = d_input W^T at the kept
     # steps, zeros elsewhere, and the weights' gradients summed over the kept
     # steps only, with h_{t-1} (times r with recurrent dropout) the state the
     # step started from. Enough steps that the sum is split across threads.
+    # With x_rows the kernel's row b is x's row x_rows[b], for x and dx.
     module = _native.native_module()
     if module is None:
         pytest.skip("native kernel unavailable")
@@ -492,12 +509,15 @@ def test_kept_step_gradients_are_those_of_the_kept_steps(kind, dropped, apart, j
         mask = np.zeros((steps, batch), bool)
     mask = mask.astype("float32")
 
+    x_rows = rng.permutation(batch).astype("int32") if permuted else np.arange(batch)
+    x_in_kernel_order = x[:, x_rows]
     h_prev = np.concatenate([h0[None], h_seq[:-1]])
     if dropped:
         h_prev = h_prev * r
     kept = mask[..., None]
-    want_dx = (d_input @ kernel.T) * kept
-    want_dkernel = np.einsum("tbd,tbg->dg", x * kept, d_input)
+    want_dx = np.empty_like(x)
+    want_dx[:, x_rows] = (d_input @ kernel.T) * kept
+    want_dkernel = np.einsum("tbd,tbg->dg", x_in_kernel_order * kept, d_input)
     want_drecurrent = np.einsum("tbr,tbg->rg", h_prev * kept, d_recurrent)
 
     empty = tf.zeros((0,))
@@ -516,6 +536,7 @@ def test_kept_step_gradients_are_those_of_the_kept_steps(kind, dropped, apart, j
         empty if r is None else r,
         d_input,
         d_recurrent if apart else empty,
+        x_rows if permuted else tf.zeros((0,), tf.int32),
     )
     for value, expected, what in zip(
         got, (want_dx, want_dkernel, want_drecurrent), ("dx", "dkernel", "drecurrent"), strict=True

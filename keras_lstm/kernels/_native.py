@@ -71,7 +71,8 @@ class CellOptions(NamedTuple):
 
 
 # The op's optional tensor inputs after the first eight, in its order
-# (lstm_sequence.cc), and the attributes: every `CellOptions` field is one.
+# (lstm_sequence.cc; the last input, x_rows, follows them), and the
+# attributes: every `CellOptions` field is one.
 OPTION_TENSORS = ("peephole", "projection", "zoneout_h", "zoneout_c", "layer_norm")
 OPTION_ATTRIBUTES = ("cifg", "cell_clip", "zoneout_h_rate", "zoneout_c_rate")
 
@@ -145,7 +146,7 @@ def _register_gradient():
     def _grad(op, dh_seq, dc_seq, _dgates, dh_last, dc_last, _dc_computed, _dnorms):
         module = native_module()
         (x, kernel, bias, recurrent_kernel, h0, c0, mask, recurrent_mask) = op.inputs[:8]
-        peephole, projection, zoneout_h, zoneout_c, layer_norm = op.inputs[8:]
+        peephole, projection, zoneout_h, zoneout_c, layer_norm, x_rows = op.inputs[8:]
         options = {
             name: op.get_attr(name)
             for name in ("cifg", "cell_clip", "zoneout_h_rate", "zoneout_c_rate", "bf16_products")
@@ -191,6 +192,7 @@ def _register_gradient():
         zoneout_c_on = options["zoneout_c_rate"] > 0 or _given(zoneout_c)
         backward = _Backward(
             x=x,
+            x_rows=x_rows if _given(x_rows) else None,
             kernel=kernel,
             h0=h0,
             c0=c0,
@@ -216,16 +218,22 @@ def _register_gradient():
             dx, dkernel, drecurrent, dpeephole, dprojection = _native_kept_grads(
                 module, backward, mask
             )
-        elif _given(mask) and not in_xla_context():
-            dx, dkernel, drecurrent, dpeephole, dprojection = _grads_at_kept_steps(backward, mask)
         else:
-            dx, dkernel, drecurrent, dpeephole, dprojection = _grads_at_all_steps(backward)
+            # TensorFlow's matmuls read x in the kernel's row order.
+            in_order = backward._replace(x=backward.sorted_x())
+            if _given(mask) and not in_xla_context():
+                grads = _grads_at_kept_steps(in_order, mask)
+            else:
+                grads = _grads_at_all_steps(in_order)
+            dx, dkernel, drecurrent, dpeephole, dprojection = grads
+            dx = backward.unsorted(dx)
         dbias = dbias if _given(bias) else None
         dlayer_norm = dlayer_norm if normalised else None
         return (dx, dkernel, dbias, drecurrent, dh0, dc0, None, None, dpeephole, dprojection) + (
             None,
             None,
             dlayer_norm,
+            None,
         )
 
 
@@ -235,6 +243,7 @@ class _Backward(NamedTuple):
     option's tensor is `None` where it is off."""
 
     x: Any
+    x_rows: Any  # the row of x each of the kernel's rows reads, or None: the same row
     kernel: Any
     h0: Any
     c0: Any
@@ -253,6 +262,14 @@ class _Backward(NamedTuple):
     layer_norm: Any  # [γx, γh, γc, βc]
     cifg: bool
     bf16: bool
+
+    def sorted_x(self):
+        """x with its rows in the kernel's order, as every other sequence here."""
+        return self.x if self.x_rows is None else tf.gather(self.x, self.x_rows, axis=1)
+
+    def unsorted(self, dx):
+        """dx (in the kernel's row order) back in x's."""
+        return dx if self.x_rows is None else tf.gather(dx, tf.argsort(self.x_rows), axis=1)
 
 
 def _grads_at_all_steps(b: _Backward, weights=True):
@@ -312,6 +329,7 @@ def _native_kept_grads(module, b: _Backward, mask):
         empty if b.dropped is None else b.dropped,
         b.d_input,
         empty if b.norms is None else b.d_recurrent,
+        tf.zeros((0,), tf.int32) if b.x_rows is None else b.x_rows,
     )
     dpeephole = dprojection = None
     if b.peephole is not None or b.projection is not None:
@@ -454,14 +472,17 @@ def lstm_sequence(
     options = options or CellOptions()
     bias = tf.zeros((0,), tf.float32) if bias is None else bias
     empty = tf.zeros((0,), tf.float32)
+    x_rows = tf.zeros((0,), tf.int32)
     if mask is None:
         mask = empty
     else:
         # Rows in order of their number of kept steps (see `_row_order`), so
         # that the kernel's trimming follows a right-padded batch's lengths.
+        # x itself stays in its order: the kernel reads each row's through `x_rows`.
         mask = tf.cast(mask, tf.float32)
         order, inverse = _row_order(mask)
-        x, h0, c0 = (_permute(t, order, inverse, axis) for t, axis in ((x, 1), (h0, 0), (c0, 0)))
+        x_rows = tf.cast(order, tf.int32)
+        h0, c0 = (_permute(t, order, inverse, 0) for t in (h0, c0))
         mask = tf.gather(mask, order, axis=1)
         if recurrent_mask is not None:
             recurrent_mask = tf.gather(recurrent_mask, order)
@@ -483,6 +504,7 @@ def lstm_sequence(
         mask,
         empty if recurrent_mask is None else recurrent_mask,
         *(_or_empty(getattr(options, name), empty) for name in OPTION_TENSORS),
+        x_rows,
         keep_for_gradient=keep_for_gradient,
         return_sequences=return_sequences,
         cifg=options.cifg,

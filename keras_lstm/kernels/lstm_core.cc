@@ -593,6 +593,11 @@ void StepProduct(StepWeights& weights, MatrixMap out, const A& a, bool accumulat
 }
 }  // namespace
 
+// x_t of the batch's row `row` (x_rows maps it to x's own row).
+inline const float* InputRow(const Forward& a, int64_t t, int64_t row) {
+  return a.x + (t * a.batch + (a.x_rows ? a.x_rows[row] : row)) * a.input_size;
+}
+
 // One step a row block: z = [x_t, h_{t-1}] [W; U] + b as one matrix product
 // over the stacked weights `kernels` ((D + R, G H), see StackKernels), then
 //   i = sigmoid(z_i)   f = sigmoid(z_f)   g = tanh(z_g)   o = sigmoid(z_o)
@@ -636,7 +641,15 @@ void ForwardRows(const Forward& a, const float* kernels, int64_t row_begin,
   std::vector<float> projected(project_first && !a.gates ? a.steps * rows * G : 0);
   if (project_first) {
     MatrixMap xz(a.gates ? a.gates : projected.data(), a.steps * rows, G);
-    xz.noalias() = ConstMatrixMap(a.x, a.steps * rows, D) * ConstMatrixMap(kernels, D, G);
+    std::vector<float> x_sorted(a.x_rows ? a.steps * rows * D : 0);
+    for (int64_t t = 0; a.x_rows && t < a.steps; ++t) {
+      for (int64_t r = 0; r < rows; ++r) {
+        const float* x_row = InputRow(a, t, row_begin + r);
+        std::copy(x_row, x_row + D, x_sorted.data() + (t * rows + r) * D);
+      }
+    }
+    xz.noalias() = ConstMatrixMap(a.x_rows ? x_sorted.data() : a.x, a.steps * rows, D) *
+                   ConstMatrixMap(kernels, D, G);
     if (a.bias) xz.rowwise() += Eigen::Map<const Eigen::RowVectorXf>(a.bias, G);
   }
   // [x_t, h_{t-1}] of this block; z when the gates are not kept; h and c
@@ -644,7 +657,9 @@ void ForwardRows(const Forward& a, const float* kernels, int64_t row_begin,
   Matrix xh(project_first || layer_norm ? 0 : rows, K);
   // h_{t-1} * r, for the product, with recurrent dropout.
   Matrix h_dropped((project_first || layer_norm) && a.recurrent_mask ? rows : 0, R);
-  // With layer norm: x W and h U apart, and the norms of a step when not kept.
+  // With layer norm: x_t in the sorted order (with x_rows), x W and h U apart,
+  // and the norms of a step when not kept.
+  Matrix x_sorted(layer_norm && a.x_rows ? rows : 0, D);
   Matrix xw(layer_norm ? rows : 0, G), hu(layer_norm ? rows : 0, G),
       norm_scratch(layer_norm && !a.norms ? rows : 0, NW);
   // o * tanh(c) before the projection W_hr makes it h.
@@ -680,6 +695,13 @@ void ForwardRows(const Forward& a, const float* kernels, int64_t row_begin,
     } else if (layer_norm) {
       // z = LN(x_t W) γx + LN(h_{t-1} U) γh + b.
       const float* x_t = a.x + at * D;
+      if (a.x_rows) {
+        for (int64_t r = 0; r < run; ++r) {
+          const float* x_row = InputRow(a, t, row_begin + r);
+          std::copy(x_row, x_row + D, x_sorted.data() + r * D);
+        }
+        x_t = x_sorted.data();
+      }
       const float* h_in = h_prev;
       if (a.recurrent_mask) {
         ArrayMap(h_dropped.data(), run, R) = ConstArrayMap(h_prev, run, R) * r.topRows(run);
@@ -706,7 +728,14 @@ void ForwardRows(const Forward& a, const float* kernels, int64_t row_begin,
       StepProduct(*step_weights, Z, ConstMatrixMap(h_prev, run, R), /*accumulate=*/true);
     } else {
       MatrixMap xh_run(xh.data(), run, K);
-      xh_run.leftCols(D) = ConstMatrixMap(a.x + at * D, run, D);
+      if (a.x_rows) {
+        for (int64_t r = 0; r < run; ++r) {
+          const float* x_row = InputRow(a, t, row_begin + r);
+          std::copy(x_row, x_row + D, xh.data() + r * K);
+        }
+      } else {
+        xh_run.leftCols(D) = ConstMatrixMap(a.x + at * D, run, D);
+      }
       if (a.recurrent_mask) {
         xh_run.rightCols(R).array() = ConstArrayMap(h_prev, run, R) * r.topRows(run);
       } else {
@@ -922,15 +951,26 @@ void BackwardRows(const Backward& a, int64_t row_begin, int64_t row_end, float* 
 void KeptStepGrads(const KeptGrads& a, const int64_t* kept, int64_t n, int64_t begin,
                    int64_t end, float* dkernels) {
   const int64_t B = a.batch, D = a.input_size, R = a.hidden, G = a.width, K = D + R;
+  // Where position t B + b is in x and dx.
+  const auto in_x = [&](int64_t at) {
+    return a.x_rows ? at - at % B + a.x_rows[at % B] : at;
+  };
   // dx is zero at the steps the mask drops, from the step after the one
   // before this range to its own last step.
   int64_t position = begin == 0 ? 0 : kept[begin - 1] + 1;
   const int64_t last = end == n ? a.steps * B : kept[end - 1] + 1;
+  const auto zeros_until = [&](int64_t stop) {
+    if (!a.x_rows) {
+      std::fill(a.dx + position * D, a.dx + stop * D, 0.f);
+    } else {
+      for (int64_t at = position; at < stop; ++at) std::fill_n(a.dx + in_x(at) * D, D, 0.f);
+    }
+  };
   for (int64_t k = begin; k < end; ++k) {
-    std::fill(a.dx + position * D, a.dx + kept[k] * D, 0.f);
+    zeros_until(kept[k]);
     position = kept[k] + 1;
   }
-  std::fill(a.dx + position * D, a.dx + last * D, 0.f);
+  zeros_until(last);
   if (end <= begin) return;
 
   constexpr int64_t kTile = 128;
@@ -945,7 +985,8 @@ void KeptStepGrads(const KeptGrads& a, const int64_t* kept, int64_t n, int64_t b
       const int64_t at = kept[first + k], t = at / B, b = at % B;
       const float* h_prev = t > 0 ? a.h_seq + (at - B) * R : a.h0 + b * R;
       float* row = xh.data() + k * K;
-      std::copy(a.x + at * D, a.x + (at + 1) * D, row);
+      const float* x_row = a.x + in_x(at) * D;
+      std::copy(x_row, x_row + D, row);
       if (a.recurrent_mask) {
         RowMap(row + D, R) = ConstRowMap(h_prev, R) * ConstRowMap(a.recurrent_mask + b * R, R);
       } else {
@@ -965,7 +1006,7 @@ void KeptStepGrads(const KeptGrads& a, const int64_t* kept, int64_t n, int64_t b
     }
     dx.topRows(m).noalias() = d_rows * w.transpose();
     for (int64_t k = 0; k < m; ++k) {
-      std::copy(dx.data() + k * D, dx.data() + (k + 1) * D, a.dx + kept[first + k] * D);
+      std::copy(dx.data() + k * D, dx.data() + (k + 1) * D, a.dx + in_x(kept[first + k]) * D);
     }
   }
 }

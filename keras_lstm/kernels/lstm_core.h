@@ -102,6 +102,9 @@ struct LayerNorm {
 struct Forward {
   int64_t steps = 0, batch = 0, input_size = 0, units = 0;
   const float* x = nullptr;                 // (T, B, D)
+  // (B), or null: the batch's row b reads x's row x_rows[b] (x stays in its
+  // caller's order while the kernel runs the rows sorted; see "Skipped rows").
+  const int32_t* x_rows = nullptr;
   const float* kernel = nullptr;            // (D, G H)
   const float* bias = nullptr;              // (G H), or null
   const float* recurrent_kernel = nullptr;  // (R, G H)
@@ -197,6 +200,7 @@ void BackwardRows(const Backward& a, int64_t row_begin, int64_t row_end, float* 
 struct KeptGrads {
   int64_t steps = 0, batch = 0, input_size = 0, hidden = 0, width = 0;  // T, B, D, R, G H
   const float* x = nullptr;               // (T, B, D)
+  const int32_t* x_rows = nullptr;        // (B), or null: as in Forward, for x and dx
   const float* kernel = nullptr;          // W (D, G H)
   const float* h0 = nullptr;              // (B, R)
   const float* h_seq = nullptr;           // (T, B, R): h after each step

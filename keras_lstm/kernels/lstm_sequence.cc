@@ -84,6 +84,22 @@ float* DataOrNull(Tensor* tensor) {
   return tensor->NumElements() ? tensor->flat<float>().data() : nullptr;
 }
 
+// `x_rows` is empty or a row of x for each of the batch's rows: the order
+// the kernel runs them in (lstm_core.h's Forward::x_rows).
+void ReadXRows(OpKernelContext* ctx, const Tensor& x_rows, int64_t batch, const int32_t** rows) {
+  *rows = nullptr;
+  if (x_rows.NumElements() == 0) return;
+  OP_REQUIRES(ctx, x_rows.shape() == TensorShape({batch}),
+              InvalidArgument("x_rows must be empty or (batch,), got ",
+                              x_rows.shape().DebugString()));
+  const int32_t* given = x_rows.flat<int32_t>().data();
+  for (int64_t b = 0; b < batch; ++b) {
+    OP_REQUIRES(ctx, given[b] >= 0 && given[b] < batch,
+                InvalidArgument("x_rows[", b, "] = ", given[b], " is not a row of x"));
+  }
+  *rows = given;
+}
+
 // The options (lstm_core.h) from the ops' attributes; WithWeights adds their inputs.
 tensorflow::Status ReadOptions(OpKernelConstruction* ctx, keras_lstm::Options* options) {
   TF_RETURN_IF_ERROR(ctx->GetAttr("cifg", &options->cifg));
@@ -179,6 +195,9 @@ class LstmSequenceOp : public OpKernel {
     OP_REQUIRES(ctx, x.dims() == 3,
                 InvalidArgument("x must be (T, batch, D), got ", x.shape().DebugString()));
     const int64_t steps = x.dim_size(0), batch = x.dim_size(1), features = x.dim_size(2);
+    const int32_t* x_rows;
+    ReadXRows(ctx, ctx->input(13), batch, &x_rows);
+    if (!ctx->status().ok()) return;
     CheckStates(ctx, options_, u, h0, c0, mask, recurrent_mask, peephole, projection, steps,
                 batch);
     if (!ctx->status().ok()) return;
@@ -234,6 +253,7 @@ class LstmSequenceOp : public OpKernel {
     args.input_size = features;
     args.units = units;
     args.x = x.flat<float>().data();
+    args.x_rows = x_rows;
     args.kernel = kernel.flat<float>().data();
     args.bias = DataOrNull(bias);
     args.recurrent_kernel = u.flat<float>().data();
@@ -387,7 +407,8 @@ class LstmSequenceGradOp : public OpKernel {
 };
 
 // dx and the weights' gradients from the steps the mask keeps (lstm_core.h's
-// KeptGrads), the kept steps split evenly across the worker threads.
+// KeptGrads), the kept steps split evenly across the worker threads. With
+// `x_rows`, x is read and dx written in x's own order, as the forward op reads x.
 class LstmKeptGradsOp : public OpKernel {
  public:
   explicit LstmKeptGradsOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
@@ -407,6 +428,9 @@ class LstmKeptGradsOp : public OpKernel {
                                 kernel.shape().DebugString()));
     const int64_t steps = x.dim_size(0), batch = x.dim_size(1), features = x.dim_size(2);
     const int64_t hidden = h0.dim_size(1), width = kernel.dim_size(1);
+    const int32_t* x_rows;
+    ReadXRows(ctx, ctx->input(8), batch, &x_rows);
+    if (!ctx->status().ok()) return;
     const TensorShape products({steps, batch, width});
     OP_REQUIRES(
         ctx,
@@ -428,6 +452,7 @@ class LstmKeptGradsOp : public OpKernel {
     args.hidden = hidden;
     args.width = width;
     args.x = DataOrNull(x);
+    args.x_rows = x_rows;
     args.kernel = DataOrNull(kernel);
     args.h0 = DataOrNull(h0);
     args.h_seq = DataOrNull(h_seq);
@@ -486,6 +511,7 @@ REGISTER_OP("KerasLstmSequence")
     .Input("zoneout_h: float")
     .Input("zoneout_c: float")
     .Input("layer_norm: float")
+    .Input("x_rows: int32")
     .Attr("keep_for_gradient: bool = true")
     .Attr("return_sequences: bool = true")
     .Attr("cifg: bool = false")
@@ -606,6 +632,7 @@ REGISTER_OP("KerasLstmKeptGrads")
     .Input("recurrent_mask: float")
     .Input("d_input: float")
     .Input("d_recurrent: float")
+    .Input("x_rows: int32")
     .Output("dx: float")
     .Output("dkernel: float")
     .Output("drecurrent: float")

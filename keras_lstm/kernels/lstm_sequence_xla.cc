@@ -11,7 +11,8 @@
 //
 // The static sizes and which optional inputs are present travel in the
 // custom call's opaque string, e.g. "T=100 B=64 D=32 H=128 bias=1 mask=0
-// sequences=1 keep=1 rmask=0 cifg=0 peep=0 P=0 zh=0 zc=0 bf16=0 ln=0 clip=0 zhr=0 zcr=0".
+// sequences=1 keep=1 rmask=0 cifg=0 peep=0 P=0 zh=0 zc=0 bf16=0 ln=0 xrows=0 clip=0 zhr=0
+// zcr=0".
 // An absent input (no bias, no mask, a gradient that is
 // zero) is a 0-element operand, as for the TensorFlow op.
 //
@@ -160,6 +161,7 @@ void ForEachChunk(int64_t rows, const std::function<void(int64_t, int64_t, int64
 struct Sizes {
   long long steps = 0, batch = 0, features = 0, units = 0;
   int bias = 0, mask = 0, sequences = 0, keep = 0, recurrent_mask = 0;
+  int x_rows = 0;  // whether the forward op's x_rows is given
   int dh_seq = 0, dc_seq = 0, dh_last = 0, dc_last = 0;
   int cifg = 0, peephole = 0;
   int bf16_products = 0;  // bfloat16 operands for the steps' products
@@ -199,7 +201,7 @@ struct Sizes {
 // One format each for writing and reading.
 constexpr char kForwardFormat[] =
     "T=%lld B=%lld D=%lld H=%lld bias=%d mask=%d sequences=%d keep=%d rmask=%d cifg=%d peep=%d "
-    "P=%lld zh=%d zc=%d bf16=%d ln=%d";
+    "P=%lld zh=%d zc=%d bf16=%d ln=%d xrows=%d";
 constexpr char kBackwardFormat[] =
     "T=%lld B=%lld H=%lld mask=%d dh=%d dc=%d dh_last=%d dc_last=%d rmask=%d cifg=%d peep=%d "
     "P=%lld zh=%d zc=%d bf16=%d ln=%d";
@@ -226,7 +228,7 @@ std::string ForwardOpaque(const Sizes& s) {
   char text[256];
   std::snprintf(text, sizeof(text), kForwardFormat, s.steps, s.batch, s.features, s.units, s.bias,
                 s.mask, s.sequences, s.keep, s.recurrent_mask, s.cifg, s.peephole, s.proj_units,
-                s.zoneout_h_mask, s.zoneout_c_mask, s.bf16_products, s.layer_norm);
+                s.zoneout_h_mask, s.zoneout_c_mask, s.bf16_products, s.layer_norm, s.x_rows);
   std::string opaque(text);
   AppendFloats(s, &opaque);
   return opaque;
@@ -237,7 +239,7 @@ bool ParseForwardOpaque(const char* opaque, size_t length, Sizes* s) {
   return std::sscanf(text.c_str(), kForwardFormat, &s->steps, &s->batch, &s->features, &s->units,
                      &s->bias, &s->mask, &s->sequences, &s->keep, &s->recurrent_mask, &s->cifg,
                      &s->peephole, &s->proj_units, &s->zoneout_h_mask, &s->zoneout_c_mask,
-                     &s->bf16_products, &s->layer_norm) == 16 &&
+                     &s->bf16_products, &s->layer_norm, &s->x_rows) == 17 &&
          ParseFloats(text, s);
 }
 
@@ -279,6 +281,7 @@ void ForwardTarget(void* out, const void** in, const char* opaque, size_t opaque
   args.input_size = s.features;
   args.units = s.units;
   args.x = inputs[0];
+  args.x_rows = s.x_rows ? reinterpret_cast<const int32_t*>(in[13]) : nullptr;
   args.kernel = inputs[1];
   args.bias = s.bias ? inputs[2] : nullptr;
   args.recurrent_kernel = inputs[3];
@@ -351,17 +354,18 @@ void BackwardTarget(void* out, const void** in, const char* opaque, size_t opaqu
   }
 }
 
-// Operands x, kernel, h0, h_seq, mask, recurrent_mask, d_input, d_recurrent;
-// results dx, dkernel, drecurrent (lstm_core.h's KeptGrads).
-constexpr char kKeptGradsFormat[] = "T=%lld B=%lld D=%lld R=%lld G=%lld rmask=%d apart=%d";
+// Operands x, kernel, h0, h_seq, mask, recurrent_mask, d_input, d_recurrent,
+// x_rows; results dx, dkernel, drecurrent (lstm_core.h's KeptGrads).
+constexpr char kKeptGradsFormat[] =
+    "T=%lld B=%lld D=%lld R=%lld G=%lld rmask=%d apart=%d xrows=%d";
 
 void KeptGradsTarget(void* out, const void** in, const char* opaque, size_t opaque_length,
                      XlaCustomCallStatus* /*status*/) {
   long long steps, batch, features, hidden, width;
-  int rmask, apart;
+  int rmask, apart, x_rows;
   const std::string text(opaque, opaque_length);
   if (std::sscanf(text.c_str(), kKeptGradsFormat, &steps, &batch, &features, &hidden, &width,
-                  &rmask, &apart) != 7) {
+                  &rmask, &apart, &x_rows) != 8) {
     return;
   }
   float** outputs = static_cast<float**>(out);
@@ -373,6 +377,7 @@ void KeptGradsTarget(void* out, const void** in, const char* opaque, size_t opaq
   args.hidden = hidden;
   args.width = width;
   args.x = inputs[0];
+  args.x_rows = x_rows ? reinterpret_cast<const int32_t*>(in[8]) : nullptr;
   args.kernel = inputs[1];
   args.h0 = inputs[2];
   args.h_seq = inputs[3];
@@ -419,9 +424,14 @@ xla::Shape F32(const TensorShape& shape) {
   return xla::ShapeUtil::MakeShape(xla::F32, shape.dim_sizes());
 }
 
+// The op's input `k` as a row-major operand shape (float32 but x_rows, int32).
+xla::Shape OperandShape(XlaOpKernelContext* ctx, int k) {
+  return xla::ShapeUtil::MakeShape(ctx->input_xla_type(k), ctx->InputShape(k).dim_sizes());
+}
+
 const TensorShape kNone({0});
 
-// Emits a custom call of `target` with `operands` (all float32, row-major)
+// Emits a custom call of `target` with the op's inputs as operands (row-major)
 // whose result is the tuple of `outputs`, and sets the op's outputs from it.
 void EmitCustomCall(
     XlaOpKernelContext* ctx, const char* target, const std::string& opaque,
@@ -432,7 +442,7 @@ void EmitCustomCall(
   std::vector<xla::Shape> operand_shapes;
   for (int k = 0; k < ctx->num_inputs(); ++k) {
     operands.push_back(ctx->Input(k));
-    operand_shapes.push_back(F32(ctx->InputShape(k)));
+    operand_shapes.push_back(OperandShape(ctx, k));
   }
   std::vector<xla::Shape> result_shapes;
   for (const TensorShape& shape : outputs) result_shapes.push_back(F32(shape));
@@ -477,7 +487,7 @@ class LstmSequenceXlaOp : public XlaOpKernel {
                       mask = ctx->InputShape(6), recurrent_mask = ctx->InputShape(7),
                       peephole = ctx->InputShape(8), projection = ctx->InputShape(9),
                       zoneout_h = ctx->InputShape(10), zoneout_c = ctx->InputShape(11),
-                      layer_norm = ctx->InputShape(12);
+                      layer_norm = ctx->InputShape(12), x_rows = ctx->InputShape(13);
     OP_REQUIRES(ctx, x.dims() == 3 && c0.dims() == 2,
                 InvalidArgument("x must be (T, batch, D) and c0 (batch, H), got ",
                                 x.DebugString(), " and ", c0.DebugString()));
@@ -513,6 +523,9 @@ class LstmSequenceXlaOp : public XlaOpKernel {
     OP_REQUIRES(ctx, !Present(recurrent_mask) || recurrent_mask == h_state,
                 InvalidArgument("recurrent_mask must be empty or (batch, R), got ",
                                 recurrent_mask.DebugString()));
+    OP_REQUIRES(ctx, !Present(x_rows) || x_rows == TensorShape({s.batch}),
+                InvalidArgument("x_rows must be empty or (batch,), got ", x_rows.DebugString()));
+    s.x_rows = Present(x_rows);
     s.bias = Present(bias);
     s.mask = Present(mask);
     s.recurrent_mask = Present(recurrent_mask);
@@ -622,7 +635,8 @@ class KeptGradsXlaOp : public XlaOpKernel {
     const TensorShape x = ctx->InputShape(0), kernel = ctx->InputShape(1),
                       h0 = ctx->InputShape(2), h_seq = ctx->InputShape(3),
                       mask = ctx->InputShape(4), recurrent_mask = ctx->InputShape(5),
-                      d_input = ctx->InputShape(6), d_recurrent = ctx->InputShape(7);
+                      d_input = ctx->InputShape(6), d_recurrent = ctx->InputShape(7),
+                      x_rows = ctx->InputShape(8);
     OP_REQUIRES(ctx, x.dims() == 3 && h0.dims() == 2 && kernel.dims() == 2,
                 InvalidArgument("x must be (T, batch, D), h0 (batch, R) and kernel (D, GH), got ",
                                 x.DebugString(), ", ", h0.DebugString(), " and ",
@@ -635,13 +649,15 @@ class KeptGradsXlaOp : public XlaOpKernel {
                     h_seq == TensorShape({steps, batch, hidden}) &&
                     mask == TensorShape({steps, batch}) && d_input == products &&
                     (!Present(d_recurrent) || d_recurrent == products) &&
-                    (!Present(recurrent_mask) || recurrent_mask == h0),
+                    (!Present(recurrent_mask) || recurrent_mask == h0) &&
+                    (!Present(x_rows) || x_rows == TensorShape({batch})),
                 InvalidArgument("inconsistent shapes in the LSTM's kept-step gradients"));
     char opaque[256];
     std::snprintf(opaque, sizeof(opaque), kKeptGradsFormat, static_cast<long long>(steps),
                   static_cast<long long>(batch), static_cast<long long>(features),
                   static_cast<long long>(hidden), static_cast<long long>(width),
-                  static_cast<int>(Present(recurrent_mask)), static_cast<int>(Present(d_recurrent)));
+                  static_cast<int>(Present(recurrent_mask)), static_cast<int>(Present(d_recurrent)),
+                  static_cast<int>(Present(x_rows)));
     EmitCustomCall(ctx, kKeptGradsTarget, opaque, {x, kernel, TensorShape({hidden, width})});
   }
 };
