@@ -248,6 +248,34 @@ def test_unequal_lengths_under_xla_match(rng, fused_calls, cell_options, kind, b
     _assert_same(got, want, _gradient_names(fused))
 
 
+@pytest.mark.parametrize(
+    "cell_options",
+    [{}, {"layer_norm": True}, CELL_OPTIONS[-1]],
+    ids=["plain", "layer_norm", "all"],
+)
+@pytest.mark.parametrize(
+    "kind, backwards",
+    [("right", False), ("left", True), ("random", False)],
+    ids=["right", "left-backwards", "random"],
+)
+@pytest.mark.parametrize("jit", [None, True], ids=["eager", "xla"])
+def test_the_final_state_in_training_is_each_rows_own(
+    rng, fused_calls, cell_options, kind, backwards, jit
+):
+    # Training without return_sequences: the kept sequences stop carrying a
+    # row's state on after its last real step, so the final state is taken
+    # from that step (or from h0 and c0 for an empty row), gradients included.
+    if jit and not kernels.native_available(jit_compile=True):
+        pytest.skip("the native kernel's XLA library cannot be built here")
+    x, h0, c0 = _data(rng, cell_options.get("proj_units", H))
+    mask = _mask(kind, rng)
+    fused, generic = _twins(rng, return_state=True, go_backwards=backwards, **cell_options)
+    got = _outputs_and_grads(fused, x, h0, c0, mask, training=True, jit=jit)
+    assert fused_calls, "the fused op did not run"
+    want = _outputs_and_grads(generic, x, h0, c0, mask, training=True)
+    _assert_same(got, want, _gradient_names(fused))
+
+
 def _recurrence_per_row(rng, kind, bf16, jit):
     """The fused op on the masked batch against each row alone (in a batch of
     copies, unmasked, cut to its length): outputs at the kept steps, final

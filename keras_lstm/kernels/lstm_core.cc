@@ -675,6 +675,15 @@ void ForwardRows(const Forward& a, const float* kernels, int64_t row_begin,
   float* h_scratch = z_scratch + (a.gates || project_first ? 0 : rows * G);
   float* c_scratch = h_scratch + (a.h_seq ? 0 : 2 * rows * R);
 
+  // Without carry_ended, each row's last kept step (-1: none), after which
+  // its state is no longer copied along the kept sequences.
+  std::vector<int64_t> last_kept(a.mask && !a.carry_ended && (a.h_seq || a.c_seq) ? rows : 0, -1);
+  for (int64_t t = 0; t < a.steps && !last_kept.empty(); ++t) {
+    const float* m = a.mask + t * B + row_begin;
+    for (int64_t r = 0; r < rows; ++r) {
+      if (m[r] != 0.f) last_kept[r] = t;
+    }
+  }
   const float* h_prev = a.h0 + row_begin * R;
   const float* c_prev = a.c0 + row_begin * H;
   int64_t previous_run = rows;
@@ -786,8 +795,13 @@ void ForwardRows(const Forward& a, const float* kernels, int64_t row_begin,
       const int64_t h_end = a.h_seq ? rows : settled, c_end = a.c_seq ? rows : settled;
       for (int64_t r = 0; r < std::max(h_end, c_end); ++r) {
         if (r >= run || m[r] == 0.f) {
-          if (r < h_end) std::copy(h_prev + r * R, h_prev + (r + 1) * R, h + r * R);
-          if (r < c_end) std::copy(c_prev + r * H, c_prev + (r + 1) * H, c + r * H);
+          const bool ended = !last_kept.empty() && t > last_kept[r];
+          if (r < h_end && !(ended && a.h_seq)) {
+            std::copy(h_prev + r * R, h_prev + (r + 1) * R, h + r * R);
+          }
+          if (r < c_end && !(ended && a.c_seq)) {
+            std::copy(c_prev + r * H, c_prev + (r + 1) * H, c + r * H);
+          }
         }
       }
       previous_run = run;
@@ -804,6 +818,17 @@ void ForwardRows(const Forward& a, const float* kernels, int64_t row_begin,
   }
   std::copy(h_prev, h_prev + rows * R, a.h_last + row_begin * R);
   std::copy(c_prev, c_prev + rows * H, a.c_last + row_begin * H);
+  // A row that ended before the last step: its state as its last kept step left it.
+  for (int64_t r = 0; r < static_cast<int64_t>(last_kept.size()); ++r) {
+    const int64_t last = last_kept[r];
+    if (last == a.steps - 1) continue;
+    const float* h_end = last < 0 ? a.h0 + (row_begin + r) * R
+                                  : a.h_seq + ((last * B) + row_begin + r) * R;
+    const float* c_end = last < 0 ? a.c0 + (row_begin + r) * H
+                                  : a.c_seq + ((last * B) + row_begin + r) * H;
+    if (a.h_seq) std::copy(h_end, h_end + R, a.h_last + (row_begin + r) * R);
+    if (a.c_seq) std::copy(c_end, c_end + H, a.c_last + (row_begin + r) * H);
+  }
 }
 
 // Carries dh and dc back through the steps: dz_t from the gates, then

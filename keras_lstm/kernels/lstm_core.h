@@ -126,6 +126,11 @@ struct Forward {
   float* h_last = nullptr;                  // (B, R)
   float* c_last = nullptr;                  // (B, H)
   bool fill_skipped = true;                 // zeros where a skipped row keeps nothing (above)
+  // Whether h_seq and c_seq carry a row's state on after the last step the
+  // mask keeps of it; if not, they are left unwritten there (the final state
+  // still reaches h_last and c_last), for callers that read them only at the
+  // steps before a kept one.
+  bool carry_ended = true;
 };
 
 // [W; U]: the input and recurrent kernels stacked, (D + R, G H), so that a

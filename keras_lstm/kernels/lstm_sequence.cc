@@ -262,8 +262,10 @@ class LstmSequenceOp : public OpKernel {
     args.mask = DataOrNull(mask);
     args.recurrent_mask = DataOrNull(recurrent_mask);
     args.options = options;
-    // The gradient reads the kept values at the steps the mask keeps only.
+    // The gradient reads the kept values at the steps the mask keeps only
+    // (and the state at the step before each).
     args.fill_skipped = false;
+    args.carry_ended = return_sequences_;
     args.h_seq = DataOrNull(h_out);
     args.c_seq = DataOrNull(c_out);
     args.c_computed = DataOrNull(c_computed_out);

@@ -291,6 +291,7 @@ void ForwardTarget(void* out, const void** in, const char* opaque, size_t opaque
   args.recurrent_mask = s.recurrent_mask ? inputs[7] : nullptr;
   args.options = s.options(inputs[8], inputs[9], inputs[10], inputs[11], inputs[12]);
   args.fill_skipped = s.FillSkipped();
+  args.carry_ended = s.sequences || s.FillSkipped();
   args.h_seq = s.keep || s.sequences ? outputs[0] : nullptr;
   args.c_seq = s.keep ? outputs[1] : nullptr;
   args.gates = s.keep ? outputs[2] : nullptr;
