@@ -225,6 +225,18 @@ inline int64_t KeptPositions(const float* mask, int64_t positions, int64_t* kept
   return n;
 }
 
+// Adds up the `chunks` partial [dW; dU] sums ((D + R, G H) each, one a
+// thread's range of KeptStepGrads) into dW (D, G H) and dU (R, G H).
+inline void AddUpKeptSums(const KeptGrads& a, const float* sums, int64_t chunks, float* dkernel,
+                          float* drecurrent) {
+  const int64_t input = a.input_size * a.width, size = (a.input_size + a.hidden) * a.width;
+  for (int64_t j = 0; j < size; ++j) {
+    float sum = 0.f;
+    for (int64_t k = 0; k < chunks; ++k) sum += sums[k * size + j];
+    (j < input ? dkernel[j] : drecurrent[j - input]) = sum;
+  }
+}
+
 // KeptGrads over kept[begin, end) of the `n` kept positions: adds their
 // [dW; dU] to `dkernels` ((D + R, G H)) and writes dx from the position
 // after kept[begin - 1] (0 for the first) up to kept[end - 1] (T B for the

@@ -475,17 +475,8 @@ class LstmKeptGradsOp : public OpKernel {
           keras_lstm::KeptStepGrads(args, kept.data(), n, begin, end, sums.data() + chunk * size);
         },
         kMinKeptPerChunk);
-    float* dkernel = DataOrNull(dkernel_out);
-    float* drecurrent = DataOrNull(drecurrent_out);
-    for (int64_t j = 0; j < size; ++j) {
-      float sum = 0.f;
-      for (int64_t k = 0; k < chunks; ++k) sum += sums[k * size + j];
-      if (j < features * width) {
-        dkernel[j] = sum;
-      } else {
-        drecurrent[j - features * width] = sum;
-      }
-    }
+    keras_lstm::AddUpKeptSums(args, sums.data(), chunks, DataOrNull(dkernel_out),
+                              DataOrNull(drecurrent_out));
   }
 };
 

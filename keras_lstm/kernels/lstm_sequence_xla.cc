@@ -396,16 +396,7 @@ void KeptGradsTarget(void* out, const void** in, const char* opaque, size_t opaq
         kept_step_grads(&args, kept.data(), n, begin, end, sums.data() + chunk * size);
       },
       kMinKeptPerChunk);
-  float *dkernel = outputs[1], *drecurrent = outputs[2];
-  for (int64_t j = 0; j < size; ++j) {
-    float sum = 0.f;
-    for (int64_t k = 0; k < chunks; ++k) sum += sums[k * size + j];
-    if (j < features * width) {
-      dkernel[j] = sum;
-    } else {
-      drecurrent[j - features * width] = sum;
-    }
-  }
+  keras_lstm::AddUpKeptSums(args, sums.data(), chunks, outputs[1], outputs[2]);
 }
 
 XLA_CPU_REGISTER_CUSTOM_CALL_TARGET_WITH_SYM(kForwardTarget, ForwardTarget);
