@@ -510,13 +510,15 @@ def test_recurrence_by_lengths_is_the_masked_recurrence(kind):
 @pytest.mark.parametrize("dropped", [False, True], ids=["", "recurrent_mask"])
 @pytest.mark.parametrize("apart", [False, True], ids=["dz", "layer_norm"])
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "xla"])
-@pytest.mark.parametrize("permuted", [False, True], ids=["", "x_rows"])
-def test_kept_step_gradients_are_those_of_the_kept_steps(kind, dropped, apart, jit, permuted):
+@pytest.mark.parametrize("layout", ["", "x_rows", "batch_major", "batch_major_reversed_x_rows"])
+def test_kept_step_gradients_are_those_of_the_kept_steps(kind, dropped, apart, jit, layout):
     # The native op behind masked gradients: dx = d_input W^T at the kept
     # steps, zeros elsewhere, and the weights' gradients summed over the kept
     # steps only, with h_{t-1} (times r with recurrent dropout) the state the
     # step started from. Enough steps that the sum is split across threads.
-    # With x_rows the kernel's row b is x's row x_rows[b], for x and dx.
+    # With x_rows the kernel's row b is x's row x_rows[b], for x and dx; x
+    # (and dx) may be batch-major, and its steps reversed.
+    permuted = "x_rows" in layout
     module = _native.native_module()  # the module's `_native_only` skips where there is none
     rng = np.random.default_rng(5)
     steps, batch, features, hidden, width = 90, 12, 3, 5, 20
@@ -546,10 +548,17 @@ def test_kept_step_gradients_are_those_of_the_kept_steps(kind, dropped, apart, j
     want_dkernel = np.einsum("tbd,tbg->dg", x_in_kernel_order * kept, d_input)
     want_drecurrent = np.einsum("tbr,tbg->rg", h_prev * kept, d_recurrent)
 
+    batch_major, reversed_ = "batch_major" in layout, "reversed" in layout
+
+    def as_given(seq):  # time-major in the kernel's step order -> the layout x comes in
+        seq = seq[::-1] if reversed_ else seq
+        return np.ascontiguousarray(seq.transpose(1, 0, 2) if batch_major else seq)
+
+    x, want_dx = as_given(x), as_given(want_dx)
     empty = tf.zeros((0,))
 
     def grads(*args):
-        return module.keras_lstm_kept_grads(*args)
+        return module.keras_lstm_kept_grads(*args, x_batch_major=batch_major, x_reversed=reversed_)
 
     if jit:
         grads = tf.function(grads, jit_compile=True)
@@ -568,3 +577,75 @@ def test_kept_step_gradients_are_those_of_the_kept_steps(kind, dropped, apart, j
         got, (want_dx, want_dkernel, want_drecurrent), ("dx", "dkernel", "drecurrent"), strict=True
     ):
         np.testing.assert_allclose(value, expected, rtol=1e-4, atol=1e-4, err_msg=what)
+
+
+@pytest.mark.parametrize("batch", [3, 12], ids=["few_rows", "rows"])
+@pytest.mark.parametrize("masked", [False, True], ids=["", "masked"])
+@pytest.mark.parametrize("layer_norm", [False, True], ids=["", "layer_norm"])
+@pytest.mark.parametrize("bf16", [False, True], ids=["", "bf16_products"])
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "xla"])
+def test_the_kernel_reads_x_where_it_is(batch, masked, layer_norm, bf16, jit):
+    # x as Keras hands it over, (B, T, D), its steps read backwards and its
+    # rows through x_rows, gives the same outputs as the same x made
+    # time-major, reversed and gathered first, and its gradient is that one's
+    # brought back to x's layout; so do the weights' gradients.
+    module = _native.native_module()  # the module's `_native_only` skips where there is none
+    if bf16 and not _native.bf16_products():
+        pytest.skip("this CPU has no bfloat16 products")
+    rng = np.random.default_rng(11)
+    steps, features, units = 23, 5, 7
+    x = tf.constant(rng.normal(size=(batch, steps, features)).astype("float32"))
+    kernel = tf.constant(rng.normal(size=(features, 4 * units)).astype("float32") * 0.3)
+    recurrent = tf.constant(rng.normal(size=(units, 4 * units)).astype("float32") * 0.3)
+    bias = tf.constant(rng.normal(size=(4 * units,)).astype("float32"))
+    h0 = tf.constant(rng.normal(size=(batch, units)).astype("float32"))
+    c0 = tf.constant(rng.normal(size=(batch, units)).astype("float32"))
+    lengths = rng.integers(0, steps + 1, batch)
+    order = np.argsort(-lengths, kind="stable").astype("int32")
+    # The kernel's row b is x's row order[b]; its mask is time-major, in the order steps run.
+    mask = (np.arange(steps)[:, None] < lengths[order][None, :]).astype("float32")
+    empty = tf.zeros((0,))
+    gains = tf.constant(rng.normal(size=(10 * units,)).astype("float32")) if layer_norm else empty
+    h0_k, c0_k = tf.gather(h0, order), tf.gather(c0, order)
+
+    def run(x, kernel, recurrent, given):
+        x_rows = order if masked and given else tf.zeros((0,), tf.int32)
+        if not given:  # made time-major, reversed and gathered first
+            x = tf.reverse(tf.transpose(x, (1, 0, 2)), [0])
+            x = tf.gather(x, order, axis=1) if masked else x
+        h0_, c0_ = (h0_k, c0_k) if masked else (h0, c0)
+        h_seq, _, _, h_last, _, _, _ = module.keras_lstm_sequence(
+            x,
+            kernel,
+            bias,
+            recurrent,
+            h0_,
+            c0_,
+            mask if masked else empty,
+            empty,
+            empty,
+            empty,
+            empty,
+            empty,
+            gains,
+            x_rows,
+            x_batch_major=given,
+            x_reversed=given,
+            bf16_products=bf16,
+        )
+        return h_seq, h_last
+
+    def outputs_and_grads(given):
+        with tf.GradientTape() as tape:
+            tape.watch([x, kernel, recurrent])
+            h_seq, h_last = run(x, kernel, recurrent, given)
+            loss = tf.reduce_sum(h_seq * h_seq[::-1]) + tf.reduce_sum(h_last)
+        return [h_seq, h_last], tape.gradient(loss, [x, kernel, recurrent])
+
+    if jit:
+        outputs_and_grads = tf.function(outputs_and_grads, jit_compile=True)
+    got, want = outputs_and_grads(True), outputs_and_grads(False)
+    for a, b, what in zip(
+        got[0] + got[1], want[0] + want[1], ("h_seq", "h_last", "dx", "dW", "dU"), strict=True
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=what)

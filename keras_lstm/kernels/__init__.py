@@ -220,7 +220,13 @@ class Sequence(NamedTuple):
 
 class Steps(NamedTuple):
     """A `Sequence` as every route unit takes it: time-major `x` (T, B, D) and
-    boolean `mask` (T, B) in processing order, weights in `x`'s dtype."""
+    boolean `mask` (T, B) in processing order, weights in `x`'s dtype.
+
+    For the native routes, whose kernel reads x where it is, `x` stays as the
+    layer handed it over: `x_batch_major`, (B, T, D), and `x_reversed` where the
+    steps run backwards (step t is x's step T - 1 - t); the mask is time-major
+    in processing order all the same.
+    """
 
     x: Any
     kernel: Any
@@ -234,6 +240,18 @@ class Steps(NamedTuple):
     keep_for_gradient: bool
     return_sequences: bool
     bf16_products: bool
+    x_batch_major: bool = False
+    x_reversed: bool = False
+
+    @property
+    def steps_and_batch(self):
+        """x's (T, B), static where known."""
+        time, batch = self.x.shape[:2]
+        return (batch, time) if self.x_batch_major else (time, batch)
+
+
+# The routes whose kernel reads x where it is (`Steps`).
+_READ_IN_PLACE = ("native", "native_xla")
 
 
 def lstm_recurrence(route: str, sequence: Sequence, go_backwards=False, zero_output_for_mask=False):
@@ -252,20 +270,22 @@ def lstm_recurrence(route: str, sequence: Sequence, go_backwards=False, zero_out
             f"cell options run fused only in the native kernel, not on the {route!r} route; "
             "Keras's step loop around the cell computes them elsewhere."
         )
-    steps = _time_major(sequence, go_backwards)
+    steps = _time_major(sequence, go_backwards, in_place=route in _READ_IN_PLACE)
     h_seq, h_last, c_last = ROUTES[route](steps)
     return _keras_returns(steps, h_seq, h_last, c_last, zero_output_for_mask)
 
 
-def _time_major(sequence: Sequence, go_backwards: bool) -> Steps:
+def _time_major(sequence: Sequence, go_backwards: bool, in_place: bool = False) -> Steps:
+    """`sequence` as `Steps`; with `in_place`, x as it is (see `Steps`)."""
     dtype = sequence.inputs.dtype
-    x = tf.transpose(sequence.inputs, (1, 0, 2))
+    x = sequence.inputs
+    if not in_place:
+        x = tf.transpose(x, (1, 0, 2))
+        x = tf.reverse(x, [0]) if go_backwards else x
     mask = sequence.mask
     if mask is not None:
         mask = tf.transpose(tf.cast(mask, tf.bool), (1, 0))
-    if go_backwards:
-        x = tf.reverse(x, [0])
-        mask = None if mask is None else tf.reverse(mask, [0])
+        mask = tf.reverse(mask, [0]) if go_backwards else mask
     training = sequence.training
     return Steps(
         x,
@@ -280,6 +300,8 @@ def _time_major(sequence: Sequence, go_backwards: bool) -> Steps:
         keep_for_gradient=bool(training) if isinstance(training, bool) else True,
         return_sequences=sequence.return_sequences,
         bf16_products=sequence.bf16_products or dtype == tf.bfloat16,
+        x_batch_major=in_place,
+        x_reversed=in_place and go_backwards,
     )
 
 
@@ -324,6 +346,8 @@ def _run_native(steps: Steps):
         recurrent_mask=steps.recurrent_mask,
         options=steps.options,
         bf16_products=steps.bf16_products,
+        x_batch_major=steps.x_batch_major,
+        x_reversed=steps.x_reversed,
     )
     return tuple(tf.cast(t, dtype) for t in (h_seq, h_last, c_last))
 
@@ -416,11 +440,11 @@ ROUTES = {
 
 def _keras_returns(steps: Steps, h_seq, h_last, c_last, zero_output_for_mask):
     """`(last_output, outputs, [h, c])` as `keras.backend.rnn` returns them."""
-    x, mask = steps.x, steps.mask
+    mask = steps.mask
     if steps.return_sequences:
         # The loops lose the static number of steps; later layers (an
         # unrolled one, say) need it.
-        h_seq.set_shape(x.shape[:2].concatenate(steps.h0.shape[-1:]))
+        h_seq.set_shape(tf.TensorShape(steps.steps_and_batch).concatenate(steps.h0.shape[-1:]))
     outputs, last_output = h_seq, h_last
     if mask is not None:
         if zero_output_for_mask:

@@ -151,13 +151,14 @@ def _register_gradient():
             name: op.get_attr(name)
             for name in ("cifg", "cell_clip", "zoneout_h_rate", "zoneout_c_rate", "bf16_products")
         }
+        layout = {name: op.get_attr(name) for name in ("x_batch_major", "x_reversed")}
         bf16 = options["bf16_products"] and bf16_products() != ""
         h_seq, c_seq, gates, _, _, c_computed, norms = op.outputs
         if not op.get_attr("keep_for_gradient"):
             # Run in inference mode, which keeps nothing for the gradient:
             # run the forward pass again, keeping it.
             h_seq, c_seq, gates, _, _, c_computed, norms = module.keras_lstm_sequence(
-                *op.inputs, **options
+                *op.inputs, **options, **layout
             )
         empty = tf.zeros((0,), x.dtype)
         dh_seq, dc_seq, dh_last, dc_last = (
@@ -193,6 +194,8 @@ def _register_gradient():
         backward = _Backward(
             x=x,
             x_rows=x_rows if _given(x_rows) else None,
+            x_batch_major=layout["x_batch_major"],
+            x_reversed=layout["x_reversed"],
             kernel=kernel,
             h0=h0,
             c0=c0,
@@ -220,7 +223,9 @@ def _register_gradient():
             )
         else:
             # TensorFlow's matmuls read x in the kernel's row order.
-            in_order = backward._replace(x=backward.sorted_x())
+            in_order = backward._replace(
+                x=backward.sorted_x(), x_rows=None, x_batch_major=False, x_reversed=False
+            )
             if _given(mask) and not in_xla_context():
                 grads = _grads_at_kept_steps(in_order, mask)
             else:
@@ -242,8 +247,10 @@ class _Backward(NamedTuple):
     pass's inputs and kept values, and the gradients of its pre-activations. An
     option's tensor is `None` where it is off."""
 
-    x: Any
+    x: Any  # as the op took it: (T, B, D), or (B, T, D) with x_batch_major
     x_rows: Any  # the row of x each of the kernel's rows reads, or None: the same row
+    x_batch_major: bool
+    x_reversed: bool  # the kernel's step t is x's step T - 1 - t
     kernel: Any
     h0: Any
     c0: Any
@@ -264,12 +271,17 @@ class _Backward(NamedTuple):
     bf16: bool
 
     def sorted_x(self):
-        """x with its rows in the kernel's order, as every other sequence here."""
-        return self.x if self.x_rows is None else tf.gather(self.x, self.x_rows, axis=1)
+        """x time-major, its steps and rows in the kernel's order, as every other
+        sequence here."""
+        x = tf.transpose(self.x, (1, 0, 2)) if self.x_batch_major else self.x
+        x = tf.reverse(x, [0]) if self.x_reversed else x
+        return x if self.x_rows is None else tf.gather(x, self.x_rows, axis=1)
 
     def unsorted(self, dx):
-        """dx (in the kernel's row order) back in x's."""
-        return dx if self.x_rows is None else tf.gather(dx, tf.argsort(self.x_rows), axis=1)
+        """dx (time-major, in the kernel's order) back in x's layout and order."""
+        dx = dx if self.x_rows is None else tf.gather(dx, tf.argsort(self.x_rows), axis=1)
+        dx = tf.reverse(dx, [0]) if self.x_reversed else dx
+        return tf.transpose(dx, (1, 0, 2)) if self.x_batch_major else dx
 
 
 def _grads_at_all_steps(b: _Backward, weights=True):
@@ -330,6 +342,8 @@ def _native_kept_grads(module, b: _Backward, mask):
         b.d_input,
         empty if b.norms is None else b.d_recurrent,
         tf.zeros((0,), tf.int32) if b.x_rows is None else b.x_rows,
+        x_batch_major=b.x_batch_major,
+        x_reversed=b.x_reversed,
     )
     dpeephole = dprojection = None
     if b.peephole is not None or b.projection is not None:
@@ -453,18 +467,25 @@ def lstm_sequence(
     recurrent_mask=None,
     options=None,
     bf16_products=False,
+    x_batch_major=False,
+    x_reversed=False,
 ):
     """The native whole-sequence LSTM (float32, CPU); with no options, the twin of
     `_while_loop.lstm_sequence_projecting`.
 
-    `x` is time-major (T, B, D). Returns `(h_seq, c_seq, h_last, c_last)`: the final
-    state comes as its own tensors too, so that a loss on it alone sends back no
-    (T, B, H) gradient. Without `keep_for_gradient` the op keeps nothing for the
-    backward pass (a gradient then runs the forward pass again) and `c_seq` is
-    empty; `h_seq` is empty unless `return_sequences` or `keep_for_gradient`.
-    `recurrent_mask` (B, H), if given, multiplies `h_{t-1}` before the
-    recurrent product (recurrent dropout, one mask per sequence). `options`
-    (a `CellOptions`), if given, turns on the cell options the kernel computes.
+    `x` is time-major (T, B, D), or with `x_batch_major` (B, T, D) as Keras's
+    layers hand it over (the kernel reads it where it is, with no transpose
+    first); with `x_reversed` step t reads x's step T - 1 - t (a sequence run
+    backwards, without a reversed copy). Everything else, the mask and every
+    output, is time-major in the order the steps run. Returns
+    `(h_seq, c_seq, h_last, c_last)`: the final state comes as its own tensors
+    too, so that a loss on it alone sends back no (T, B, H) gradient. Without
+    `keep_for_gradient` the op keeps nothing for the backward pass (a gradient
+    then runs the forward pass again) and `c_seq` is empty; `h_seq` is empty
+    unless `return_sequences` or `keep_for_gradient`. `recurrent_mask` (B, H),
+    if given, multiplies `h_{t-1}` before the recurrent product (recurrent
+    dropout, one mask per sequence). `options` (a `CellOptions`), if given,
+    turns on the cell options the kernel computes.
     `bf16_products` gives the steps' products (and the weight gradients)
     bfloat16 operands where the CPU has the instructions (`bf16_products()`).
     """
@@ -512,6 +533,8 @@ def lstm_sequence(
         zoneout_h_rate=options.zoneout_h_rate,
         zoneout_c_rate=options.zoneout_c_rate,
         bf16_products=bool(bf16_products),
+        x_batch_major=bool(x_batch_major),
+        x_reversed=bool(x_reversed),
     )
     if mask is not empty:
         # Back to the caller's order (an output not kept stays empty).

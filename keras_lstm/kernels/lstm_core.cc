@@ -593,9 +593,9 @@ void StepProduct(StepWeights& weights, MatrixMap out, const A& a, bool accumulat
 }
 }  // namespace
 
-// x_t of the batch's row `row` (x_rows maps it to x's own row).
+// x_t of the batch's row `row` (wherever x_layout puts it).
 inline const float* InputRow(const Forward& a, int64_t t, int64_t row) {
-  return a.x + (t * a.batch + (a.x_rows ? a.x_rows[row] : row)) * a.input_size;
+  return a.x + a.x_layout.At(t, row, a.steps, a.batch) * a.input_size;
 }
 
 // One step a row block: z = [x_t, h_{t-1}] [W; U] + b as one matrix product
@@ -641,14 +641,16 @@ void ForwardRows(const Forward& a, const float* kernels, int64_t row_begin,
   std::vector<float> projected(project_first && !a.gates ? a.steps * rows * G : 0);
   if (project_first) {
     MatrixMap xz(a.gates ? a.gates : projected.data(), a.steps * rows, G);
-    std::vector<float> x_sorted(a.x_rows ? a.steps * rows * D : 0);
-    for (int64_t t = 0; a.x_rows && t < a.steps; ++t) {
+    // x in the block's own time-major order, unless it is already.
+    const bool gather = !a.x_layout.in_order();
+    std::vector<float> x_sorted(gather ? a.steps * rows * D : 0);
+    for (int64_t t = 0; gather && t < a.steps; ++t) {
       for (int64_t r = 0; r < rows; ++r) {
         const float* x_row = InputRow(a, t, row_begin + r);
         std::copy(x_row, x_row + D, x_sorted.data() + (t * rows + r) * D);
       }
     }
-    xz.noalias() = ConstMatrixMap(a.x_rows ? x_sorted.data() : a.x, a.steps * rows, D) *
+    xz.noalias() = ConstMatrixMap(gather ? x_sorted.data() : a.x, a.steps * rows, D) *
                    ConstMatrixMap(kernels, D, G);
     if (a.bias) xz.rowwise() += Eigen::Map<const Eigen::RowVectorXf>(a.bias, G);
   }
@@ -657,9 +659,10 @@ void ForwardRows(const Forward& a, const float* kernels, int64_t row_begin,
   Matrix xh(project_first || layer_norm ? 0 : rows, K);
   // h_{t-1} * r, for the product, with recurrent dropout.
   Matrix h_dropped((project_first || layer_norm) && a.recurrent_mask ? rows : 0, R);
-  // With layer norm: x_t in the sorted order (with x_rows), x W and h U apart,
+  // With layer norm: x_t in the block's order (unless x is in it), x W and h U apart,
   // and the norms of a step when not kept.
-  Matrix x_sorted(layer_norm && a.x_rows ? rows : 0, D);
+  const bool x_in_order = a.x_layout.in_order();
+  Matrix x_sorted(layer_norm && !x_in_order ? rows : 0, D);
   Matrix xw(layer_norm ? rows : 0, G), hu(layer_norm ? rows : 0, G),
       norm_scratch(layer_norm && !a.norms ? rows : 0, NW);
   // o * tanh(c) before the projection W_hr makes it h.
@@ -704,7 +707,7 @@ void ForwardRows(const Forward& a, const float* kernels, int64_t row_begin,
     } else if (layer_norm) {
       // z = LN(x_t W) γx + LN(h_{t-1} U) γh + b.
       const float* x_t = a.x + at * D;
-      if (a.x_rows) {
+      if (!x_in_order) {
         for (int64_t r = 0; r < run; ++r) {
           const float* x_row = InputRow(a, t, row_begin + r);
           std::copy(x_row, x_row + D, x_sorted.data() + r * D);
@@ -737,7 +740,7 @@ void ForwardRows(const Forward& a, const float* kernels, int64_t row_begin,
       StepProduct(*step_weights, Z, ConstMatrixMap(h_prev, run, R), /*accumulate=*/true);
     } else {
       MatrixMap xh_run(xh.data(), run, K);
-      if (a.x_rows) {
+      if (!x_in_order) {
         for (int64_t r = 0; r < run; ++r) {
           const float* x_row = InputRow(a, t, row_begin + r);
           std::copy(x_row, x_row + D, xh.data() + r * K);
@@ -977,15 +980,13 @@ void KeptStepGrads(const KeptGrads& a, const int64_t* kept, int64_t n, int64_t b
                    int64_t end, float* dkernels) {
   const int64_t B = a.batch, D = a.input_size, R = a.hidden, G = a.width, K = D + R;
   // Where position t B + b is in x and dx.
-  const auto in_x = [&](int64_t at) {
-    return a.x_rows ? at - at % B + a.x_rows[at % B] : at;
-  };
+  const auto in_x = [&](int64_t at) { return a.x_layout.At(at / B, at % B, a.steps, B); };
   // dx is zero at the steps the mask drops, from the step after the one
   // before this range to its own last step.
   int64_t position = begin == 0 ? 0 : kept[begin - 1] + 1;
   const int64_t last = end == n ? a.steps * B : kept[end - 1] + 1;
   const auto zeros_until = [&](int64_t stop) {
-    if (!a.x_rows) {
+    if (a.x_layout.in_order()) {
       std::fill(a.dx + position * D, a.dx + stop * D, 0.f);
     } else {
       for (int64_t at = position; at < stop; ++at) std::fill_n(a.dx + in_x(at) * D, D, 0.f);

@@ -99,12 +99,31 @@ struct LayerNorm {
   int64_t kDeviations() const { return 2 * G + H; }   // inv_x, inv_h, inv_c, in a norms row
 };
 
+// Where x holds each step of each of the kernel's rows (and dx, which has
+// x's layout). By default x is time-major (T, B, D) in the kernel's own
+// order. `rows` (B), or null: the kernel's row b reads x's row rows[b] (x
+// stays in its caller's order while the kernel runs the rows sorted; see
+// "Skipped rows"). `batch_major`: x is (B, T, D), as Keras hands a sequence
+// over, so that nobody transposes it first. `reversed`: the kernel's step t
+// is x's step T - 1 - t (a layer that runs its sequence backwards).
+struct InputLayout {
+  const int32_t* rows = nullptr;
+  bool batch_major = false;
+  bool reversed = false;
+
+  // Whether x is time-major in the kernel's order: step t of row b is x's row t B + b.
+  bool in_order() const { return !rows && !batch_major && !reversed; }
+  // The row of x (D values) that holds step t of the kernel's row b, of T steps and B rows.
+  int64_t At(int64_t t, int64_t b, int64_t T, int64_t B) const {
+    const int64_t step = reversed ? T - 1 - t : t, row = rows ? rows[b] : b;
+    return batch_major ? row * T + step : step * B + row;
+  }
+};
+
 struct Forward {
   int64_t steps = 0, batch = 0, input_size = 0, units = 0;
-  const float* x = nullptr;                 // (T, B, D)
-  // (B), or null: the batch's row b reads x's row x_rows[b] (x stays in its
-  // caller's order while the kernel runs the rows sorted; see "Skipped rows").
-  const int32_t* x_rows = nullptr;
+  const float* x = nullptr;                 // (T, B, D), or as x_layout says
+  InputLayout x_layout;
   const float* kernel = nullptr;            // (D, G H)
   const float* bias = nullptr;              // (G H), or null
   const float* recurrent_kernel = nullptr;  // (R, G H)
@@ -204,8 +223,8 @@ void BackwardRows(const Backward& a, int64_t row_begin, int64_t row_end, float* 
 // pays for its real steps only, under XLA too, where shapes are static.
 struct KeptGrads {
   int64_t steps = 0, batch = 0, input_size = 0, hidden = 0, width = 0;  // T, B, D, R, G H
-  const float* x = nullptr;               // (T, B, D)
-  const int32_t* x_rows = nullptr;        // (B), or null: as in Forward, for x and dx
+  const float* x = nullptr;               // (T, B, D), or as x_layout says
+  InputLayout x_layout;                   // as in Forward, for x and dx
   const float* kernel = nullptr;          // W (D, G H)
   const float* h0 = nullptr;              // (B, R)
   const float* h_seq = nullptr;           // (T, B, R): h after each step

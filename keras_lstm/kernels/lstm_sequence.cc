@@ -85,7 +85,7 @@ float* DataOrNull(Tensor* tensor) {
 }
 
 // `x_rows` is empty or a row of x for each of the batch's rows: the order
-// the kernel runs them in (lstm_core.h's Forward::x_rows).
+// the kernel runs them in (lstm_core.h's InputLayout::rows).
 void ReadXRows(OpKernelContext* ctx, const Tensor& x_rows, int64_t batch, const int32_t** rows) {
   *rows = nullptr;
   if (x_rows.NumElements() == 0) return;
@@ -98,6 +98,26 @@ void ReadXRows(OpKernelContext* ctx, const Tensor& x_rows, int64_t batch, const 
                 InvalidArgument("x_rows[", b, "] = ", given[b], " is not a row of x"));
   }
   *rows = given;
+}
+
+// How the ops find x's steps (lstm_core.h's InputLayout), from their
+// attributes; ReadXRows adds the rows.
+tensorflow::Status ReadLayout(OpKernelConstruction* ctx, keras_lstm::InputLayout* layout) {
+  TF_RETURN_IF_ERROR(ctx->GetAttr("x_batch_major", &layout->batch_major));
+  TF_RETURN_IF_ERROR(ctx->GetAttr("x_reversed", &layout->reversed));
+  return absl::OkStatus();
+}
+
+// x's steps T, rows B and features D, whichever of its first two axes is time.
+void ReadInputSizes(OpKernelContext* ctx, const Tensor& x, const keras_lstm::InputLayout& layout,
+                    int64_t* steps, int64_t* batch, int64_t* features) {
+  OP_REQUIRES(ctx, x.dims() == 3,
+              InvalidArgument(layout.batch_major ? "x must be (batch, T, D), got "
+                                                 : "x must be (T, batch, D), got ",
+                              x.shape().DebugString()));
+  *steps = x.dim_size(layout.batch_major ? 1 : 0);
+  *batch = x.dim_size(layout.batch_major ? 0 : 1);
+  *features = x.dim_size(2);
 }
 
 // The options (lstm_core.h) from the ops' attributes; WithWeights adds their inputs.
@@ -176,6 +196,7 @@ class LstmSequenceOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("keep_for_gradient", &keep_for_gradient_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("return_sequences", &return_sequences_));
     OP_REQUIRES_OK(ctx, ReadOptions(ctx, &options_));
+    OP_REQUIRES_OK(ctx, ReadLayout(ctx, &layout_));
   }
 
   void Compute(OpKernelContext* ctx) override {
@@ -192,11 +213,11 @@ class LstmSequenceOp : public OpKernel {
     const Tensor& zoneout_h = ctx->input(10);
     const Tensor& zoneout_c = ctx->input(11);
     const Tensor& layer_norm = ctx->input(12);
-    OP_REQUIRES(ctx, x.dims() == 3,
-                InvalidArgument("x must be (T, batch, D), got ", x.shape().DebugString()));
-    const int64_t steps = x.dim_size(0), batch = x.dim_size(1), features = x.dim_size(2);
-    const int32_t* x_rows;
-    ReadXRows(ctx, ctx->input(13), batch, &x_rows);
+    int64_t steps, batch, features;
+    ReadInputSizes(ctx, x, layout_, &steps, &batch, &features);
+    if (!ctx->status().ok()) return;
+    keras_lstm::InputLayout x_layout = layout_;
+    ReadXRows(ctx, ctx->input(13), batch, &x_layout.rows);
     if (!ctx->status().ok()) return;
     CheckStates(ctx, options_, u, h0, c0, mask, recurrent_mask, peephole, projection, steps,
                 batch);
@@ -253,7 +274,7 @@ class LstmSequenceOp : public OpKernel {
     args.input_size = features;
     args.units = units;
     args.x = x.flat<float>().data();
-    args.x_rows = x_rows;
+    args.x_layout = x_layout;
     args.kernel = kernel.flat<float>().data();
     args.bias = DataOrNull(bias);
     args.recurrent_kernel = u.flat<float>().data();
@@ -284,6 +305,7 @@ class LstmSequenceOp : public OpKernel {
   bool keep_for_gradient_ = true;
   bool return_sequences_ = true;
   keras_lstm::Options options_;
+  keras_lstm::InputLayout layout_;  // without the rows, an input
 };
 
 class LstmSequenceGradOp : public OpKernel {
@@ -410,10 +432,12 @@ class LstmSequenceGradOp : public OpKernel {
 
 // dx and the weights' gradients from the steps the mask keeps (lstm_core.h's
 // KeptGrads), the kept steps split evenly across the worker threads. With
-// `x_rows`, x is read and dx written in x's own order, as the forward op reads x.
+// `x_rows`, x_batch_major and x_reversed, x is read and dx written as the forward op reads x.
 class LstmKeptGradsOp : public OpKernel {
  public:
-  explicit LstmKeptGradsOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+  explicit LstmKeptGradsOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ReadLayout(ctx, &layout_));
+  }
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& x = ctx->input(0);
@@ -424,14 +448,15 @@ class LstmKeptGradsOp : public OpKernel {
     const Tensor& recurrent_mask = ctx->input(5);
     const Tensor& d_input = ctx->input(6);
     const Tensor& d_recurrent = ctx->input(7);
-    OP_REQUIRES(ctx, x.dims() == 3 && h0.dims() == 2 && kernel.dims() == 2,
-                InvalidArgument("x must be (T, batch, D), h0 (batch, R) and kernel (D, GH), got ",
-                                x.shape().DebugString(), ", ", h0.shape().DebugString(), " and ",
-                                kernel.shape().DebugString()));
-    const int64_t steps = x.dim_size(0), batch = x.dim_size(1), features = x.dim_size(2);
+    OP_REQUIRES(ctx, h0.dims() == 2 && kernel.dims() == 2,
+                InvalidArgument("h0 must be (batch, R) and kernel (D, GH), got ",
+                                h0.shape().DebugString(), " and ", kernel.shape().DebugString()));
+    int64_t steps, batch, features;
+    ReadInputSizes(ctx, x, layout_, &steps, &batch, &features);
+    if (!ctx->status().ok()) return;
     const int64_t hidden = h0.dim_size(1), width = kernel.dim_size(1);
-    const int32_t* x_rows;
-    ReadXRows(ctx, ctx->input(8), batch, &x_rows);
+    keras_lstm::InputLayout x_layout = layout_;
+    ReadXRows(ctx, ctx->input(8), batch, &x_layout.rows);
     if (!ctx->status().ok()) return;
     const TensorShape products({steps, batch, width});
     OP_REQUIRES(
@@ -454,7 +479,7 @@ class LstmKeptGradsOp : public OpKernel {
     args.hidden = hidden;
     args.width = width;
     args.x = DataOrNull(x);
-    args.x_rows = x_rows;
+    args.x_layout = x_layout;
     args.kernel = DataOrNull(kernel);
     args.h0 = DataOrNull(h0);
     args.h_seq = DataOrNull(h_seq);
@@ -478,6 +503,9 @@ class LstmKeptGradsOp : public OpKernel {
     keras_lstm::AddUpKeptSums(args, sums.data(), chunks, DataOrNull(dkernel_out),
                               DataOrNull(drecurrent_out));
   }
+
+ private:
+  keras_lstm::InputLayout layout_;  // without the rows, an input
 };
 
 // Whether an optional input is known, while tracing, to be the empty (0,)
@@ -505,6 +533,8 @@ REGISTER_OP("KerasLstmSequence")
     .Input("zoneout_c: float")
     .Input("layer_norm: float")
     .Input("x_rows: int32")
+    .Attr("x_batch_major: bool = false")
+    .Attr("x_reversed: bool = false")
     .Attr("keep_for_gradient: bool = true")
     .Attr("return_sequences: bool = true")
     .Attr("cifg: bool = false")
@@ -524,7 +554,14 @@ REGISTER_OP("KerasLstmSequence")
       TF_RETURN_IF_ERROR(c->GetAttr("keep_for_gradient", &keep));
       TF_RETURN_IF_ERROR(c->GetAttr("return_sequences", &sequences));
       TF_RETURN_IF_ERROR(c->GetAttr("cifg", &cifg));
+      bool batch_major;
+      TF_RETURN_IF_ERROR(c->GetAttr("x_batch_major", &batch_major));
+      // x's (T, batch, D), whichever way round it comes.
       auto x = c->input(0);
+      if (batch_major && c->RankKnown(x)) {
+        TF_RETURN_IF_ERROR(c->WithRank(x, 3, &x));
+        x = c->MakeShape({c->Dim(x, 1), c->Dim(x, 0), c->Dim(x, 2)});
+      }
       auto units = c->Dim(c->input(5), 1), hidden = c->Dim(c->input(4), 1);
       tensorflow::shape_inference::ShapeHandle states, hs, gates;
       TF_RETURN_IF_ERROR(c->ReplaceDim(x, 2, units, &states));
@@ -626,6 +663,8 @@ REGISTER_OP("KerasLstmKeptGrads")
     .Input("d_input: float")
     .Input("d_recurrent: float")
     .Input("x_rows: int32")
+    .Attr("x_batch_major: bool = false")
+    .Attr("x_reversed: bool = false")
     .Output("dx: float")
     .Output("dkernel: float")
     .Output("drecurrent: float")

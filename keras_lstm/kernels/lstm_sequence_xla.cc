@@ -11,8 +11,8 @@
 //
 // The static sizes and which optional inputs are present travel in the
 // custom call's opaque string, e.g. "T=100 B=64 D=32 H=128 bias=1 mask=0
-// sequences=1 keep=1 rmask=0 cifg=0 peep=0 P=0 zh=0 zc=0 bf16=0 ln=0 xrows=0 clip=0 zhr=0
-// zcr=0".
+// sequences=1 keep=1 rmask=0 cifg=0 peep=0 P=0 zh=0 zc=0 bf16=0 ln=0 xrows=0 xbm=0 xrev=0
+// clip=0 zhr=0 zcr=0".
 // An absent input (no bias, no mask, a gradient that is
 // zero) is a 0-element operand, as for the TensorFlow op.
 //
@@ -162,6 +162,7 @@ struct Sizes {
   long long steps = 0, batch = 0, features = 0, units = 0;
   int bias = 0, mask = 0, sequences = 0, keep = 0, recurrent_mask = 0;
   int x_rows = 0;  // whether the forward op's x_rows is given
+  int x_batch_major = 0, x_reversed = 0;  // lstm_core.h's InputLayout
   int dh_seq = 0, dc_seq = 0, dh_last = 0, dc_last = 0;
   int cifg = 0, peephole = 0;
   int bf16_products = 0;  // bfloat16 operands for the steps' products
@@ -201,7 +202,7 @@ struct Sizes {
 // One format each for writing and reading.
 constexpr char kForwardFormat[] =
     "T=%lld B=%lld D=%lld H=%lld bias=%d mask=%d sequences=%d keep=%d rmask=%d cifg=%d peep=%d "
-    "P=%lld zh=%d zc=%d bf16=%d ln=%d xrows=%d";
+    "P=%lld zh=%d zc=%d bf16=%d ln=%d xrows=%d xbm=%d xrev=%d";
 constexpr char kBackwardFormat[] =
     "T=%lld B=%lld H=%lld mask=%d dh=%d dc=%d dh_last=%d dc_last=%d rmask=%d cifg=%d peep=%d "
     "P=%lld zh=%d zc=%d bf16=%d ln=%d";
@@ -228,7 +229,8 @@ std::string ForwardOpaque(const Sizes& s) {
   char text[256];
   std::snprintf(text, sizeof(text), kForwardFormat, s.steps, s.batch, s.features, s.units, s.bias,
                 s.mask, s.sequences, s.keep, s.recurrent_mask, s.cifg, s.peephole, s.proj_units,
-                s.zoneout_h_mask, s.zoneout_c_mask, s.bf16_products, s.layer_norm, s.x_rows);
+                s.zoneout_h_mask, s.zoneout_c_mask, s.bf16_products, s.layer_norm, s.x_rows,
+                s.x_batch_major, s.x_reversed);
   std::string opaque(text);
   AppendFloats(s, &opaque);
   return opaque;
@@ -239,7 +241,8 @@ bool ParseForwardOpaque(const char* opaque, size_t length, Sizes* s) {
   return std::sscanf(text.c_str(), kForwardFormat, &s->steps, &s->batch, &s->features, &s->units,
                      &s->bias, &s->mask, &s->sequences, &s->keep, &s->recurrent_mask, &s->cifg,
                      &s->peephole, &s->proj_units, &s->zoneout_h_mask, &s->zoneout_c_mask,
-                     &s->bf16_products, &s->layer_norm, &s->x_rows) == 17 &&
+                     &s->bf16_products, &s->layer_norm, &s->x_rows, &s->x_batch_major,
+                     &s->x_reversed) == 19 &&
          ParseFloats(text, s);
 }
 
@@ -281,7 +284,9 @@ void ForwardTarget(void* out, const void** in, const char* opaque, size_t opaque
   args.input_size = s.features;
   args.units = s.units;
   args.x = inputs[0];
-  args.x_rows = s.x_rows ? reinterpret_cast<const int32_t*>(in[13]) : nullptr;
+  args.x_layout.rows = s.x_rows ? reinterpret_cast<const int32_t*>(in[13]) : nullptr;
+  args.x_layout.batch_major = s.x_batch_major;
+  args.x_layout.reversed = s.x_reversed;
   args.kernel = inputs[1];
   args.bias = s.bias ? inputs[2] : nullptr;
   args.recurrent_kernel = inputs[3];
@@ -358,15 +363,15 @@ void BackwardTarget(void* out, const void** in, const char* opaque, size_t opaqu
 // Operands x, kernel, h0, h_seq, mask, recurrent_mask, d_input, d_recurrent,
 // x_rows; results dx, dkernel, drecurrent (lstm_core.h's KeptGrads).
 constexpr char kKeptGradsFormat[] =
-    "T=%lld B=%lld D=%lld R=%lld G=%lld rmask=%d apart=%d xrows=%d";
+    "T=%lld B=%lld D=%lld R=%lld G=%lld rmask=%d apart=%d xrows=%d xbm=%d xrev=%d";
 
 void KeptGradsTarget(void* out, const void** in, const char* opaque, size_t opaque_length,
                      XlaCustomCallStatus* /*status*/) {
   long long steps, batch, features, hidden, width;
-  int rmask, apart, x_rows;
+  int rmask, apart, x_rows, x_batch_major, x_reversed;
   const std::string text(opaque, opaque_length);
   if (std::sscanf(text.c_str(), kKeptGradsFormat, &steps, &batch, &features, &hidden, &width,
-                  &rmask, &apart, &x_rows) != 8) {
+                  &rmask, &apart, &x_rows, &x_batch_major, &x_reversed) != 10) {
     return;
   }
   float** outputs = static_cast<float**>(out);
@@ -378,7 +383,9 @@ void KeptGradsTarget(void* out, const void** in, const char* opaque, size_t opaq
   args.hidden = hidden;
   args.width = width;
   args.x = inputs[0];
-  args.x_rows = x_rows ? reinterpret_cast<const int32_t*>(in[8]) : nullptr;
+  args.x_layout.rows = x_rows ? reinterpret_cast<const int32_t*>(in[8]) : nullptr;
+  args.x_layout.batch_major = x_batch_major;
+  args.x_layout.reversed = x_reversed;
   args.kernel = inputs[1];
   args.h0 = inputs[2];
   args.h_seq = inputs[3];
@@ -464,12 +471,23 @@ tensorflow::Status ReadOptions(tensorflow::OpKernelConstruction* ctx, Sizes* s) 
   return absl::OkStatus();
 }
 
+// The x_batch_major and x_reversed attributes (lstm_core.h's InputLayout).
+tensorflow::Status ReadLayout(tensorflow::OpKernelConstruction* ctx, bool* batch_major,
+                              bool* reversed) {
+  TF_RETURN_IF_ERROR(ctx->GetAttr("x_batch_major", batch_major));
+  return ctx->GetAttr("x_reversed", reversed);
+}
+
 class LstmSequenceXlaOp : public XlaOpKernel {
  public:
   explicit LstmSequenceXlaOp(tensorflow::OpKernelConstruction* ctx) : XlaOpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("keep_for_gradient", &keep_for_gradient_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("return_sequences", &return_sequences_));
     OP_REQUIRES_OK(ctx, ReadOptions(ctx, &options_));
+    bool batch_major, reversed;
+    OP_REQUIRES_OK(ctx, ReadLayout(ctx, &batch_major, &reversed));
+    options_.x_batch_major = batch_major;
+    options_.x_reversed = reversed;
   }
 
   void Compile(XlaOpKernelContext* ctx) override {
@@ -480,12 +498,13 @@ class LstmSequenceXlaOp : public XlaOpKernel {
                       peephole = ctx->InputShape(8), projection = ctx->InputShape(9),
                       zoneout_h = ctx->InputShape(10), zoneout_c = ctx->InputShape(11),
                       layer_norm = ctx->InputShape(12), x_rows = ctx->InputShape(13);
-    OP_REQUIRES(ctx, x.dims() == 3 && c0.dims() == 2,
-                InvalidArgument("x must be (T, batch, D) and c0 (batch, H), got ",
-                                x.DebugString(), " and ", c0.DebugString()));
     Sizes s = options_;
-    s.steps = x.dim_size(0);
-    s.batch = x.dim_size(1);
+    OP_REQUIRES(ctx, x.dims() == 3 && c0.dims() == 2,
+                InvalidArgument(s.x_batch_major ? "x must be (batch, T, D)" : "x must be (T, batch, D)",
+                                " and c0 (batch, H), got ", x.DebugString(), " and ",
+                                c0.DebugString()));
+    s.steps = x.dim_size(s.x_batch_major ? 1 : 0);
+    s.batch = x.dim_size(s.x_batch_major ? 0 : 1);
     s.features = x.dim_size(2);
     s.units = c0.dim_size(1);
     OP_REQUIRES(ctx, !Present(projection) || (projection.dims() == 2 &&
@@ -621,7 +640,9 @@ class LstmSequenceGradXlaOp : public XlaOpKernel {
 
 class KeptGradsXlaOp : public XlaOpKernel {
  public:
-  explicit KeptGradsXlaOp(tensorflow::OpKernelConstruction* ctx) : XlaOpKernel(ctx) {}
+  explicit KeptGradsXlaOp(tensorflow::OpKernelConstruction* ctx) : XlaOpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ReadLayout(ctx, &batch_major_, &reversed_));
+  }
 
   void Compile(XlaOpKernelContext* ctx) override {
     const TensorShape x = ctx->InputShape(0), kernel = ctx->InputShape(1),
@@ -630,10 +651,11 @@ class KeptGradsXlaOp : public XlaOpKernel {
                       d_input = ctx->InputShape(6), d_recurrent = ctx->InputShape(7),
                       x_rows = ctx->InputShape(8);
     OP_REQUIRES(ctx, x.dims() == 3 && h0.dims() == 2 && kernel.dims() == 2,
-                InvalidArgument("x must be (T, batch, D), h0 (batch, R) and kernel (D, GH), got ",
-                                x.DebugString(), ", ", h0.DebugString(), " and ",
-                                kernel.DebugString()));
-    const int64_t steps = x.dim_size(0), batch = x.dim_size(1), features = x.dim_size(2);
+                InvalidArgument(batch_major_ ? "x must be (batch, T, D)" : "x must be (T, batch, D)",
+                                ", h0 (batch, R) and kernel (D, GH), got ", x.DebugString(), ", ",
+                                h0.DebugString(), " and ", kernel.DebugString()));
+    const int64_t steps = x.dim_size(batch_major_ ? 1 : 0),
+                  batch = x.dim_size(batch_major_ ? 0 : 1), features = x.dim_size(2);
     const int64_t hidden = h0.dim_size(1), width = kernel.dim_size(1);
     const TensorShape products({steps, batch, width});
     OP_REQUIRES(ctx,
@@ -649,9 +671,13 @@ class KeptGradsXlaOp : public XlaOpKernel {
                   static_cast<long long>(batch), static_cast<long long>(features),
                   static_cast<long long>(hidden), static_cast<long long>(width),
                   static_cast<int>(Present(recurrent_mask)), static_cast<int>(Present(d_recurrent)),
-                  static_cast<int>(Present(x_rows)));
+                  static_cast<int>(Present(x_rows)), static_cast<int>(batch_major_),
+                  static_cast<int>(reversed_));
     EmitCustomCall(ctx, kKeptGradsTarget, opaque, {x, kernel, TensorShape({hidden, width})});
   }
+
+ private:
+  bool batch_major_ = false, reversed_ = false;  // lstm_core.h's InputLayout
 };
 
 // Registered straight into TensorFlow's kernel registry for the XLA CPU JIT
