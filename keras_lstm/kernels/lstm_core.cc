@@ -128,7 +128,12 @@ void PanelBlock(const float* a, int64_t lda, const float* panel, int64_t K, floa
   }
   for (int64_t k = 0; k < K; ++k, panel += kPanel) {
     Packet b[kPanelVectors];
-    for (int j = 0; j < kPanelVectors; ++j) b[j] = ploadu<Packet>(panel + j * kLanes);
+    for (int j = 0; j < kPanelVectors; ++j) {
+      b[j] = ploadu<Packet>(panel + j * kLanes);
+      // Held in a register: GCC would rather fold the load into every row's
+      // multiply-add, loading each vector of the panel MR times.
+      EIGEN_OPTIMIZATION_BARRIER(b[j]);
+    }
     for (int m = 0; m < MR; ++m) {
       const Packet broadcast = pset1<Packet>(a[m * lda + k]);
       for (int j = 0; j < kPanelVectors; ++j) acc[m][j] = pmadd(broadcast, b[j], acc[m][j]);
