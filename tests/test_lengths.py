@@ -557,8 +557,13 @@ def test_kept_step_gradients_are_those_of_the_kept_steps(kind, dropped, apart, j
     x, want_dx = as_given(x), as_given(want_dx)
     empty = tf.zeros((0,))
 
-    def grads(*args):
-        return module.keras_lstm_kept_grads(*args, x_batch_major=batch_major, x_reversed=reversed_)
+    def grads(x, kernel, h0, h_seq, mask, r, d_input, d_recurrent, x_rows):
+        layout = {"x_batch_major": batch_major, "x_reversed": reversed_}
+        dx = module.keras_lstm_kept_input_grad(x, kernel, mask, d_input, x_rows, **layout)
+        weights = module.keras_lstm_kept_grads(
+            x, kernel, h0, h_seq, mask, r, d_input, d_recurrent, x_rows, **layout
+        )
+        return (dx, *weights)
 
     if jit:
         grads = tf.function(grads, jit_compile=True)

@@ -76,6 +76,14 @@ class CellOptions(NamedTuple):
 OPTION_TENSORS = ("peephole", "projection", "zoneout_h", "zoneout_c", "layer_norm")
 OPTION_ATTRIBUTES = ("cifg", "cell_clip", "zoneout_h_rate", "zoneout_c_rate")
 
+# The ops the library defines (lstm_sequence.cc), as its Python module names them.
+OPS = (
+    "keras_lstm_sequence",
+    "keras_lstm_sequence_grad",
+    "keras_lstm_kept_grads",
+    "keras_lstm_kept_input_grad",
+)
+
 _state: dict = {}
 _state_lock = threading.Lock()
 
@@ -132,7 +140,7 @@ def load(force: bool = False):
 
     def load_ops(path):
         module = tf.load_op_library(str(path))
-        for op in ("keras_lstm_sequence", "keras_lstm_sequence_grad", "keras_lstm_kept_grads"):
+        for op in OPS:
             if not hasattr(module, op):
                 raise RuntimeError(f"{path.name} loaded but defines no op {op}")
         return module, path
@@ -327,12 +335,16 @@ def _grads_at_kept_steps(b: _Backward, mask, weights=True):
 
 
 def _native_kept_grads(module, b: _Backward, mask):
-    """`_grads_at_kept_steps` with dx, dW and dU from the native op, which
-    gathers the kept steps a tile at a time (lstm_core.h's KeptGrads): eagerly,
+    """`_grads_at_kept_steps` with dx, dW and dU from the native ops, which
+    gather the kept steps a tile at a time (lstm_core.h's KeptGrads): eagerly,
     and under XLA, whose static shapes would otherwise multiply every step.
-    (With bfloat16 products TensorFlow's matmuls make them, as it was asked.)"""
+    dx is an op of its own, which a graph that needs no dx (a layer reading
+    the model's inputs) leaves out. (With bfloat16 products TensorFlow's
+    matmuls make them, as it was asked.)"""
     empty = tf.zeros((0,), b.x.dtype)
-    dx, dkernel, drecurrent = module.keras_lstm_kept_grads(
+    x_rows = tf.zeros((0,), tf.int32) if b.x_rows is None else b.x_rows
+    layout = {"x_batch_major": b.x_batch_major, "x_reversed": b.x_reversed}
+    dkernel, drecurrent = module.keras_lstm_kept_grads(
         b.x,
         b.kernel,
         b.h0,
@@ -341,10 +353,10 @@ def _native_kept_grads(module, b: _Backward, mask):
         empty if b.dropped is None else b.dropped,
         b.d_input,
         empty if b.norms is None else b.d_recurrent,
-        tf.zeros((0,), tf.int32) if b.x_rows is None else b.x_rows,
-        x_batch_major=b.x_batch_major,
-        x_reversed=b.x_reversed,
+        x_rows,
+        **layout,
     )
+    dx = module.keras_lstm_kept_input_grad(b.x, b.kernel, mask, b.d_input, x_rows, **layout)
     dpeephole = dprojection = None
     if b.peephole is not None or b.projection is not None:
         if in_xla_context():

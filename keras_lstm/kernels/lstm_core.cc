@@ -986,34 +986,40 @@ void KeptStepGrads(const KeptGrads& a, const int64_t* kept, int64_t n, int64_t b
   const int64_t B = a.batch, D = a.input_size, R = a.hidden, G = a.width, K = D + R;
   // Where position t B + b is in x and dx.
   const auto in_x = [&](int64_t at) { return a.x_layout.At(at / B, at % B, a.steps, B); };
-  // dx is zero at the steps the mask drops, from the step after the one
-  // before this range to its own last step.
-  int64_t position = begin == 0 ? 0 : kept[begin - 1] + 1;
-  const int64_t last = end == n ? a.steps * B : kept[end - 1] + 1;
-  const auto zeros_until = [&](int64_t stop) {
-    if (a.x_layout.in_order()) {
-      std::fill(a.dx + position * D, a.dx + stop * D, 0.f);
-    } else {
-      for (int64_t at = position; at < stop; ++at) std::fill_n(a.dx + in_x(at) * D, D, 0.f);
+  if (a.dx) {
+    // dx is zero at the steps the mask drops, from the step after the one
+    // before this range to its own last step.
+    int64_t position = begin == 0 ? 0 : kept[begin - 1] + 1;
+    const int64_t last = end == n ? a.steps * B : kept[end - 1] + 1;
+    const auto zeros_until = [&](int64_t stop) {
+      if (a.x_layout.in_order()) {
+        std::fill(a.dx + position * D, a.dx + stop * D, 0.f);
+      } else {
+        for (int64_t at = position; at < stop; ++at) std::fill_n(a.dx + in_x(at) * D, D, 0.f);
+      }
+    };
+    for (int64_t k = begin; k < end; ++k) {
+      zeros_until(kept[k]);
+      position = kept[k] + 1;
     }
-  };
-  for (int64_t k = begin; k < end; ++k) {
-    zeros_until(kept[k]);
-    position = kept[k] + 1;
+    zeros_until(last);
   }
-  zeros_until(last);
-  if (end <= begin) return;
+  if (end <= begin || (!a.dx && !dkernels)) return;
 
   constexpr int64_t kTile = 128;
-  const bool apart = a.d_recurrent != nullptr && a.d_recurrent != a.d_input;
+  const bool weights = dkernels != nullptr;
+  const bool apart = weights && a.d_recurrent != nullptr && a.d_recurrent != a.d_input;
   const int64_t tile = std::min(kTile, end - begin);
-  Matrix xh(tile, K), d_in(tile, G), d_rec(apart ? tile : 0, G), dx(tile, D);
-  MatrixMap dwu(dkernels, K, G);
+  Matrix xh(weights ? tile : 0, K), d_in(tile, G), d_rec(apart ? tile : 0, G),
+      dx(a.dx ? tile : 0, D);
+  MatrixMap dwu(dkernels, weights ? K : 0, G);
   const ConstMatrixMap w(a.kernel, D, G);
   for (int64_t first = begin; first < end; first += tile) {
     const int64_t m = std::min(tile, end - first);
     for (int64_t k = 0; k < m; ++k) {
       const int64_t at = kept[first + k], t = at / B, b = at % B;
+      std::copy(a.d_input + at * G, a.d_input + (at + 1) * G, d_in.data() + k * G);
+      if (!weights) continue;
       const float* h_prev = t > 0 ? a.h_seq + (at - B) * R : a.h0 + b * R;
       float* row = xh.data() + k * K;
       const float* x_row = a.x + in_x(at) * D;
@@ -1023,21 +1029,24 @@ void KeptStepGrads(const KeptGrads& a, const int64_t* kept, int64_t n, int64_t b
       } else {
         std::copy(h_prev, h_prev + R, row + D);
       }
-      std::copy(a.d_input + at * G, a.d_input + (at + 1) * G, d_in.data() + k * G);
       if (apart) std::copy(a.d_recurrent + at * G, a.d_recurrent + (at + 1) * G,
                            d_rec.data() + k * G);
     }
-    const auto rows = xh.topRows(m);
     const auto d_rows = d_in.topRows(m);
-    if (apart) {
-      dwu.topRows(D).noalias() += rows.leftCols(D).transpose() * d_rows;
-      dwu.bottomRows(R).noalias() += rows.rightCols(R).transpose() * d_rec.topRows(m);
-    } else {
-      dwu.noalias() += rows.transpose() * d_rows;
+    if (weights) {
+      const auto rows = xh.topRows(m);
+      if (apart) {
+        dwu.topRows(D).noalias() += rows.leftCols(D).transpose() * d_rows;
+        dwu.bottomRows(R).noalias() += rows.rightCols(R).transpose() * d_rec.topRows(m);
+      } else {
+        dwu.noalias() += rows.transpose() * d_rows;
+      }
     }
-    dx.topRows(m).noalias() = d_rows * w.transpose();
-    for (int64_t k = 0; k < m; ++k) {
-      std::copy(dx.data() + k * D, dx.data() + (k + 1) * D, a.dx + in_x(kept[first + k]) * D);
+    if (a.dx) {
+      dx.topRows(m).noalias() = d_rows * w.transpose();
+      for (int64_t k = 0; k < m; ++k) {
+        std::copy(dx.data() + k * D, dx.data() + (k + 1) * D, a.dx + in_x(kept[first + k]) * D);
+      }
     }
   }
 }

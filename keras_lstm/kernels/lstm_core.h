@@ -231,7 +231,7 @@ struct KeptGrads {
   const float* recurrent_mask = nullptr;  // (B, R), or null: U saw h_{t-1} * r
   const float* d_input = nullptr;         // (T, B, G H)
   const float* d_recurrent = nullptr;     // (T, B, G H), or null: d_input
-  float* dx = nullptr;                    // (T, B, D)
+  float* dx = nullptr;                    // (T, B, D), or as x_layout says; null: not made
 };
 
 // The positions t B + b of the steps `mask` (T, B) keeps, in order, into
@@ -260,7 +260,10 @@ inline void AddUpKeptSums(const KeptGrads& a, const float* sums, int64_t chunks,
 // [dW; dU] to `dkernels` ((D + R, G H)) and writes dx from the position
 // after kept[begin - 1] (0 for the first) up to kept[end - 1] (T B for the
 // last), zeros at the dropped ones. Callers split [0, n) into ranges, one a
-// thread, each with its own `dkernels` to add up after.
+// thread, each with its own `dkernels` to add up after. A null `dkernels`
+// leaves the weights' gradients out (then x, h0, h_seq and d_recurrent go
+// unread), a null `a.dx` the input's: the two can be asked for apart, so
+// that a graph that needs no dx never makes it.
 void KeptStepGrads(const KeptGrads& a, const int64_t* kept, int64_t n, int64_t begin,
                    int64_t end, float* dkernels);
 

@@ -430,9 +430,45 @@ class LstmSequenceGradOp : public OpKernel {
   keras_lstm::Options options_;
 };
 
-// dx and the weights' gradients from the steps the mask keeps (lstm_core.h's
+// The kept positions of a (T, B) mask (lstm_core.h's KeptPositions) and the
+// size of x they index, with the checks the two kept-step ops share.
+struct KeptInputs {
+  int64_t steps = 0, batch = 0, features = 0, n = 0;
+  keras_lstm::InputLayout x_layout;
+  std::vector<int64_t> kept;
+
+  // False (with the context's status set) where a shape is wrong.
+  bool Read(OpKernelContext* ctx, const keras_lstm::InputLayout& layout, const Tensor& x,
+            const Tensor& kernel, const Tensor& mask, const Tensor& d_input,
+            const Tensor& x_rows) {
+    ReadInputSizes(ctx, x, layout, &steps, &batch, &features);
+    if (!ctx->status().ok()) return false;
+    x_layout = layout;
+    ReadXRows(ctx, x_rows, batch, &x_layout.rows);
+    if (!ctx->status().ok()) return false;
+    if (kernel.dims() != 2 || kernel.dim_size(0) != features) {
+      ctx->SetStatus(InvalidArgument("kernel must be (D, GH) = (", features, ", GH), got ",
+                                     kernel.shape().DebugString()));
+      return false;
+    }
+    if (mask.shape() != TensorShape({steps, batch}) ||
+        d_input.shape() != TensorShape({steps, batch, kernel.dim_size(1)})) {
+      ctx->SetStatus(InvalidArgument("mask must be (T, batch) and d_input (T, batch, GH), got ",
+                                     mask.shape().DebugString(), " and ",
+                                     d_input.shape().DebugString()));
+      return false;
+    }
+    kept.resize(steps * batch);
+    n = steps * batch ? keras_lstm::KeptPositions(mask.flat<float>().data(), steps * batch,
+                                                  kept.data())
+                      : 0;
+    return true;
+  }
+};
+
+// The weights' gradients from the steps the mask keeps (lstm_core.h's
 // KeptGrads), the kept steps split evenly across the worker threads. With
-// `x_rows`, x_batch_major and x_reversed, x is read and dx written as the forward op reads x.
+// `x_rows`, x_batch_major and x_reversed, x is read as the forward op reads it.
 class LstmKeptGradsOp : public OpKernel {
  public:
   explicit LstmKeptGradsOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
@@ -448,60 +484,87 @@ class LstmKeptGradsOp : public OpKernel {
     const Tensor& recurrent_mask = ctx->input(5);
     const Tensor& d_input = ctx->input(6);
     const Tensor& d_recurrent = ctx->input(7);
-    OP_REQUIRES(ctx, h0.dims() == 2 && kernel.dims() == 2,
-                InvalidArgument("h0 must be (batch, R) and kernel (D, GH), got ",
-                                h0.shape().DebugString(), " and ", kernel.shape().DebugString()));
-    int64_t steps, batch, features;
-    ReadInputSizes(ctx, x, layout_, &steps, &batch, &features);
-    if (!ctx->status().ok()) return;
+    KeptInputs in;
+    if (!in.Read(ctx, layout_, x, kernel, mask, d_input, ctx->input(8))) return;
+    OP_REQUIRES(ctx, h0.dims() == 2 && h0.dim_size(0) == in.batch,
+                InvalidArgument("h0 must be (batch, R), got ", h0.shape().DebugString()));
     const int64_t hidden = h0.dim_size(1), width = kernel.dim_size(1);
-    keras_lstm::InputLayout x_layout = layout_;
-    ReadXRows(ctx, ctx->input(8), batch, &x_layout.rows);
-    if (!ctx->status().ok()) return;
-    const TensorShape products({steps, batch, width});
     OP_REQUIRES(
         ctx,
-        kernel.dim_size(0) == features && h0.dim_size(0) == batch &&
-            h_seq.shape() == TensorShape({steps, batch, hidden}) &&
-            mask.shape() == TensorShape({steps, batch}) && d_input.shape() == products &&
-            (d_recurrent.NumElements() == 0 || d_recurrent.shape() == products) &&
+        h_seq.shape() == TensorShape({in.steps, in.batch, hidden}) &&
+            (d_recurrent.NumElements() == 0 || d_recurrent.shape() == d_input.shape()) &&
             (recurrent_mask.NumElements() == 0 || recurrent_mask.shape() == h0.shape()),
         InvalidArgument("inconsistent shapes in the LSTM's kept-step gradients"));
-    Tensor *dx_out, *dkernel_out, *drecurrent_out;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x.shape(), &dx_out));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, kernel.shape(), &dkernel_out));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({hidden, width}), &drecurrent_out));
+    Tensor *dkernel_out, *drecurrent_out;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, kernel.shape(), &dkernel_out));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({hidden, width}), &drecurrent_out));
 
     keras_lstm::KeptGrads args;
-    args.steps = steps;
-    args.batch = batch;
-    args.input_size = features;
+    args.steps = in.steps;
+    args.batch = in.batch;
+    args.input_size = in.features;
     args.hidden = hidden;
     args.width = width;
     args.x = DataOrNull(x);
-    args.x_layout = x_layout;
+    args.x_layout = in.x_layout;
     args.kernel = DataOrNull(kernel);
     args.h0 = DataOrNull(h0);
     args.h_seq = DataOrNull(h_seq);
     args.recurrent_mask = DataOrNull(recurrent_mask);
     args.d_input = DataOrNull(d_input);
     args.d_recurrent = DataOrNull(d_recurrent);
-    args.dx = DataOrNull(dx_out);
-    std::vector<int64_t> kept(steps * batch);
-    const int64_t n = steps * batch ? keras_lstm::KeptPositions(mask.flat<float>().data(),
-                                                                steps * batch, kept.data())
-                                    : 0;
-    const int64_t size = (features + hidden) * width;
-    const int64_t chunks = NumChunks(ctx, n, kMinKeptPerChunk);
+    const int64_t size = (in.features + hidden) * width;
+    const int64_t chunks = NumChunks(ctx, in.n, kMinKeptPerChunk);
     std::vector<float> sums(chunks * size, 0.f);
     ForEachChunk(
-        ctx, n,
+        ctx, in.n,
         [&](int64_t chunk, int64_t begin, int64_t end) {
-          keras_lstm::KeptStepGrads(args, kept.data(), n, begin, end, sums.data() + chunk * size);
+          keras_lstm::KeptStepGrads(args, in.kept.data(), in.n, begin, end,
+                                    sums.data() + chunk * size);
         },
         kMinKeptPerChunk);
     keras_lstm::AddUpKeptSums(args, sums.data(), chunks, DataOrNull(dkernel_out),
                               DataOrNull(drecurrent_out));
+  }
+
+ private:
+  keras_lstm::InputLayout layout_;  // without the rows, an input
+};
+
+// dx from the steps the mask keeps: d_input W^T there, zeros elsewhere, in
+// x's layout. An op of its own, so that a graph that needs no dx (a layer
+// reading the model's inputs) never makes it.
+class LstmKeptInputGradOp : public OpKernel {
+ public:
+  explicit LstmKeptInputGradOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ReadLayout(ctx, &layout_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& x = ctx->input(0);
+    const Tensor& kernel = ctx->input(1);
+    const Tensor& mask = ctx->input(2);
+    const Tensor& d_input = ctx->input(3);
+    KeptInputs in;
+    if (!in.Read(ctx, layout_, x, kernel, mask, d_input, ctx->input(4))) return;
+    Tensor* dx_out;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x.shape(), &dx_out));
+
+    keras_lstm::KeptGrads args;
+    args.steps = in.steps;
+    args.batch = in.batch;
+    args.input_size = in.features;
+    args.width = kernel.dim_size(1);
+    args.x_layout = in.x_layout;
+    args.kernel = DataOrNull(kernel);
+    args.d_input = DataOrNull(d_input);
+    args.dx = DataOrNull(dx_out);
+    ForEachChunk(
+        ctx, in.n,
+        [&](int64_t, int64_t begin, int64_t end) {
+          keras_lstm::KeptStepGrads(args, in.kept.data(), in.n, begin, end, nullptr);
+        },
+        kMinKeptPerChunk);
   }
 
  private:
@@ -665,15 +728,29 @@ REGISTER_OP("KerasLstmKeptGrads")
     .Input("x_rows: int32")
     .Attr("x_batch_major: bool = false")
     .Attr("x_reversed: bool = false")
-    .Output("dx: float")
     .Output("dkernel: float")
     .Output("drecurrent: float")
     .SetShapeFn([](tensorflow::shape_inference::InferenceContext* c) {
+      c->set_output(0, c->input(1));
+      c->set_output(1, c->Matrix(c->Dim(c->input(2), 1), c->Dim(c->input(1), 1)));
+      return absl::OkStatus();
+    });
+
+REGISTER_OP("KerasLstmKeptInputGrad")
+    .Input("x: float")
+    .Input("kernel: float")
+    .Input("mask: float")
+    .Input("d_input: float")
+    .Input("x_rows: int32")
+    .Attr("x_batch_major: bool = false")
+    .Attr("x_reversed: bool = false")
+    .Output("dx: float")
+    .SetShapeFn([](tensorflow::shape_inference::InferenceContext* c) {
       c->set_output(0, c->input(0));
-      c->set_output(1, c->input(1));
-      c->set_output(2, c->Matrix(c->Dim(c->input(2), 1), c->Dim(c->input(1), 1)));
       return absl::OkStatus();
     });
 
 REGISTER_KERNEL_BUILDER(Name("KerasLstmKeptGrads").Device(tensorflow::DEVICE_CPU),
                         LstmKeptGradsOp);
+REGISTER_KERNEL_BUILDER(Name("KerasLstmKeptInputGrad").Device(tensorflow::DEVICE_CPU),
+                        LstmKeptInputGradOp);

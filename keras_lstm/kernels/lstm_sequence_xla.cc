@@ -1,11 +1,12 @@
 // XLA lowering of the native LSTM ops, for `jit_compile=True` on CPU.
 //
 // XLA cannot run a TensorFlow op kernel, so under `jit_compile=True` the
-// ops KerasLstmSequence, KerasLstmSequenceGrad and KerasLstmKeptGrads get XLA
-// kernels here that emit one custom call each. The custom-call targets are host functions of
-// this library, registered with XLA's custom-call registry under the names
-// below; they run the same maths as the TensorFlow kernels: the main
-// library's own ForwardRows, BackwardRows and KeptStepGrads (lstm_core.h), whose addresses
+// ops KerasLstmSequence, KerasLstmSequenceGrad, KerasLstmKeptGrads and
+// KerasLstmKeptInputGrad get XLA kernels here that emit one custom call
+// each. The custom-call targets are host functions of this library,
+// registered with XLA's custom-call registry under the names below; they
+// run the same maths as the TensorFlow kernels: the main library's own
+// ForwardRows, BackwardRows and KeptStepGrads (lstm_core.h), whose addresses
 // keras_lstm_xla_init hands this library once it is loaded, so the maths is
 // compiled once, for this CPU, and both paths give the same bits.
 //
@@ -54,6 +55,7 @@ namespace {
 constexpr char kForwardTarget[] = "keras_lstm_sequence_forward";
 constexpr char kBackwardTarget[] = "keras_lstm_sequence_backward";
 constexpr char kKeptGradsTarget[] = "keras_lstm_kept_grads";
+constexpr char kKeptInputGradTarget[] = "keras_lstm_kept_input_grad";
 
 // Fewer rows than this per thread costs more in scheduling than it saves.
 constexpr int64_t kMinRowsPerChunk = 4;
@@ -361,7 +363,7 @@ void BackwardTarget(void* out, const void** in, const char* opaque, size_t opaqu
 }
 
 // Operands x, kernel, h0, h_seq, mask, recurrent_mask, d_input, d_recurrent,
-// x_rows; results dx, dkernel, drecurrent (lstm_core.h's KeptGrads).
+// x_rows; results dkernel, drecurrent (lstm_core.h's KeptGrads).
 constexpr char kKeptGradsFormat[] =
     "T=%lld B=%lld D=%lld R=%lld G=%lld rmask=%d apart=%d xrows=%d xbm=%d xrev=%d";
 
@@ -392,7 +394,6 @@ void KeptGradsTarget(void* out, const void** in, const char* opaque, size_t opaq
   args.recurrent_mask = rmask ? inputs[5] : nullptr;
   args.d_input = inputs[6];
   args.d_recurrent = apart ? inputs[7] : nullptr;
-  args.dx = outputs[0];
   std::vector<int64_t> kept(steps * batch);
   const int64_t n = keras_lstm::KeptPositions(inputs[4], steps * batch, kept.data());
   const int64_t size = (features + hidden) * width, chunks = NumChunks(n, kMinKeptPerChunk);
@@ -403,11 +404,46 @@ void KeptGradsTarget(void* out, const void** in, const char* opaque, size_t opaq
         kept_step_grads(&args, kept.data(), n, begin, end, sums.data() + chunk * size);
       },
       kMinKeptPerChunk);
-  keras_lstm::AddUpKeptSums(args, sums.data(), chunks, outputs[1], outputs[2]);
+  keras_lstm::AddUpKeptSums(args, sums.data(), chunks, outputs[0], outputs[1]);
+}
+
+// Operands x, kernel, mask, d_input, x_rows; result dx (KerasLstmKeptInputGrad).
+constexpr char kKeptInputGradFormat[] = "T=%lld B=%lld D=%lld G=%lld xrows=%d xbm=%d xrev=%d";
+
+void KeptInputGradTarget(void* out, const void** in, const char* opaque, size_t opaque_length,
+                         XlaCustomCallStatus* /*status*/) {
+  long long steps, batch, features, width;
+  int x_rows, x_batch_major, x_reversed;
+  const std::string text(opaque, opaque_length);
+  if (std::sscanf(text.c_str(), kKeptInputGradFormat, &steps, &batch, &features, &width, &x_rows,
+                  &x_batch_major, &x_reversed) != 7) {
+    return;
+  }
+  const float* const* inputs = reinterpret_cast<const float* const*>(in);
+  keras_lstm::KeptGrads args;
+  args.steps = steps;
+  args.batch = batch;
+  args.input_size = features;
+  args.width = width;
+  args.x_layout.rows = x_rows ? reinterpret_cast<const int32_t*>(in[4]) : nullptr;
+  args.x_layout.batch_major = x_batch_major;
+  args.x_layout.reversed = x_reversed;
+  args.kernel = inputs[1];
+  args.d_input = inputs[3];
+  args.dx = static_cast<float**>(out)[0];
+  std::vector<int64_t> kept(steps * batch);
+  const int64_t n = keras_lstm::KeptPositions(inputs[2], steps * batch, kept.data());
+  ForEachChunk(
+      n,
+      [&](int64_t, int64_t begin, int64_t end) {
+        kept_step_grads(&args, kept.data(), n, begin, end, nullptr);
+      },
+      kMinKeptPerChunk);
 }
 
 XLA_CPU_REGISTER_CUSTOM_CALL_TARGET_WITH_SYM(kForwardTarget, ForwardTarget);
 XLA_CPU_REGISTER_CUSTOM_CALL_TARGET_WITH_SYM(kKeptGradsTarget, KeptGradsTarget);
+XLA_CPU_REGISTER_CUSTOM_CALL_TARGET_WITH_SYM(kKeptInputGradTarget, KeptInputGradTarget);
 XLA_CPU_REGISTER_CUSTOM_CALL_TARGET_WITH_SYM(kBackwardTarget, BackwardTarget);
 
 // ---------------------------------------------------------------------------
@@ -673,7 +709,41 @@ class KeptGradsXlaOp : public XlaOpKernel {
                   static_cast<int>(Present(recurrent_mask)), static_cast<int>(Present(d_recurrent)),
                   static_cast<int>(Present(x_rows)), static_cast<int>(batch_major_),
                   static_cast<int>(reversed_));
-    EmitCustomCall(ctx, kKeptGradsTarget, opaque, {x, kernel, TensorShape({hidden, width})});
+    EmitCustomCall(ctx, kKeptGradsTarget, opaque, {kernel, TensorShape({hidden, width})});
+  }
+
+ private:
+  bool batch_major_ = false, reversed_ = false;  // lstm_core.h's InputLayout
+};
+
+class KeptInputGradXlaOp : public XlaOpKernel {
+ public:
+  explicit KeptInputGradXlaOp(tensorflow::OpKernelConstruction* ctx) : XlaOpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ReadLayout(ctx, &batch_major_, &reversed_));
+  }
+
+  void Compile(XlaOpKernelContext* ctx) override {
+    const TensorShape x = ctx->InputShape(0), kernel = ctx->InputShape(1),
+                      mask = ctx->InputShape(2), d_input = ctx->InputShape(3),
+                      x_rows = ctx->InputShape(4);
+    OP_REQUIRES(ctx, x.dims() == 3 && kernel.dims() == 2,
+                InvalidArgument(batch_major_ ? "x must be (batch, T, D)" : "x must be (T, batch, D)",
+                                " and kernel (D, GH), got ", x.DebugString(), " and ",
+                                kernel.DebugString()));
+    const int64_t steps = x.dim_size(batch_major_ ? 1 : 0),
+                  batch = x.dim_size(batch_major_ ? 0 : 1), features = x.dim_size(2),
+                  width = kernel.dim_size(1);
+    OP_REQUIRES(ctx,
+                kernel.dim_size(0) == features && mask == TensorShape({steps, batch}) &&
+                    d_input == TensorShape({steps, batch, width}) &&
+                    (!Present(x_rows) || x_rows == TensorShape({batch})),
+                InvalidArgument("inconsistent shapes in the LSTM's kept-step input gradient"));
+    char opaque[256];
+    std::snprintf(opaque, sizeof(opaque), kKeptInputGradFormat, static_cast<long long>(steps),
+                  static_cast<long long>(batch), static_cast<long long>(features),
+                  static_cast<long long>(width), static_cast<int>(Present(x_rows)),
+                  static_cast<int>(batch_major_), static_cast<int>(reversed_));
+    EmitCustomCall(ctx, kKeptInputGradTarget, opaque, {x});
   }
 
  private:
@@ -690,6 +760,8 @@ REGISTER_KERNEL_BUILDER(Name("KerasLstmSequenceGrad").Device(tensorflow::DEVICE_
                         LstmSequenceGradXlaOp);
 REGISTER_KERNEL_BUILDER(Name("KerasLstmKeptGrads").Device(tensorflow::DEVICE_CPU_XLA_JIT),
                         KeptGradsXlaOp);
+REGISTER_KERNEL_BUILDER(Name("KerasLstmKeptInputGrad").Device(tensorflow::DEVICE_CPU_XLA_JIT),
+                        KeptInputGradXlaOp);
 
 }  // namespace
 
