@@ -270,13 +270,14 @@ def lstm_recurrence(route: str, sequence: Sequence, go_backwards=False, zero_out
             f"cell options run fused only in the native kernel, not on the {route!r} route; "
             "Keras's step loop around the cell computes them elsewhere."
         )
-    steps = _time_major(sequence, go_backwards, in_place=route in _READ_IN_PLACE)
+    steps = _as_steps(sequence, go_backwards, in_place=route in _READ_IN_PLACE)
     h_seq, h_last, c_last = ROUTES[route](steps)
     return _keras_returns(steps, h_seq, h_last, c_last, zero_output_for_mask)
 
 
-def _time_major(sequence: Sequence, go_backwards: bool, in_place: bool = False) -> Steps:
-    """`sequence` as `Steps`; with `in_place`, x as it is (see `Steps`)."""
+def _as_steps(sequence: Sequence, go_backwards: bool, in_place: bool = False) -> Steps:
+    """`sequence` as `Steps`: x time-major in processing order, or with
+    `in_place` as the layer handed it over (see `Steps`)."""
     dtype = sequence.inputs.dtype
     x = sequence.inputs
     if not in_place:
