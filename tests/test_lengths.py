@@ -399,20 +399,68 @@ def test_mixed_bfloat16_masked_layer_stays_near_float32(rng):
     assert np.abs(out16 - out32).max() < 2e-2
 
 
-def test_row_order_sorts_each_threads_block_by_length():
-    lengths = tf.constant(LENGTHS, tf.float32)
-    mask = tf.cast(tf.range(T, dtype=tf.float32)[:, None] < lengths[None, :], tf.float32)
-    order, inverse = (np.asarray(t) for t in _native._row_order(mask))
-    assert sorted(order) == list(range(B))
-    np.testing.assert_array_equal(order[inverse], np.arange(B))
-    blocks = max(1, min(_native._worker_threads(), B // 4))
-    per_block = -(-B // blocks)
-    ordered = np.array(LENGTHS)[order]
-    for start in range(0, B, per_block):
-        block = ordered[start : start + per_block]
-        assert list(block) == sorted(block, reverse=True)
-    if blocks > 1:  # the longest rows are dealt to different blocks
-        assert ordered[0] == ordered[per_block] == max(LENGTHS)
+def _blocks(batch):
+    """The blocks the ops split `batch` rows into here (lstm_sequence.cc's NumChunks)."""
+    threads = tf.config.threading.get_intra_op_parallelism_threads()
+    threads = threads if threads > 0 else len(os.sched_getaffinity(0))
+    return max(1, min(threads, batch // 4))
+
+
+def _slowest_block(lengths, blocks):
+    """The slowest block's cost (lstm_core.h's StepCost over its steps) of lengths in blocks."""
+    few = [0.0, 2.0, 2.4, 3.2, 4.1]
+    worst = 0.0
+    for block in blocks:
+        block = sorted(block, reverse=True)
+        cost = sum(
+            (n if n >= 5 else few[n]) * (block[n - 1] - (block[n] if n < len(block) else 0))
+            for n in range(1, len(block) + 1)
+        )
+        worst = max(worst, cost)
+    return worst
+
+
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize(
+    "lengths",
+    [
+        LENGTHS,
+        [round(v) for v in np.geomspace(10, 2000, 32)],  # benchmarks.lengths's wide batch
+        [7] * 13,
+        [5, 0, 3, 0, 9, 9, 1, 2],
+    ],
+)
+def test_row_order_sorts_each_threads_block_by_length(lengths, jit):
+    batch = len(lengths)
+    lengths_t = tf.constant(lengths, tf.float32)
+    steps = max(lengths)
+    mask = tf.cast(tf.range(steps, dtype=tf.float32)[:, None] < lengths_t[None, :], tf.float32)
+    order, inverse = (np.asarray(t) for t in tf.function(_native._row_order, jit_compile=jit)(mask))
+    assert sorted(order) == list(range(batch))
+    np.testing.assert_array_equal(order[inverse], np.arange(batch))
+    per_block = -(-batch // _blocks(batch))
+    ordered = np.array(lengths)[order]
+    blocks = [list(ordered[start : start + per_block]) for start in range(0, batch, per_block)]
+    for block in blocks:
+        assert block == sorted(block, reverse=True)
+    # The blocks are no slower than the sorted rows dealt to them in turn.
+    ranked = sorted(lengths, reverse=True)
+    dealt = [ranked[k :: len(blocks)] for k in range(len(blocks))]
+    assert _slowest_block(lengths, blocks) <= _slowest_block(lengths, dealt) + 1e-6
+
+
+def test_row_order_balances_the_wide_batch():
+    # 32 rows of 10 to 2,000 steps over two threads: the slowest block's
+    # cost is within 2 % of the two blocks' mean (dealt in turn: 8.5 % over).
+    if _blocks(32) != 2:
+        pytest.skip("this machine splits a batch of 32 rows over other than two threads")
+    lengths = [round(v) for v in np.geomspace(10, 2000, 32)]
+    mask = tf.cast(tf.range(max(lengths))[:, None] < tf.constant(lengths)[None, :], tf.float32)
+    order, _ = (np.asarray(t) for t in _native._row_order(mask))
+    ordered = np.array(lengths)[order]
+    blocks = [list(ordered[:16]), list(ordered[16:])]
+    mean = sum(_slowest_block(lengths, [b]) for b in blocks) / 2
+    assert _slowest_block(lengths, blocks) <= 1.02 * mean
 
 
 SUBPROCESS = """

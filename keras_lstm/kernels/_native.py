@@ -82,6 +82,7 @@ OPS = (
     "keras_lstm_sequence_grad",
     "keras_lstm_kept_grads",
     "keras_lstm_kept_input_grad",
+    "keras_lstm_row_order",
 )
 
 _state: dict = {}
@@ -150,6 +151,9 @@ def load(force: bool = False):
 
 @functools.cache  # TensorFlow takes one gradient per op name and process
 def _register_gradient():
+    # An order of rows has no gradient (what it orders carries its own, by `_permute`).
+    tf.no_gradient("KerasLstmRowOrder")
+
     @tf.RegisterGradient("KerasLstmSequence")
     def _grad(op, dh_seq, dc_seq, _dgates, dh_last, dc_last, _dc_computed, _dnorms):
         module = native_module()
@@ -563,37 +567,20 @@ def _or_empty(tensor, empty):
     return empty if tensor is None else tensor
 
 
-def _worker_threads() -> int:
-    """The threads the ops split a batch across: TensorFlow's intra-op setting,
-    or one a CPU this process may run on."""
-    threads = tf.config.threading.get_intra_op_parallelism_threads()
-    return threads if threads > 0 else len(os.sched_getaffinity(0))
-
-
 def _row_order(mask):
     """`(order, inverse)`: the batch's rows for the kernel, and the way back.
 
-    The rows are ordered by their number of kept steps, longest first, so
-    that for a right-padded mask (and for its mirror, which `go_backwards`
-    turns into a suffix) the rows that run a step are a prefix of the batch
-    at every step, and the kernel stops each step's work at the last of them
-    (lstm_core.h, "Skipped rows"). The kernel splits the batch into
-    contiguous blocks, one a thread (lstm_sequence.cc's ForEachChunk): the
-    sorted rows are dealt to the blocks in turn, so that each block holds
-    long and short rows alike and stays sorted itself. Any order gives the
-    same results; this one only decides the cost. `mask` is (T, B).
+    The kernel splits the batch into contiguous blocks, one a thread
+    (lstm_sequence.cc's ForEachChunk), and runs each block's rows longest
+    first, so that for a right-padded mask (and for its mirror, which
+    `go_backwards` turns into a suffix) the rows that run a step are a prefix
+    of the block at every step, and the kernel stops each step's work at the
+    last of them (lstm_core.h, "Skipped rows"). Which rows share a block is
+    chosen so that the slowest block finishes early (lstm_core.h's
+    OrderRows). Any order gives the same results; this one only decides the
+    cost. `mask` is (T, B), float32.
     """
-    batch = tf.shape(mask)[1]
-    lengths = tf.reduce_sum(mask, axis=0)
-    by_length = tf.argsort(-lengths, stable=True)  # rank -> row
-    # lstm_sequence.cc's NumChunks and ForEachChunk's block size.
-    blocks = tf.maximum(1, tf.minimum(_worker_threads(), batch // 4))
-    per_block = (batch + blocks - 1) // blocks
-    position = tf.range(batch)
-    # Rank j * blocks + k goes to the j-th place of block k.
-    deal = (position % per_block) * blocks + position // per_block
-    order = tf.gather(by_length, tf.argsort(tf.argsort(deal)))
-    return order, tf.argsort(order)
+    return native_module().keras_lstm_row_order(mask)
 
 
 def _permute(tensor, order, inverse, axis):

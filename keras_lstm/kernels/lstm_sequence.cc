@@ -7,7 +7,8 @@
 // through the steps and returns the gradient of the pre-activations, dz,
 // and the bias gradient db, from which the caller makes dx, dW and dU as
 // large matrix products over all steps; with a mask, KerasLstmKeptGrads makes
-// them from the steps the mask keeps alone. Of the cell options the kernel
+// them from the steps the mask keeps alone (and KerasLstmKeptInputGrad dx),
+// and KerasLstmRowOrder the order a masked batch's rows run in. Of the cell options the kernel
 // covers, cifg and cell_clip are attributes; the peephole and projection
 // weights and zoneout's masks are inputs (empty when off) and zoneout's rates
 // attributes (and `bf16_products`, bfloat16 operands for the steps' products);
@@ -571,6 +572,25 @@ class LstmKeptInputGradOp : public OpKernel {
   keras_lstm::InputLayout layout_;  // without the rows, an input
 };
 
+// The order a masked batch's rows run in, and its inverse, for the blocks
+// ForEachChunk splits the batch into here (lstm_core.h's OrderRows).
+class LstmRowOrderOp : public OpKernel {
+ public:
+  explicit LstmRowOrderOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& mask = ctx->input(0);
+    OP_REQUIRES(ctx, mask.dims() == 2,
+                InvalidArgument("mask must be (T, batch), got ", mask.shape().DebugString()));
+    const int64_t steps = mask.dim_size(0), batch = mask.dim_size(1);
+    Tensor *order, *inverse;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({batch}), &order));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({batch}), &inverse));
+    keras_lstm::OrderRows(mask.flat<float>().data(), steps, batch, NumChunks(ctx, batch),
+                          order->flat<int32_t>().data(), inverse->flat<int32_t>().data());
+  }
+};
+
 // Whether an optional input is known, while tracing, to be the empty (0,)
 // tensor that means "absent" (a given one may have sizes still unknown).
 bool IsAbsent(tensorflow::shape_inference::InferenceContext* c,
@@ -750,6 +770,19 @@ REGISTER_OP("KerasLstmKeptInputGrad")
       return absl::OkStatus();
     });
 
+REGISTER_OP("KerasLstmRowOrder")
+    .Input("mask: float")
+    .Output("order: int32")
+    .Output("inverse: int32")
+    .SetShapeFn([](tensorflow::shape_inference::InferenceContext* c) {
+      tensorflow::shape_inference::ShapeHandle mask;
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 2, &mask));
+      c->set_output(0, c->Vector(c->Dim(mask, 1)));
+      c->set_output(1, c->Vector(c->Dim(mask, 1)));
+      return absl::OkStatus();
+    });
+
+REGISTER_KERNEL_BUILDER(Name("KerasLstmRowOrder").Device(tensorflow::DEVICE_CPU), LstmRowOrderOp);
 REGISTER_KERNEL_BUILDER(Name("KerasLstmKeptGrads").Device(tensorflow::DEVICE_CPU),
                         LstmKeptGradsOp);
 REGISTER_KERNEL_BUILDER(Name("KerasLstmKeptInputGrad").Device(tensorflow::DEVICE_CPU),

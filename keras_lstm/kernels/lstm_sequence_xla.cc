@@ -1,9 +1,9 @@
 // XLA lowering of the native LSTM ops, for `jit_compile=True` on CPU.
 //
 // XLA cannot run a TensorFlow op kernel, so under `jit_compile=True` the
-// ops KerasLstmSequence, KerasLstmSequenceGrad, KerasLstmKeptGrads and
-// KerasLstmKeptInputGrad get XLA kernels here that emit one custom call
-// each. The custom-call targets are host functions of this library,
+// ops KerasLstmSequence, KerasLstmSequenceGrad, KerasLstmKeptGrads,
+// KerasLstmKeptInputGrad and KerasLstmRowOrder get XLA kernels here that
+// emit one custom call each. The custom-call targets are host functions of this library,
 // registered with XLA's custom-call registry under the names below; they
 // run the same maths as the TensorFlow kernels: the main library's own
 // ForwardRows, BackwardRows and KeptStepGrads (lstm_core.h), whose addresses
@@ -56,6 +56,7 @@ constexpr char kForwardTarget[] = "keras_lstm_sequence_forward";
 constexpr char kBackwardTarget[] = "keras_lstm_sequence_backward";
 constexpr char kKeptGradsTarget[] = "keras_lstm_kept_grads";
 constexpr char kKeptInputGradTarget[] = "keras_lstm_kept_input_grad";
+constexpr char kRowOrderTarget[] = "keras_lstm_row_order";
 
 // Fewer rows than this per thread costs more in scheduling than it saves.
 constexpr int64_t kMinRowsPerChunk = 4;
@@ -441,7 +442,21 @@ void KeptInputGradTarget(void* out, const void** in, const char* opaque, size_t 
       kMinKeptPerChunk);
 }
 
+// Operand mask; results order and inverse (KerasLstmRowOrder).
+constexpr char kRowOrderFormat[] = "T=%lld B=%lld";
+
+void RowOrderTarget(void* out, const void** in, const char* opaque, size_t opaque_length,
+                    XlaCustomCallStatus* /*status*/) {
+  long long steps, batch;
+  const std::string text(opaque, opaque_length);
+  if (std::sscanf(text.c_str(), kRowOrderFormat, &steps, &batch) != 2) return;
+  int32_t** outputs = static_cast<int32_t**>(out);
+  keras_lstm::OrderRows(static_cast<const float*>(in[0]), steps, batch, NumChunks(batch),
+                        outputs[0], outputs[1]);
+}
+
 XLA_CPU_REGISTER_CUSTOM_CALL_TARGET_WITH_SYM(kForwardTarget, ForwardTarget);
+XLA_CPU_REGISTER_CUSTOM_CALL_TARGET_WITH_SYM(kRowOrderTarget, RowOrderTarget);
 XLA_CPU_REGISTER_CUSTOM_CALL_TARGET_WITH_SYM(kKeptGradsTarget, KeptGradsTarget);
 XLA_CPU_REGISTER_CUSTOM_CALL_TARGET_WITH_SYM(kKeptInputGradTarget, KeptInputGradTarget);
 XLA_CPU_REGISTER_CUSTOM_CALL_TARGET_WITH_SYM(kBackwardTarget, BackwardTarget);
@@ -467,12 +482,13 @@ xla::Shape OperandShape(XlaOpKernelContext* ctx, int k) {
 const TensorShape kNone({0});
 
 // Emits a custom call of `target` with the op's inputs as operands (row-major)
-// whose result is the tuple of `outputs`, and sets the op's outputs from it.
+// whose result is the tuple of `outputs` (float32, or `output_type`), and sets the op's outputs from it.
 void EmitCustomCall(
     XlaOpKernelContext* ctx, const char* target, const std::string& opaque,
     const std::vector<TensorShape>& outputs,
     const std::vector<std::pair<xla::ShapeIndex, std::pair<int64_t, xla::ShapeIndex>>>& aliasing =
-        {}) {
+        {},
+    xla::PrimitiveType output_type = xla::F32) {
   std::vector<xla::XlaOp> operands;
   std::vector<xla::Shape> operand_shapes;
   for (int k = 0; k < ctx->num_inputs(); ++k) {
@@ -480,7 +496,9 @@ void EmitCustomCall(
     operand_shapes.push_back(OperandShape(ctx, k));
   }
   std::vector<xla::Shape> result_shapes;
-  for (const TensorShape& shape : outputs) result_shapes.push_back(F32(shape));
+  for (const TensorShape& shape : outputs) {
+    result_shapes.push_back(xla::ShapeUtil::MakeShape(output_type, shape.dim_sizes()));
+  }
   xla::XlaOp call = xla::CustomCallWithLayout(
       ctx->builder(), target, operands, xla::ShapeUtil::MakeTupleShape(result_shapes),
       operand_shapes, opaque, /*has_side_effect=*/false, aliasing, /*literal=*/nullptr,
@@ -750,6 +768,23 @@ class KeptInputGradXlaOp : public XlaOpKernel {
   bool batch_major_ = false, reversed_ = false;  // lstm_core.h's InputLayout
 };
 
+class RowOrderXlaOp : public XlaOpKernel {
+ public:
+  explicit RowOrderXlaOp(tensorflow::OpKernelConstruction* ctx) : XlaOpKernel(ctx) {}
+
+  void Compile(XlaOpKernelContext* ctx) override {
+    const TensorShape mask = ctx->InputShape(0);
+    OP_REQUIRES(ctx, mask.dims() == 2,
+                InvalidArgument("mask must be (T, batch), got ", mask.DebugString()));
+    char opaque[128];
+    std::snprintf(opaque, sizeof(opaque), kRowOrderFormat,
+                  static_cast<long long>(mask.dim_size(0)),
+                  static_cast<long long>(mask.dim_size(1)));
+    const TensorShape rows({mask.dim_size(1)});
+    EmitCustomCall(ctx, kRowOrderTarget, opaque, {rows, rows}, {}, xla::S32);
+  }
+};
+
 // Registered straight into TensorFlow's kernel registry for the XLA CPU JIT
 // device, not through REGISTER_XLA_OP: XLA turns REGISTER_XLA_OP entries into
 // kernels once per process, at its first compilation, so a library loaded
@@ -760,6 +795,8 @@ REGISTER_KERNEL_BUILDER(Name("KerasLstmSequenceGrad").Device(tensorflow::DEVICE_
                         LstmSequenceGradXlaOp);
 REGISTER_KERNEL_BUILDER(Name("KerasLstmKeptGrads").Device(tensorflow::DEVICE_CPU_XLA_JIT),
                         KeptGradsXlaOp);
+REGISTER_KERNEL_BUILDER(Name("KerasLstmRowOrder").Device(tensorflow::DEVICE_CPU_XLA_JIT),
+                        RowOrderXlaOp);
 REGISTER_KERNEL_BUILDER(Name("KerasLstmKeptInputGrad").Device(tensorflow::DEVICE_CPU_XLA_JIT),
                         KeptInputGradXlaOp);
 
