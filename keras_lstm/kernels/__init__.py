@@ -448,13 +448,16 @@ def _keras_returns(steps: Steps, h_seq, h_last, c_last, zero_output_for_mask):
         h_seq.set_shape(tf.TensorShape(steps.steps_and_batch).concatenate(steps.h0.shape[-1:]))
     outputs, last_output = h_seq, h_last
     if mask is not None:
-        if zero_output_for_mask:
-            shown = mask
-        else:
-            # The output carried through masked steps starts at zero, not h0.
-            shown = tf.cast(tf.math.cumsum(tf.cast(mask, tf.int32), axis=0), tf.bool)
-        last_output = tf.where(shown[-1][:, None], h_last, tf.zeros_like(h_last))
+        # The output carried through masked steps starts at zero, not h0: the
+        # last output is zero for a row no step kept (or, with
+        # zero_output_for_mask, whose last step is masked).
+        shown_last = mask[-1] if zero_output_for_mask else tf.reduce_any(mask, axis=0)
+        last_output = tf.where(shown_last[:, None], h_last, tf.zeros_like(h_last))
         if steps.return_sequences:
+            if zero_output_for_mask:
+                shown = mask
+            else:
+                shown = tf.cast(tf.math.cumsum(tf.cast(mask, tf.int32), axis=0), tf.bool)
             outputs = tf.where(shown[:, :, None], h_seq, tf.zeros_like(h_seq))
     if steps.return_sequences:
         outputs = tf.transpose(outputs, (1, 0, 2))
