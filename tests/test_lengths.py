@@ -435,9 +435,13 @@ def test_row_order_sorts_each_threads_block_by_length(lengths, jit):
     lengths_t = tf.constant(lengths, tf.float32)
     steps = max(lengths)
     mask = tf.cast(tf.range(steps, dtype=tf.float32)[:, None] < lengths_t[None, :], tf.float32)
-    order, inverse = (np.asarray(t) for t in tf.function(_native._row_order, jit_compile=jit)(mask))
+    order, inverse, sorted_mask = (
+        np.asarray(t) for t in tf.function(_native._row_order, jit_compile=jit)(mask)
+    )
     assert sorted(order) == list(range(batch))
     np.testing.assert_array_equal(order[inverse], np.arange(batch))
+    assert sorted_mask.dtype == np.float32
+    np.testing.assert_array_equal(sorted_mask, np.asarray(mask)[:, order])
     per_block = -(-batch // _blocks(batch))
     ordered = np.array(lengths)[order]
     blocks = [list(ordered[start : start + per_block]) for start in range(0, batch, per_block)]
@@ -456,7 +460,7 @@ def test_row_order_balances_the_wide_batch():
         pytest.skip("this machine splits a batch of 32 rows over other than two threads")
     lengths = [round(v) for v in np.geomspace(10, 2000, 32)]
     mask = tf.cast(tf.range(max(lengths))[:, None] < tf.constant(lengths)[None, :], tf.float32)
-    order, _ = (np.asarray(t) for t in _native._row_order(mask))
+    order = np.asarray(_native._row_order(mask)[0])
     ordered = np.array(lengths)[order]
     blocks = [list(ordered[:16]), list(ordered[16:])]
     mean = sum(_slowest_block(lengths, [b]) for b in blocks) / 2

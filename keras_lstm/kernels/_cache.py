@@ -83,6 +83,9 @@ REQUIRED_SYMBOLS = {
         "keras_lstm_forward_rows",
         "keras_lstm_backward_rows",
         "keras_lstm_kept_step_grads",
+        "keras_lstm_order_rows",
+        "keras_lstm_kept_positions",
+        "keras_lstm_add_up_kept_sums",
     ),
     "lstm_sequence_xla": ("keras_lstm_xla_init",),
 }

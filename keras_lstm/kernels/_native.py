@@ -516,11 +516,9 @@ def lstm_sequence(
         # Rows in order of their number of kept steps (see `_row_order`), so
         # that the kernel's trimming follows a right-padded batch's lengths.
         # x itself stays in its order: the kernel reads each row's through `x_rows`.
-        mask = tf.cast(mask, tf.float32)
-        order, inverse = _row_order(mask)
-        x_rows = tf.cast(order, tf.int32)
+        order, inverse, mask = _row_order(mask)
+        x_rows = order
         h0, c0 = (_permute(t, order, inverse, 0) for t in (h0, c0))
-        mask = tf.gather(mask, order, axis=1)
         if recurrent_mask is not None:
             recurrent_mask = tf.gather(recurrent_mask, order)
         options = options._replace(
@@ -568,7 +566,8 @@ def _or_empty(tensor, empty):
 
 
 def _row_order(mask):
-    """`(order, inverse)`: the batch's rows for the kernel, and the way back.
+    """`(order, inverse, sorted_mask)`: the batch's rows for the kernel, the
+    way back, and the mask (T, B) in the kernel's order, float32.
 
     The kernel splits the batch into contiguous blocks, one a thread
     (lstm_sequence.cc's ForEachChunk), and runs each block's rows longest
@@ -578,9 +577,9 @@ def _row_order(mask):
     last of them (lstm_core.h, "Skipped rows"). Which rows share a block is
     chosen so that the slowest block finishes early (lstm_core.h's
     OrderRows). Any order gives the same results; this one only decides the
-    cost. `mask` is (T, B), float32.
+    cost. `mask` is (T, B), of any dtype (nonzero: kept).
     """
-    return native_module().keras_lstm_row_order(mask)
+    return native_module().keras_lstm_row_order(tf.cast(mask, tf.bool))
 
 
 def _permute(tensor, order, inverse, axis):

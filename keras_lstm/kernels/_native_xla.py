@@ -3,14 +3,14 @@
 `lstm_sequence_xla.cc` gives the ops of `lstm_sequence.cc` kernels for XLA's
 CPU compiler (`jit_compile=True`): each op becomes a custom call into this
 library. The library holds glue only: the custom calls run the main
-library's own maths (`keras_lstm_forward_rows`, `keras_lstm_backward_rows`
-and `keras_lstm_kept_step_grads`), whose addresses it is given on loading, so the
-maths is compiled once and for this CPU. It is built and cached like the main
-library (see `_build` and `_cache`), only when a function is first compiled
-with XLA or by `keras-lstm build`, and only after the main library loaded
-(which defines the ops). If it cannot be built, XLA keeps the
-`tf.while_loop` path after a one-line warning; the main library is
-unaffected.
+library's own maths (`keras_lstm_forward_rows` and the other C entries of
+lstm_core.h), whose addresses it is given on loading, so the maths is
+compiled once and for this CPU, with optimisation (the glue is not). It is
+built and cached like the main library (see `_build` and `_cache`), only
+when a function is first compiled with XLA or by `keras-lstm build`, and
+only after the main library loaded (which defines the ops). If it cannot
+be built, XLA keeps the `tf.while_loop` path after a one-line warning; the
+main library is unaffected.
 """
 
 from __future__ import annotations
@@ -65,6 +65,9 @@ def _load_library(target: Path, main: Path) -> Path:
         ctypes.cast(maths.keras_lstm_forward_rows, ctypes.c_void_p),
         ctypes.cast(maths.keras_lstm_backward_rows, ctypes.c_void_p),
         ctypes.cast(maths.keras_lstm_kept_step_grads, ctypes.c_void_p),
+        ctypes.cast(maths.keras_lstm_order_rows, ctypes.c_void_p),
+        ctypes.cast(maths.keras_lstm_kept_positions, ctypes.c_void_p),
+        ctypes.cast(maths.keras_lstm_add_up_kept_sums, ctypes.c_void_p),
         ctypes.c_int(threads),
     )
     return target

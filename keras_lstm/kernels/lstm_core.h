@@ -37,8 +37,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <limits>
-#include <vector>
 
 namespace keras_lstm {
 
@@ -236,95 +234,30 @@ struct KeptGrads {
   float* dx = nullptr;                    // (T, B, D), or as x_layout says; null: not made
 };
 
-// What a step of n running rows costs, counted in rows at full speed. A
-// step reads all the weights however few its rows, so a step of one row
-// costs about as much as one of two (through the op at D = 32, H = 128 on
-// one core: 3.6, 4.4, 6.0 and 7.7 us for 1-4 rows, 1.85 us a row from 5).
-inline double StepCost(int64_t rows) {
-  constexpr double kFew[] = {0.0, 2.0, 2.4, 3.2, 4.1};
-  return rows < 5 ? kFew[rows] : static_cast<double>(rows);
-}
-
 // The order a masked batch's rows run in (order[p] = the batch's row at the
-// kernel's position p; inverse its inverse), for a batch the ops split into
+// kernel's position p; inverse its inverse) and the mask (T, B) in that
+// order as the kernel reads it (sorted_mask, 0 and 1), for a batch the ops split into
 // `chunks` contiguous blocks of ceil(B / chunks) rows, one a thread
 // (ForEachChunk). Each block holds its rows longest first (by the steps
 // `mask` (T, B) keeps), so that for a right-padded mask, and for its mirror,
 // the running rows are a prefix of the block at every step ("Skipped
 // rows"). Which rows share a block decides only the cost, the time of the
 // slowest block: rows join the blocks longest first, each the one it makes
-// least costly (StepCost over the steps it runs), after the `m` longest
-// went to the first block together (a few long rows running side by side
-// cost less than each alone); of m = 1..4 the cheapest slowest block wins.
-inline void OrderRows(const float* mask, int64_t steps, int64_t batch, int64_t chunks,
-                      int32_t* order, int32_t* inverse) {
-  std::vector<int64_t> kept(batch, 0);
-  for (int64_t t = 0; t < steps; ++t) {
-    for (int64_t b = 0; b < batch; ++b) kept[b] += mask[t * batch + b] != 0.f;
-  }
-  std::vector<int32_t> ranked(batch);
-  for (int64_t b = 0; b < batch; ++b) ranked[b] = static_cast<int32_t>(b);
-  std::stable_sort(ranked.begin(), ranked.end(),
-                   [&](int32_t a, int32_t b) { return kept[a] > kept[b]; });
-  chunks = std::max<int64_t>(1, std::min(chunks, batch));
-  const int64_t per_chunk = (batch + chunks - 1) / chunks;
-  std::vector<int64_t> room(chunks), filled(chunks);
-  std::vector<double> cost(chunks);
-  std::vector<int64_t> block(batch), best_block;
-  double best = std::numeric_limits<double>::infinity();
-  for (int64_t together = 1; together <= std::min<int64_t>(4, per_chunk); ++together) {
-    for (int64_t k = 0; k < chunks; ++k) {
-      room[k] = std::max<int64_t>(0, std::min(per_chunk, batch - k * per_chunk));
-      filled[k] = 0;
-      cost[k] = 0.0;
-    }
-    for (int64_t i = 0; i < batch; ++i) {
-      const double length = static_cast<double>(kept[ranked[i]]);
-      int64_t to = -1;
-      double to_cost = 0.0;
-      for (int64_t k = 0; k < chunks; ++k) {
-        if (filled[k] == room[k] || (i < together && k > 0)) continue;
-        const double after =
-            cost[k] + length * (StepCost(filled[k] + 1) - StepCost(filled[k]));
-        if (to < 0 || after < to_cost) to = k, to_cost = after;
-      }
-      block[i] = to;
-      cost[to] = to_cost;
-      ++filled[to];
-    }
-    const double slowest = *std::max_element(cost.begin(), cost.end());
-    if (slowest < best) best = slowest, best_block = block;
-    if (chunks == 1) break;  // one block: one order
-  }
-  std::fill(filled.begin(), filled.end(), 0);
-  for (int64_t i = 0; i < batch; ++i) {
-    const int64_t k = best_block[i], position = k * per_chunk + filled[k]++;
-    order[position] = ranked[i];
-    inverse[ranked[i]] = static_cast<int32_t>(position);
-  }
-}
+// least costly (StepCost in lstm_core.cc over the steps it runs), after the
+// `m` longest went to the first block together (a few long rows running side
+// by side cost less than each alone); of m = 1..4 the cheapest slowest block
+// wins.
+void OrderRows(const bool* mask, int64_t steps, int64_t batch, int64_t chunks, int32_t* order,
+               int32_t* inverse, float* sorted_mask);
 
 // The positions t B + b of the steps `mask` (T, B) keeps, in order, into
 // `kept` (room for T B); returns how many.
-inline int64_t KeptPositions(const float* mask, int64_t positions, int64_t* kept) {
-  int64_t n = 0;
-  for (int64_t p = 0; p < positions; ++p) {
-    if (mask[p] != 0.f) kept[n++] = p;
-  }
-  return n;
-}
+int64_t KeptPositions(const float* mask, int64_t positions, int64_t* kept);
 
 // Adds up the `chunks` partial [dW; dU] sums ((D + R, G H) each, one a
 // thread's range of KeptStepGrads) into dW (D, G H) and dU (R, G H).
-inline void AddUpKeptSums(const KeptGrads& a, const float* sums, int64_t chunks, float* dkernel,
-                          float* drecurrent) {
-  const int64_t input = a.input_size * a.width, size = (a.input_size + a.hidden) * a.width;
-  for (int64_t j = 0; j < size; ++j) {
-    float sum = 0.f;
-    for (int64_t k = 0; k < chunks; ++k) sum += sums[k * size + j];
-    (j < input ? dkernel[j] : drecurrent[j - input]) = sum;
-  }
-}
+void AddUpKeptSums(const KeptGrads& a, const float* sums, int64_t chunks, float* dkernel,
+                   float* drecurrent);
 
 // KeptGrads over kept[begin, end) of the `n` kept positions: adds their
 // [dW; dU] to `dkernels` ((D + R, G H)) and writes dx from the position
@@ -341,11 +274,15 @@ void KeptStepGrads(const KeptGrads& a, const int64_t* kept, int64_t n, int64_t b
 // or "" where it has none and `Options::bf16_products` keeps float32.
 const char* BfloatProducts();
 
-// The same three functions as C symbols of the main library, for the XLA one.
+// The functions above as C symbols of the main library, for the XLA one.
 using ForwardRowsFn = void (*)(const Forward*, const float*, int64_t, int64_t);
 using BackwardRowsFn = void (*)(const Backward*, int64_t, int64_t, float*);
 using KeptStepGradsFn = void (*)(const KeptGrads*, const int64_t*, int64_t, int64_t, int64_t,
                                  float*);
+using OrderRowsFn = void (*)(const bool*, int64_t, int64_t, int64_t, int32_t*, int32_t*,
+                             float*);
+using KeptPositionsFn = int64_t (*)(const float*, int64_t, int64_t*);
+using AddUpKeptSumsFn = void (*)(const KeptGrads*, const float*, int64_t, float*, float*);
 
 }  // namespace keras_lstm
 
@@ -357,6 +294,11 @@ void keras_lstm_backward_rows(const keras_lstm::Backward* a, int64_t row_begin, 
                               float* db);
 void keras_lstm_kept_step_grads(const keras_lstm::KeptGrads* a, const int64_t* kept, int64_t n,
                                 int64_t begin, int64_t end, float* dkernels);
+void keras_lstm_order_rows(const bool* mask, int64_t steps, int64_t batch, int64_t chunks,
+                           int32_t* order, int32_t* inverse, float* sorted_mask);
+int64_t keras_lstm_kept_positions(const float* mask, int64_t positions, int64_t* kept);
+void keras_lstm_add_up_kept_sums(const keras_lstm::KeptGrads* a, const float* sums, int64_t chunks,
+                                 float* dkernel, float* drecurrent);
 }
 
 #endif  // KERAS_LSTM_KERNELS_LSTM_CORE_H_

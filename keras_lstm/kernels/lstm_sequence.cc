@@ -572,8 +572,9 @@ class LstmKeptInputGradOp : public OpKernel {
   keras_lstm::InputLayout layout_;  // without the rows, an input
 };
 
-// The order a masked batch's rows run in, and its inverse, for the blocks
-// ForEachChunk splits the batch into here (lstm_core.h's OrderRows).
+// The order a masked batch's rows run in, its inverse, and the mask in that
+// order, for the blocks ForEachChunk splits the batch into here
+// (lstm_core.h's OrderRows).
 class LstmRowOrderOp : public OpKernel {
  public:
   explicit LstmRowOrderOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
@@ -583,11 +584,13 @@ class LstmRowOrderOp : public OpKernel {
     OP_REQUIRES(ctx, mask.dims() == 2,
                 InvalidArgument("mask must be (T, batch), got ", mask.shape().DebugString()));
     const int64_t steps = mask.dim_size(0), batch = mask.dim_size(1);
-    Tensor *order, *inverse;
+    Tensor *order, *inverse, *sorted_mask;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({batch}), &order));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({batch}), &inverse));
-    keras_lstm::OrderRows(mask.flat<float>().data(), steps, batch, NumChunks(ctx, batch),
-                          order->flat<int32_t>().data(), inverse->flat<int32_t>().data());
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, mask.shape(), &sorted_mask));
+    keras_lstm::OrderRows(mask.flat<bool>().data(), steps, batch, NumChunks(ctx, batch),
+                          order->flat<int32_t>().data(), inverse->flat<int32_t>().data(),
+                          sorted_mask->flat<float>().data());
   }
 };
 
@@ -771,14 +774,16 @@ REGISTER_OP("KerasLstmKeptInputGrad")
     });
 
 REGISTER_OP("KerasLstmRowOrder")
-    .Input("mask: float")
+    .Input("mask: bool")
     .Output("order: int32")
     .Output("inverse: int32")
+    .Output("sorted_mask: float")
     .SetShapeFn([](tensorflow::shape_inference::InferenceContext* c) {
       tensorflow::shape_inference::ShapeHandle mask;
       TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 2, &mask));
       c->set_output(0, c->Vector(c->Dim(mask, 1)));
       c->set_output(1, c->Vector(c->Dim(mask, 1)));
+      c->set_output(2, mask);
       return absl::OkStatus();
     });
 

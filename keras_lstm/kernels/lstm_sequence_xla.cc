@@ -3,12 +3,13 @@
 // XLA cannot run a TensorFlow op kernel, so under `jit_compile=True` the
 // ops KerasLstmSequence, KerasLstmSequenceGrad, KerasLstmKeptGrads,
 // KerasLstmKeptInputGrad and KerasLstmRowOrder get XLA kernels here that
-// emit one custom call each. The custom-call targets are host functions of this library,
-// registered with XLA's custom-call registry under the names below; they
-// run the same maths as the TensorFlow kernels: the main library's own
-// ForwardRows, BackwardRows and KeptStepGrads (lstm_core.h), whose addresses
-// keras_lstm_xla_init hands this library once it is loaded, so the maths is
-// compiled once, for this CPU, and both paths give the same bits.
+// emit one custom call each. The custom-call targets are host functions of
+// this library, registered with XLA's custom-call registry under the names
+// below; they run the same maths as the TensorFlow kernels: the main
+// library's own ForwardRows, BackwardRows, KeptStepGrads and the rest of
+// lstm_core.h, whose addresses keras_lstm_xla_init hands this library once
+// it is loaded, so the maths is compiled once, for this CPU and optimised
+// (the glue is not), and both paths give the same bits.
 //
 // The static sizes and which optional inputs are present travel in the
 // custom call's opaque string, e.g. "T=100 B=64 D=32 H=128 bias=1 mask=0
@@ -114,6 +115,9 @@ class WorkerPool {
 keras_lstm::ForwardRowsFn forward_rows = nullptr;
 keras_lstm::BackwardRowsFn backward_rows = nullptr;
 keras_lstm::KeptStepGradsFn kept_step_grads = nullptr;
+keras_lstm::OrderRowsFn order_rows = nullptr;
+keras_lstm::KeptPositionsFn kept_positions = nullptr;
+keras_lstm::AddUpKeptSumsFn add_up_kept_sums = nullptr;
 int intra_op_threads = 0;
 
 int MaxThreads() {
@@ -396,7 +400,7 @@ void KeptGradsTarget(void* out, const void** in, const char* opaque, size_t opaq
   args.d_input = inputs[6];
   args.d_recurrent = apart ? inputs[7] : nullptr;
   std::vector<int64_t> kept(steps * batch);
-  const int64_t n = keras_lstm::KeptPositions(inputs[4], steps * batch, kept.data());
+  const int64_t n = kept_positions(inputs[4], steps * batch, kept.data());
   const int64_t size = (features + hidden) * width, chunks = NumChunks(n, kMinKeptPerChunk);
   std::vector<float> sums(chunks * size, 0.f);
   ForEachChunk(
@@ -405,7 +409,7 @@ void KeptGradsTarget(void* out, const void** in, const char* opaque, size_t opaq
         kept_step_grads(&args, kept.data(), n, begin, end, sums.data() + chunk * size);
       },
       kMinKeptPerChunk);
-  keras_lstm::AddUpKeptSums(args, sums.data(), chunks, outputs[0], outputs[1]);
+  add_up_kept_sums(&args, sums.data(), chunks, outputs[0], outputs[1]);
 }
 
 // Operands x, kernel, mask, d_input, x_rows; result dx (KerasLstmKeptInputGrad).
@@ -433,7 +437,7 @@ void KeptInputGradTarget(void* out, const void** in, const char* opaque, size_t 
   args.d_input = inputs[3];
   args.dx = static_cast<float**>(out)[0];
   std::vector<int64_t> kept(steps * batch);
-  const int64_t n = keras_lstm::KeptPositions(inputs[2], steps * batch, kept.data());
+  const int64_t n = kept_positions(inputs[2], steps * batch, kept.data());
   ForEachChunk(
       n,
       [&](int64_t, int64_t begin, int64_t end) {
@@ -442,7 +446,7 @@ void KeptInputGradTarget(void* out, const void** in, const char* opaque, size_t 
       kMinKeptPerChunk);
 }
 
-// Operand mask; results order and inverse (KerasLstmRowOrder).
+// Operand mask; results order, inverse and sorted_mask (KerasLstmRowOrder).
 constexpr char kRowOrderFormat[] = "T=%lld B=%lld";
 
 void RowOrderTarget(void* out, const void** in, const char* opaque, size_t opaque_length,
@@ -450,9 +454,10 @@ void RowOrderTarget(void* out, const void** in, const char* opaque, size_t opaqu
   long long steps, batch;
   const std::string text(opaque, opaque_length);
   if (std::sscanf(text.c_str(), kRowOrderFormat, &steps, &batch) != 2) return;
-  int32_t** outputs = static_cast<int32_t**>(out);
-  keras_lstm::OrderRows(static_cast<const float*>(in[0]), steps, batch, NumChunks(batch),
-                        outputs[0], outputs[1]);
+  void** outputs = static_cast<void**>(out);
+  order_rows(static_cast<const bool*>(in[0]), steps, batch, NumChunks(batch),
+             static_cast<int32_t*>(outputs[0]), static_cast<int32_t*>(outputs[1]),
+             static_cast<float*>(outputs[2]));
 }
 
 XLA_CPU_REGISTER_CUSTOM_CALL_TARGET_WITH_SYM(kForwardTarget, ForwardTarget);
@@ -482,13 +487,14 @@ xla::Shape OperandShape(XlaOpKernelContext* ctx, int k) {
 const TensorShape kNone({0});
 
 // Emits a custom call of `target` with the op's inputs as operands (row-major)
-// whose result is the tuple of `outputs` (float32, or `output_type`), and sets the op's outputs from it.
+// whose result is the tuple of `outputs` (float32, or as `output_types`
+// says), and sets the op's outputs from it.
 void EmitCustomCall(
     XlaOpKernelContext* ctx, const char* target, const std::string& opaque,
     const std::vector<TensorShape>& outputs,
     const std::vector<std::pair<xla::ShapeIndex, std::pair<int64_t, xla::ShapeIndex>>>& aliasing =
         {},
-    xla::PrimitiveType output_type = xla::F32) {
+    const std::vector<xla::PrimitiveType>& output_types = {}) {
   std::vector<xla::XlaOp> operands;
   std::vector<xla::Shape> operand_shapes;
   for (int k = 0; k < ctx->num_inputs(); ++k) {
@@ -496,8 +502,9 @@ void EmitCustomCall(
     operand_shapes.push_back(OperandShape(ctx, k));
   }
   std::vector<xla::Shape> result_shapes;
-  for (const TensorShape& shape : outputs) {
-    result_shapes.push_back(xla::ShapeUtil::MakeShape(output_type, shape.dim_sizes()));
+  for (size_t k = 0; k < outputs.size(); ++k) {
+    const xla::PrimitiveType type = k < output_types.size() ? output_types[k] : xla::F32;
+    result_shapes.push_back(xla::ShapeUtil::MakeShape(type, outputs[k].dim_sizes()));
   }
   xla::XlaOp call = xla::CustomCallWithLayout(
       ctx->builder(), target, operands, xla::ShapeUtil::MakeTupleShape(result_shapes),
@@ -781,7 +788,8 @@ class RowOrderXlaOp : public XlaOpKernel {
                   static_cast<long long>(mask.dim_size(0)),
                   static_cast<long long>(mask.dim_size(1)));
     const TensorShape rows({mask.dim_size(1)});
-    EmitCustomCall(ctx, kRowOrderTarget, opaque, {rows, rows}, {}, xla::S32);
+    EmitCustomCall(ctx, kRowOrderTarget, opaque, {rows, rows, mask}, {},
+                   {xla::S32, xla::S32, xla::F32});
   }
 };
 
@@ -803,13 +811,20 @@ REGISTER_KERNEL_BUILDER(Name("KerasLstmKeptInputGrad").Device(tensorflow::DEVICE
 }  // namespace
 
 // Called once from Python after loading, before any custom call runs, with
-// the main library's keras_lstm_forward_rows, keras_lstm_backward_rows and
-// keras_lstm_kept_step_grads.
+// the main library's keras_lstm_forward_rows, keras_lstm_backward_rows,
+// keras_lstm_kept_step_grads, keras_lstm_order_rows, keras_lstm_kept_positions
+// and keras_lstm_add_up_kept_sums.
 extern "C" void keras_lstm_xla_init(keras_lstm::ForwardRowsFn forward,
                                     keras_lstm::BackwardRowsFn backward,
-                                    keras_lstm::KeptStepGradsFn kept, int threads) {
+                                    keras_lstm::KeptStepGradsFn kept,
+                                    keras_lstm::OrderRowsFn order,
+                                    keras_lstm::KeptPositionsFn positions,
+                                    keras_lstm::AddUpKeptSumsFn add_up, int threads) {
   forward_rows = forward;
   backward_rows = backward;
   kept_step_grads = kept;
+  order_rows = order;
+  kept_positions = positions;
+  add_up_kept_sums = add_up;
   intra_op_threads = threads;
 }
