@@ -6,6 +6,9 @@ a rotating order as `benchmarks.run` does, a training step (forward,
 gradients, SGD update) and an inference call of:
 
 - `GatedLSTM`, masked: the batch padded to its longest row, a `Masking` layer;
+- `GatedLSTM`, masked, the mask passed in: the same batch and its mask as the
+  model's two inputs, with no `Masking` layer (what the layer costs apart
+  from Keras's `Masking`, which reads and writes the whole padded batch);
 - `GatedLSTM`, unmasked, at that full length: every padded step computed;
 - `GatedLSTM`, unmasked, at the mean length: a batch holding as many steps as
   the masked one holds real steps, the cost to aim at;
@@ -42,6 +45,7 @@ from benchmarks.run import _log, _machine, _time_per_call, interleave  # noqa: E
 OURS = "GatedLSTM"
 ROWS = (
     "GatedLSTM, masked",
+    "GatedLSTM, masked, mask passed in",
     "GatedLSTM, unmasked (full length)",
     "GatedLSTM, unmasked (mean length)",
     "keras.layers.LSTM, masked",
@@ -89,14 +93,22 @@ def _padded(lengths, features, seed=1):
     return x
 
 
-def _keras_steps(layer, x, masked, jit):
+def _keras_steps(layer, x, masked, jit, mask_input=False):
+    """`(model, train_step, infer_step)`; with `mask_input` the model's inputs
+    are `[x, mask]` and the mask reaches the layer as is, else `masked` puts a
+    `Masking` layer before it."""
     import keras
     import tensorflow as tf
 
-    layers = [keras.Input((None, x.shape[-1]))]
-    if masked:
-        layers.append(keras.layers.Masking(0.0))
-    model = keras.Sequential([*layers, layer])
+    if mask_input:
+        sequences = keras.Input((None, x.shape[-1]))
+        mask = keras.Input((None,), dtype="bool")
+        model = keras.Model([sequences, mask], layer(sequences, mask=mask))
+    else:
+        layers = [keras.Input((None, x.shape[-1]))]
+        if masked:
+            layers.append(keras.layers.Masking(0.0))
+        model = keras.Sequential([*layers, layer])
     optimizer = keras.optimizers.SGD(0.01)
     optimizer.build(model.trainable_variables)
 
@@ -122,15 +134,19 @@ def _keras_contender(name, lengths, features, units, jit):
     from keras_lstm import GatedLSTM
 
     masked = "masked" in name and "unmasked" not in name
+    mask_input = "mask passed in" in name
     if name == REFERENCE:
         x = _padded([round(statistics.mean(lengths))] * len(lengths), features)
     else:
         x = _padded(lengths, features)
     layer = keras.layers.LSTM(units) if name.startswith("keras") else GatedLSTM(units)
-    _, train_step, infer_step = _keras_steps(layer, x, masked, jit)
-    x = tf.constant(x)
+    _, train_step, infer_step = _keras_steps(layer, x, masked, jit, mask_input)
+    inputs = tf.constant(x)
+    if mask_input:
+        steps = tf.range(x.shape[1])[None, :]
+        inputs = [inputs, steps < tf.constant(lengths)[:, None]]
     y = tf.random.normal((len(lengths), units), seed=2)
-    return (lambda: train_step(x, y).numpy()), (lambda: infer_step(x).numpy())
+    return (lambda: train_step(inputs, y).numpy()), (lambda: infer_step(inputs).numpy())
 
 
 def _bucketed_contender(lengths, features, units, jit):
