@@ -1056,7 +1056,7 @@ namespace {
 // What a step of n running rows costs, counted in rows at full speed. A
 // step reads all the weights however few its rows, so a step of one row
 // costs about as much as one of two (through the op at D = 32, H = 128 on
-// one core: 3.6, 4.4, 6.0 and 7.7 us for 1-4 rows, 1.85 us a row from 5).
+// one core: 3.6-4.1, 4.4, 5.9 and 7.7 us for 1-4 rows, 1.85 us a row from 5).
 double StepCost(int64_t rows) {
   constexpr double kFew[] = {0.0, 2.0, 2.4, 3.2, 4.1};
   return rows < 5 ? kFew[rows] : static_cast<double>(rows);
