@@ -6,6 +6,7 @@ custom calls, so that a silent fallback to the `tf.while_loop` path fails.
 """
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -206,3 +207,22 @@ def test_custom_call_threads_follow_the_intra_op_setting(xla_library, intra_op_t
     cpus, workers = map(int, result.stdout.split()[-2:])
     # The calling thread takes one chunk; the pool holds the others.
     assert workers == (min(cpus, intra_op_threads) if intra_op_threads else cpus) - 1
+
+
+@pytest.mark.parametrize("batch_major", [False, True])
+def test_the_xla_ops_name_the_input_layout_they_expect(xla_library, batch_major):
+    # A 2-D x reaches the XLA kernels' shape check: the error says which
+    # layout x must have, as the TensorFlow kernels' does.
+    module = _native.native_module()
+    x, kernel = tf.zeros((4, 3)), tf.zeros((3, 8))
+    mask, d_input, rows = tf.ones((4, 2)), tf.zeros((4, 2, 8)), tf.zeros((0,), tf.int32)
+    expected = "(batch, T, D)" if batch_major else "(T, batch, D)"
+
+    @tf.function(jit_compile=True)
+    def dx(x):
+        return module.keras_lstm_kept_input_grad(
+            x, kernel, mask, d_input, rows, x_batch_major=batch_major
+        )
+
+    with pytest.raises(tf.errors.InvalidArgumentError, match=re.escape(f"x must be {expected}")):
+        dx(x)

@@ -518,6 +518,17 @@ void EmitCustomCall(
 
 bool Present(const TensorShape& shape) { return shape.num_elements() > 0; }
 
+// What x must be, by its layout (lstm_core.h's InputLayout), for an error.
+const char* ExpectedX(bool batch_major) {
+  return batch_major ? "x must be (batch, T, D)" : "x must be (T, batch, D)";
+}
+
+// The steps T and batch B of x (of rank 3), time-major or batch-major.
+void StepsAndBatch(const TensorShape& x, bool batch_major, int64_t* steps, int64_t* batch) {
+  *steps = x.dim_size(batch_major ? 1 : 0);
+  *batch = x.dim_size(batch_major ? 0 : 1);
+}
+
 // The ops' option attributes (lstm_core.h's Options), into the opaque string's fields.
 tensorflow::Status ReadOptions(tensorflow::OpKernelConstruction* ctx, Sizes* s) {
   bool cifg = false;
@@ -561,11 +572,12 @@ class LstmSequenceXlaOp : public XlaOpKernel {
                       layer_norm = ctx->InputShape(12), x_rows = ctx->InputShape(13);
     Sizes s = options_;
     OP_REQUIRES(ctx, x.dims() == 3 && c0.dims() == 2,
-                InvalidArgument(s.x_batch_major ? "x must be (batch, T, D)" : "x must be (T, batch, D)",
-                                " and c0 (batch, H), got ", x.DebugString(), " and ",
-                                c0.DebugString()));
-    s.steps = x.dim_size(s.x_batch_major ? 1 : 0);
-    s.batch = x.dim_size(s.x_batch_major ? 0 : 1);
+                InvalidArgument(ExpectedX(s.x_batch_major), " and c0 (batch, H), got ",
+                                x.DebugString(), " and ", c0.DebugString()));
+    int64_t steps, batch;
+    StepsAndBatch(x, s.x_batch_major, &steps, &batch);
+    s.steps = steps;
+    s.batch = batch;
     s.features = x.dim_size(2);
     s.units = c0.dim_size(1);
     OP_REQUIRES(ctx, !Present(projection) || (projection.dims() == 2 &&
@@ -712,12 +724,12 @@ class KeptGradsXlaOp : public XlaOpKernel {
                       d_input = ctx->InputShape(6), d_recurrent = ctx->InputShape(7),
                       x_rows = ctx->InputShape(8);
     OP_REQUIRES(ctx, x.dims() == 3 && h0.dims() == 2 && kernel.dims() == 2,
-                InvalidArgument(batch_major_ ? "x must be (batch, T, D)" : "x must be (T, batch, D)",
-                                ", h0 (batch, R) and kernel (D, GH), got ", x.DebugString(), ", ",
-                                h0.DebugString(), " and ", kernel.DebugString()));
-    const int64_t steps = x.dim_size(batch_major_ ? 1 : 0),
-                  batch = x.dim_size(batch_major_ ? 0 : 1), features = x.dim_size(2);
-    const int64_t hidden = h0.dim_size(1), width = kernel.dim_size(1);
+                InvalidArgument(ExpectedX(batch_major_), ", h0 (batch, R) and kernel (D, GH), got ",
+                                x.DebugString(), ", ", h0.DebugString(), " and ",
+                                kernel.DebugString()));
+    int64_t steps, batch;
+    StepsAndBatch(x, batch_major_, &steps, &batch);
+    const int64_t features = x.dim_size(2), hidden = h0.dim_size(1), width = kernel.dim_size(1);
     const TensorShape products({steps, batch, width});
     OP_REQUIRES(ctx,
                 kernel.dim_size(0) == features && h0.dim_size(0) == batch &&
@@ -752,12 +764,11 @@ class KeptInputGradXlaOp : public XlaOpKernel {
                       mask = ctx->InputShape(2), d_input = ctx->InputShape(3),
                       x_rows = ctx->InputShape(4);
     OP_REQUIRES(ctx, x.dims() == 3 && kernel.dims() == 2,
-                InvalidArgument(batch_major_ ? "x must be (batch, T, D)" : "x must be (T, batch, D)",
-                                " and kernel (D, GH), got ", x.DebugString(), " and ",
-                                kernel.DebugString()));
-    const int64_t steps = x.dim_size(batch_major_ ? 1 : 0),
-                  batch = x.dim_size(batch_major_ ? 0 : 1), features = x.dim_size(2),
-                  width = kernel.dim_size(1);
+                InvalidArgument(ExpectedX(batch_major_), " and kernel (D, GH), got ",
+                                x.DebugString(), " and ", kernel.DebugString()));
+    int64_t steps, batch;
+    StepsAndBatch(x, batch_major_, &steps, &batch);
+    const int64_t features = x.dim_size(2), width = kernel.dim_size(1);
     OP_REQUIRES(ctx,
                 kernel.dim_size(0) == features && mask == TensorShape({steps, batch}) &&
                     d_input == TensorShape({steps, batch, width}) &&
